@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both run `make setup` first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_OUT ?= runs/demo
+
+.PHONY: setup demo test java clean
+
+setup: $(VENV)/.installed java
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0      # the CPU wheel; other versions pull multi-GB CUDA builds
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+# TorchServe's frontend needs Java 17 or newer.
+java:
+	@v=$$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1); \
+	if [ -z "$$v" ] || [ "$$v" -lt 17 ]; then \
+	  echo "Java 17 not found (got '$$v'); installing openjdk-17-jre-headless"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless; \
+	fi
+
+demo: setup
+	$(BIN)/modelship train cnn --out $(DEMO_OUT)/digits-cnn-torch
+	$(BIN)/modelship export $(DEMO_OUT)/digits-cnn-torch --out $(DEMO_OUT)/digits-cnn-onnx --json $(DEMO_OUT)/parity.json
+
+test: setup
+	$(BIN)/pytest -q -ra
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,203 @@
+"""The ``modelship`` command line. Each command is thin: it calls a stage function, prints a rich
+summary, writes ``--json`` and exits 0 only when the command succeeded and its gates passed."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import GateError, ModelshipError, ParityError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Take a trained PyTorch model to production and prove it still gives the same answers.")
+console = Console(stderr=False, width=None if sys.stdout.isatty() else 140)
+err = Console(stderr=True)
+STATE = {"debug": False}
+
+JsonOpt = typer.Option(None, "--json", help="Write the machine-readable result to this file.")
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks.")):
+    STATE["debug"] = debug
+
+
+def write_json(path: Optional[Path], payload) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def _fmt(v, spec=".4g"):
+    return "—" if v is None else (format(v, spec) if isinstance(v, float) else str(v))
+
+
+def parity_table(records: list[dict], title: str = "parity") -> Table:
+    t = Table(title=title)
+    for c in ("artifact", "backend", "precision", "samples", "max_abs_diff", "top1_agreement", "accuracy",
+              "reference_accuracy", "passed"):
+        t.add_column(c, justify="left" if c == "artifact" else "right")
+    for r in records:
+        t.add_row(Path(r["artifact"]).name, r["backend"], r["precision"], str(r["samples"]), _fmt(r["max_abs_diff"]),
+                  _fmt(r["top1_agreement"]), _fmt(r["accuracy"]), _fmt(r["reference_accuracy"]),
+                  "[green]yes[/]" if r["passed"] else "[red]NO[/]")
+    return t
+
+
+def tolerance_opts(max_abs_diff, min_agreement, max_accuracy_drop) -> dict:
+    return {"max_abs_diff": max_abs_diff, "min_top1_agreement": min_agreement, "max_accuracy_drop": max_accuracy_drop}
+
+
+TolAbs = typer.Option(None, "--max-abs-diff", help="Override the precision's default max |ref - cand|.")
+TolAgree = typer.Option(None, "--min-agreement", help="Override the default minimum top-1 agreement.")
+TolDrop = typer.Option(None, "--max-accuracy-drop", help="Override the default maximum accuracy drop (fraction).")
+ProviderOpt = typer.Option(None, "--provider", help="onnxruntime execution provider: auto, cpu, cuda, tensorrt.")
+DeviceOpt = typer.Option("cpu", "--device", help="torch device for PyTorch artifacts: cpu or cuda.")
+
+
+@app.command()
+def train(arch: str = typer.Argument(..., help="Zoo architecture: mlp, cnn, cnn-small, text."),
+          out: Path = typer.Option(..., "--out", help="Artifact directory to write."),
+          seed: int = typer.Option(0, help="Random seed."),
+          epochs: Optional[int] = typer.Option(None, help="Override the recipe's epochs."),
+          json_path: Optional[Path] = JsonOpt):
+    """Train a zoo model on its shipped data (or build it from its config) into a torch artifact."""
+    from rich.progress import Progress
+
+    from .models.train import train_artifact
+
+    with Progress(console=err, transient=True) as prog:
+        task = prog.add_task(f"training {arch}", total=None)
+        art = train_artifact(arch, out, seed=seed, epochs=epochs,
+                             progress=lambda e, n: prog.update(task, completed=e, total=n))
+    ex = art.manifest.extra
+    console.print(f"[bold]{art.manifest.name}[/] → {art.path}  parameters {ex['parameters']:,}  "
+                  f"trained in {ex['train_seconds']} s" +
+                  (f"  test accuracy {ex['test_accuracy']:.4f}" if "test_accuracy" in ex else ""))
+    write_json(json_path, art.manifest.to_dict())
+
+
+@app.command()
+def export(src: Path = typer.Argument(..., help="Artifact dir, torch.export .pt2 file or Hugging Face directory."),
+           out: Path = typer.Option(..., "--out"),
+           opset: int = typer.Option(17, "--opset", min=13, max=23),
+           exporter: Optional[str] = typer.Option(None, help="torchscript or dynamo (default: per source kind)."),
+           data: Optional[str] = typer.Option(None, "--data", help="Evaluate on a shipped dataset (digits) when the "
+                                                                      "checkpoint brings none."),
+           max_abs_diff: Optional[float] = TolAbs, min_agreement: Optional[float] = TolAgree,
+           max_accuracy_drop: Optional[float] = TolDrop, provider: Optional[str] = ProviderOpt,
+           json_path: Optional[Path] = JsonOpt):
+    """Export to ONNX, then gate on parity with the source model."""
+    from .export.onnx_export import export as do_export
+    from .models.checkpoints import open_source
+    from .stages import gate_parity
+
+    if exporter not in (None, "torchscript", "dynamo"):
+        raise ModelshipError(f"unknown exporter '{exporter}'; expected torchscript or dynamo")
+    src_art, module = open_source(src, data=data)
+    art = do_export(src_art, module, out, opset=opset, dynamo=None if exporter is None else exporter == "dynamo")
+    rec = gate_parity(art, reference=(src_art, module), provider=provider,
+                      overrides=tolerance_opts(max_abs_diff, min_agreement, max_accuracy_drop), json_path=json_path)
+    console.print(parity_table([rec], f"export {art.manifest.name} → {art.path}"))
+
+
+@app.command()
+def parity(ref: Path = typer.Argument(..., help="Reference: a torch artifact, .pt2 or HF directory."),
+           candidates: List[Path] = typer.Argument(..., help="Artifacts to compare with the reference."),
+           split: str = typer.Option("test", help="Evaluation split."),
+           max_abs_diff: Optional[float] = TolAbs, min_agreement: Optional[float] = TolAgree,
+           max_accuracy_drop: Optional[float] = TolDrop, provider: Optional[str] = ProviderOpt,
+           device: str = DeviceOpt, json_path: Optional[Path] = JsonOpt):
+    """Parity records for any artifacts against a reference model."""
+    from .manifest import load_artifact
+    from .models.checkpoints import open_source
+    from .stages import parity_record
+
+    ref_art, module = open_source(ref)
+    records = [parity_record(load_artifact(c), (ref_art, module), split=split, provider=provider, device=device,
+                             overrides=tolerance_opts(max_abs_diff, min_agreement, max_accuracy_drop))
+               for c in candidates]
+    write_json(json_path, records if len(records) > 1 else records[0])
+    console.print(parity_table(records))
+    failed = [r for r in records if not r["passed"]]
+    if failed:
+        raise ParityError("; ".join(f"{Path(r['artifact']).name}: {'; '.join(r['failures'])}" for r in failed))
+
+
+@app.command()
+def bench(artifacts: List[Path] = typer.Argument(...),
+          batch_sizes: str = typer.Option("1,32", "--batch-sizes"),
+          seconds: float = typer.Option(1.0, help="Time per artifact and batch size."),
+          seq_len: Optional[int] = typer.Option(None, help="Sequence length for text models."),
+          provider: Optional[str] = ProviderOpt, device: str = DeviceOpt, threads: int = typer.Option(0),
+          json_path: Optional[Path] = JsonOpt):
+    """In-process latency (p50/p95/p99) and throughput per artifact and batch size."""
+    from .bench import bench as run_bench
+    from .manifest import load_artifact
+    from .runners import open_runner
+
+    sizes = _int_list(batch_sizes, "--batch-sizes")
+    t = Table(title="bench")
+    for c in ("artifact", "backend", "precision", "batch", "p50 ms", "p95 ms", "p99 ms", "items/s"):
+        t.add_column(c, justify="left" if c == "artifact" else "right")
+    results = []
+    for a in artifacts:
+        art = load_artifact(a)
+        runner = open_runner(art, provider=provider, device=device, threads=threads)
+        for row in run_bench(runner, sizes, seconds, seq_len):
+            row = {"artifact": str(art.path), "backend": runner.backend, "precision": art.manifest.precision, **row}
+            results.append(row)
+            t.add_row(art.path.name, runner.backend, art.manifest.precision, str(row["batch"]), f"{row['p50_ms']:.3f}",
+                      f"{row['p95_ms']:.3f}", f"{row['p99_ms']:.3f}", f"{row['throughput_per_s']:.0f}")
+    console.print(t)
+    write_json(json_path, results)
+
+
+def _int_list(text: str, opt: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ModelshipError(f"{opt} '{text}': expected comma-separated whole numbers, e.g. 1,8,32") from None
+    if not vals or min(vals) < 1:
+        raise ModelshipError(f"{opt} '{text}': expected whole numbers ≥ 1")
+    return vals
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except ModelshipError as e:
+        if STATE["debug"]:
+            raise
+        if isinstance(e, ParityError) and getattr(e, "record", None):
+            console.print(parity_table([e.record], "parity (FAILED)"))
+        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001 — the CLI never shows a traceback unless --debug
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        if STATE["debug"] or "--debug" in sys.argv:
+            raise
+        err.print(f"[red]error:[/] unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                  "(run with --debug for the traceback)", highlight=False, soft_wrap=True)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Conversions: torch -> ONNX, ONNX -> TensorRT engine."""

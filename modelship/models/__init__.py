@@ -1,0 +1,1 @@
+"""Model zoo, shipped datasets, training and checkpoint loading."""

@@ -1,0 +1,157 @@
+"""Open any PyTorch source as (manifest, nn.Module): a zoo artifact dir, a torch.export ``.pt2``
+program, or a Hugging Face ``save_pretrained`` directory of a BERT-family sequence classifier.
+
+Each loader is one entry of ``LOADERS``; ``open_source`` picks one from what the path holds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import ArtifactError
+from ..manifest import MANIFEST, Artifact, Manifest, TensorSpec, is_artifact, load_artifact, sha256_path
+from . import zoo
+
+
+def _zoo_module(art: Artifact) -> torch.nn.Module:
+    arch = (art.manifest.arch or {}).get("name")
+    model = zoo.build(arch, (art.manifest.arch or {}).get("config"))
+    try:
+        state = torch.load(art.model_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except Exception as e:  # noqa: BLE001 — torch raises many types for a bad file
+        raise ArtifactError(f"{art.model_path}: not a state_dict for architecture '{arch}' ({str(e).splitlines()[0]})") from None
+    return model.eval()
+
+
+class _Logits(torch.nn.Module):
+    """Unwrap a Hugging Face model's output object to its logits tensor."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def _hf_module(path: Path) -> torch.nn.Module:
+    from transformers import AutoModelForSequenceClassification
+
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(str(path), local_files_only=True,
+                                                                   attn_implementation="eager")
+    except Exception as e:  # noqa: BLE001
+        raise ArtifactError(f"{path}: not a loadable Hugging Face sequence classifier ({str(e).splitlines()[0]}); "
+                            "expected a save_pretrained directory with config.json and weights") from None
+    return _Logits(model.eval()).eval()
+
+
+def _pt2_program(path: Path):
+    try:
+        return torch.export.load(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise ArtifactError(f"{path}: not a torch.export program ({str(e).splitlines()[0][:200]}); "
+                            "expected a file written by torch.export.save") from None
+
+
+def _pt2_module(path: Path) -> torch.nn.Module:
+    return _pt2_program(path).module()  # already inference-only: torch.export modules refuse .eval()
+
+
+LOADERS = {
+    "zoo": lambda art: _zoo_module(art),
+    "hf": lambda art: _hf_module(art.model_path),
+    "pt2": lambda art: _pt2_module(art.model_path),
+}
+
+
+def load_module(art: Artifact) -> torch.nn.Module:
+    loader = art.manifest.loader or "zoo"
+    if loader not in LOADERS:
+        raise ArtifactError(f"{art.path}: unknown loader '{loader}'; expected one of {', '.join(LOADERS)}")
+    return LOADERS[loader](art)
+
+
+# ---- raw checkpoints (not yet artifacts) -------------------------------------------------------
+
+def _hf_manifest(path: Path) -> Manifest:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path}/config.json: unreadable ({e})") from None
+    n = int(cfg.get("num_labels") or len(cfg.get("id2label") or {}) or 2)
+    id2label = cfg.get("id2label") or {}
+    labels = [str(id2label.get(str(i), id2label.get(i, i))) for i in range(n)]
+    return Manifest(
+        name=path.name, task="classification", format="torch", precision="fp32", file=".", loader="hf",
+        inputs=[TensorSpec(**t) for t in zoo.TEXT_IN],
+        outputs=[TensorSpec("logits", "float32", ["batch", n])], labels=labels,
+        data={"name": "tokens", "vocab_size": int(cfg.get("vocab_size", 30522)),
+              "seq_len": min(32, int(cfg.get("max_position_embeddings", 512))), "samples": 128},
+        sha256=sha256_path(path), created_by="modelship import (hf)")
+
+
+def _dim_name(i: int, d) -> str | int:
+    if isinstance(d, int):
+        return d
+    return "batch" if i == 0 else f"dim{i}"
+
+
+def _pt2_manifest(path: Path) -> Manifest:
+    ep = _pt2_program(path)
+    example = getattr(ep, "example_inputs", None)
+    if not example or not example[0]:
+        raise ArtifactError(f"{path}: this .pt2 program was saved without example inputs; expected one made by "
+                            "torch.export.export(model, example_args) and saved with torch.export.save")
+    placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    inputs = []
+    for i, name in enumerate(ep.graph_signature.user_inputs):
+        val = placeholders[name].meta.get("val")
+        shape = [_dim_name(j, int(d) if isinstance(d, int) or not hasattr(d, "node") else d) for j, d in enumerate(val.shape)]
+        inputs.append(TensorSpec(name, str(val.dtype).replace("torch.", ""), shape))
+    outputs = []
+    out_nodes = [n for n in ep.graph.nodes if n.op == "output"][0].args[0]
+    for i, node in enumerate(out_nodes):
+        val = node.meta.get("val")
+        shape = [_dim_name(j, int(d) if isinstance(d, int) or not hasattr(d, "node") else d) for j, d in enumerate(val.shape)]
+        outputs.append(TensorSpec("logits" if i == 0 else f"output{i}", str(val.dtype).replace("torch.", ""), shape))
+    return Manifest(name=path.stem, task="classification" if len(outputs) == 1 and len(outputs[0].shape) == 2 else "regression",
+                    format="torch", precision="fp32", file=path.name, loader="pt2", inputs=inputs, outputs=outputs,
+                    data={"name": "random", "samples": 128}, sha256=sha256_path(path),
+                    created_by="modelship import (pt2)")
+
+
+def open_source(path: str | Path, data: str | None = None) -> tuple[Artifact, torch.nn.Module]:
+    """Open an artifact dir, a ``.pt2`` file or a HF directory as (Artifact, eval-mode module).
+
+    Raw checkpoints become an in-memory artifact rooted at the checkpoint's folder. ``data`` names a
+    shipped dataset to evaluate on (``digits``) when the checkpoint brings none.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ArtifactError(f"{p}: no such file or directory; expected an artifact directory, a .pt2 file "
+                            "or a Hugging Face model directory")
+    if p.is_dir() and is_artifact(p):
+        art = load_artifact(p)
+        if art.manifest.format != "torch":
+            raise ArtifactError(f"{p}: a '{art.manifest.format}' artifact, expected a PyTorch source "
+                                "(a 'torch' artifact, a .pt2 file or a Hugging Face directory)")
+    elif p.is_dir() and (p / "config.json").is_file():
+        art = Artifact(p.resolve(), _hf_manifest(p))
+    elif p.is_file() and p.suffix == ".pt2":
+        art = Artifact(p.parent.resolve(), _pt2_manifest(p))
+    elif p.is_dir():
+        raise ArtifactError(f"{p}: a folder without {MANIFEST} or config.json; expected an artifact directory "
+                            "or a Hugging Face save_pretrained directory")
+    else:
+        raise ArtifactError(f"{p}: not a checkpoint; expected an artifact directory, a torch.export .pt2 file "
+                            "or a Hugging Face directory")
+    if data:
+        art.manifest.data = {"name": data}
+        if data == "digits":
+            art.manifest.labels = art.manifest.labels or zoo.DIGIT_LABELS
+    return art, load_module(art)

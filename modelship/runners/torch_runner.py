@@ -1,0 +1,36 @@
+"""PyTorch eager runner (CPU or CUDA)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import MissingDependencyError
+from ..manifest import Artifact
+from .base import Runner
+
+
+class TorchRunner(Runner):
+    backend = "torch"
+
+    def __init__(self, art: Artifact, device: str = "cpu", module: torch.nn.Module | None = None, **_):
+        super().__init__(art)
+        from ..models.checkpoints import load_module
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise MissingDependencyError("device 'cuda' asked for, but torch sees no CUDA GPU; use --device cpu")
+        self._device = torch.device(device)
+        self.module = (module if module is not None else load_module(art)).to(self._device)
+        self._out = [t.name for t in self.outputs]
+
+    @property
+    def device(self) -> str:
+        return str(self._device)
+
+    def _infer(self, feed: dict) -> dict:
+        with torch.inference_mode():
+            args = [torch.from_numpy(np.ascontiguousarray(feed[t.name])).to(self._device) for t in self.inputs]
+            out = self.module(*args)
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        return {name: o.detach().float().cpu().numpy() if o.dtype == torch.bfloat16 else o.detach().cpu().numpy()
+                for name, o in zip(self._out, outs)}

@@ -1,0 +1,69 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+        has_cuda = torch.cuda.is_available()
+    except Exception:  # noqa: BLE001
+        has_cuda = False
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU with CUDA")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip)
+
+
+def cli(*args, check=None):
+    """Run the real console entry point; returns CompletedProcess (text)."""
+    p = subprocess.run([sys.executable, "-m", "modelship", *map(str, args)], capture_output=True, text=True,
+                       timeout=600)
+    if check is not None:
+        assert p.returncode == check, f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
+    return p
+
+
+@pytest.fixture(scope="session")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("zoo")
+
+
+@pytest.fixture(scope="session")
+def cnn(work):
+    from modelship.models.train import train_artifact
+    return train_artifact("cnn", work / "cnn")
+
+
+@pytest.fixture(scope="session")
+def cnn_onnx(work, cnn):
+    from modelship.export.onnx_export import export
+    from modelship.models.checkpoints import open_source
+    from modelship.stages import gate_parity
+
+    art, module = open_source(cnn.path)
+    out = export(art, module, work / "cnn-onnx")
+    gate_parity(out, reference=(art, module))
+    return out
+
+
+@pytest.fixture(scope="session")
+def text(work):
+    from modelship.models.train import train_artifact
+    return train_artifact("text", work / "text")
+
+
+@pytest.fixture(scope="session")
+def text_onnx(work, text):
+    from modelship.export.onnx_export import export
+    from modelship.models.checkpoints import open_source
+    from modelship.stages import gate_parity
+
+    art, module = open_source(text.path)
+    out = export(art, module, work / "text-onnx")
+    gate_parity(out, reference=(art, module))
+    return out
