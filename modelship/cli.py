@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import GateError, ModelshipError, ParityError
+from .errors import GateError, ModelshipError, ParityError, ServeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Take a trained PyTorch model to production and prove it still gives the same answers.")
@@ -158,6 +158,90 @@ def bench(artifacts: List[Path] = typer.Argument(...),
                       f"{row['p95_ms']:.3f}", f"{row['p99_ms']:.3f}", f"{row['throughput_per_s']:.0f}")
     console.print(t)
     write_json(json_path, results)
+
+
+@app.command()
+def archive(artifact: Path = typer.Argument(..., help="Any artifact directory (torch, onnx, int8/fp16, tensorrt)."),
+            out: Path = typer.Option(..., "--out", help="Model store folder to write NAME.mar into."),
+            name: Optional[str] = typer.Option(None, help="Model name in URLs (default: the artifact folder name)."),
+            batch_size: int = typer.Option(8, min=1, help="TorchServe dynamic batch size."),
+            max_batch_delay_ms: int = typer.Option(5, min=0, help="How long TorchServe waits to fill a batch."),
+            workers: int = typer.Option(1, min=1, help="Worker processes for this model."),
+            response_timeout_s: int = typer.Option(30, min=1, help="Seconds before a request times out."),
+            max_items: int = typer.Option(64, min=1, help="Most samples one request may carry."),
+            threads: int = typer.Option(1, min=1, help="Compute threads per worker."),
+            provider: Optional[str] = ProviderOpt, device: str = DeviceOpt,
+            force: bool = typer.Option(False, "--force", help="Archive even without a passed parity record."),
+            json_path: Optional[Path] = JsonOpt):
+    """Pack an artifact into a TorchServe .mar (model file, manifest, handler, model config)."""
+    from .manifest import load_artifact
+    from .serve.archive import ModelConfig, archive as do_archive
+
+    cfg = ModelConfig(batch_size, max_batch_delay_ms, workers, response_timeout_s, max_items, threads, provider, device)
+    mar = do_archive(load_artifact(artifact), out, name=name, config=cfg, force=force)
+    console.print(f"archived {artifact} → {mar} ({mar.stat().st_size / 1e6:.2f} MB)")
+    write_json(json_path, {"mar": str(mar), "name": mar.stem, "config": cfg.yaml()})
+
+
+@app.command()
+def serve(store: Optional[Path] = typer.Argument(None, help="Model store with .mar files."),
+          state: Path = typer.Option(..., "--state", help="Folder for config, logs and serve.json."),
+          detach: bool = typer.Option(False, "--detach", help="Return once ready; the server keeps running."),
+          stop: bool = typer.Option(False, "--stop", help="Stop the server recorded in STATE/serve.json."),
+          port: int = typer.Option(8080, "--port", help="Inference port; management = PORT+1, metrics = PORT+2."),
+          max_request_bytes: int = typer.Option(1 << 20, help="Bodies over this get HTTP 413."),
+          job_queue_size: int = typer.Option(100, help="Queued requests per model before TorchServe answers 503."),
+          token_expiration_min: int = typer.Option(24 * 60, help="Lifetime of the inference token."),
+          no_auth: bool = typer.Option(False, "--no-auth", help="Disable token authorization (not for production)."),
+          startup_timeout_s: float = typer.Option(120, help="Give up if models are not ready by then."),
+          json_path: Optional[Path] = JsonOpt):
+    """Run TorchServe on 127.0.0.1 with token auth on and model registration off."""
+    from .serve import server
+
+    if stop:
+        was = server.stop(state)
+        console.print("stopped" if was else "no server was running; state cleared")
+        return
+    if store is None:
+        raise ModelshipError("serve needs a STORE folder of .mar files (or --stop)")
+    cfg = server.ServeConfig(port=port, max_request_bytes=max_request_bytes, job_queue_size=job_queue_size,
+                             token_auth=not no_auth, token_expiration_min=token_expiration_min,
+                             startup_timeout_s=startup_timeout_s)
+    with err.status("starting TorchServe and waiting for models…"):
+        info = server.start(store, state, cfg)
+    write_json(json_path, info)
+    console.print(f"serving {', '.join(info['models'])} at {info['inference_url']}/predictions/NAME "
+                  f"(token in {Path(state) / server.STATE_FILE}; metrics {info['metrics_url']}/metrics)")
+    if detach:
+        return
+    import signal as _signal
+    import time as _time
+
+    try:
+        while server._alive(info["pid"]):
+            _time.sleep(1)
+        raise ServeError(f"TorchServe exited; see {Path(state) / 'logs'}")
+    except KeyboardInterrupt:
+        server.stop(state)
+        console.print("stopped")
+
+
+@app.command()
+def predict(file: Path = typer.Argument(..., help="A .json request body or a .npy array."),
+            state: Path = typer.Option(..., "--state"), model: str = typer.Option(..., "--model"),
+            json_path: Optional[Path] = JsonOpt):
+    """Send one request to the served model and print its answer."""
+    from .serve.client import body_from_file, post
+
+    r = post(state, model, body_from_file(file))
+    try:
+        payload = r.json()
+    except ValueError:
+        payload = {"code": r.status_code, "message": r.text[:500]}
+    write_json(json_path, payload)
+    if r.status_code != 200:
+        raise ModelshipError(f"HTTP {r.status_code}: {payload.get('message', payload)}")
+    console.print_json(data=payload)
 
 
 def _int_list(text: str, opt: str) -> list[int]:

@@ -67,3 +67,17 @@ def text_onnx(work, text):
     out = export(art, module, work / "text-onnx")
     gate_parity(out, reference=(art, module))
     return out
+
+
+@pytest.fixture(scope="session")
+def served(work, cnn, cnn_onnx):
+    """One real TorchServe on 127.0.0.1 serving the digits CNN as torch and ONNX artifacts."""
+    from modelship.serve import server
+    from modelship.serve.archive import archive
+
+    store = work / "store"
+    archive(cnn, store, name="cnn-torch")
+    archive(cnn_onnx, store, name="cnn-onnx")
+    info = server.start(store, work / "state", server.ServeConfig(port=server.free_port()))
+    yield info
+    server.stop(work / "state")

@@ -1,0 +1,115 @@
+"""Pack any artifact into a TorchServe ``.mar`` with torch-model-archiver."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from ..errors import ArtifactError, ServeError
+from ..manifest import MANIFEST, Artifact, Manifest, inside, sha256_path
+
+HANDLER = Path(__file__).with_name("handler.py")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass
+class ModelConfig:
+    """TorchServe's per-model config (model-config.yaml) plus the handler's own options."""
+
+    batch_size: int = 8
+    max_batch_delay_ms: int = 5
+    workers: int = 1
+    response_timeout_s: int = 30
+    max_items: int = 64
+    threads: int = 1
+    provider: str | None = None
+    device: str = "cpu"
+
+    def yaml(self) -> dict:
+        handler = {"max_items": self.max_items, "threads": self.threads, "device": self.device}
+        if self.provider:
+            handler["provider"] = self.provider
+        return {"minWorkers": self.workers, "maxWorkers": self.workers, "batchSize": self.batch_size,
+                "maxBatchDelay": self.max_batch_delay_ms, "responseTimeout": self.response_timeout_s,
+                "handler": handler}
+
+
+def archiver() -> str:
+    exe = shutil.which("torch-model-archiver") or str(Path(sys.executable).with_name("torch-model-archiver"))
+    if not Path(exe).exists():
+        raise ServeError("torch-model-archiver not found; install the project: pip install -e .")
+    return exe
+
+
+def archive(art: Artifact, store: str | Path, name: str | None = None, config: ModelConfig | None = None,
+            force: bool = False) -> Path:
+    """Write ``STORE/NAME.mar``; refuses artifacts without a passed parity record unless ``force``."""
+    config = config or ModelConfig()
+    name = name or art.path.name
+    if not NAME_RE.match(name):
+        raise ArtifactError(f"model name '{name}': expected letters, digits, '-', '_' or '.' (at most 64)")
+    man = art.manifest
+    if man.format != "torch" and not (man.parity or {}).get("passed") and not force:
+        state = "failed" if man.parity else "no"
+        raise ArtifactError(f"{art.path}: {state} passed parity record; only artifacts that passed parity are "
+                            "archived (run modelship parity, or pass --force)")
+    store = Path(store)
+    store.mkdir(parents=True, exist_ok=True)
+    model_path = art.model_path  # refuses a 'file' that escapes the artifact directory
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        served = Manifest.from_dict(man.to_dict())
+        served.extra = {**served.extra, "archive": {"source": str(art.path), "name": name, **asdict(config)}}
+        (tmp / MANIFEST).write_text(json.dumps(served.to_dict(), indent=2))
+        (tmp / "model-config.yaml").write_text(yaml.safe_dump(config.yaml()))
+        extra = [str(tmp / MANIFEST)]
+        if model_path.is_dir():  # e.g. a Hugging Face folder: keep its name inside the archive
+            shutil.copytree(model_path, tmp / man.file)
+            extra.append(str(tmp / man.file))
+            serialized = []
+        else:
+            serialized = ["--serialized-file", str(model_path)]
+        cmd = [archiver(), "--model-name", name, "--version", "1.0", "--handler", str(HANDLER),
+               *serialized, "--extra-files", ",".join(extra), "--config-file", str(tmp / "model-config.yaml"),
+               "--export-path", str(store), "--force"]
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode != 0:
+            raise ServeError(f"torch-model-archiver failed: {(p.stderr or p.stdout).strip().splitlines()[-1:]}")
+    return store / f"{name}.mar"
+
+
+def read_mar(path: str | Path) -> Manifest:
+    """Open a .mar and check it holds a manifest and a model file whose sha256 matches it."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = set(z.namelist())
+            if MANIFEST not in names:
+                raise ArtifactError(f"{path}: no {MANIFEST} inside; expected a .mar written by modelship archive")
+            man = Manifest.from_dict(json.loads(z.read(MANIFEST)))
+            inside(Path("/mar"), man.file)
+            with tempfile.TemporaryDirectory() as tmp:
+                members = [n for n in names if n == man.file or n.startswith(man.file.rstrip("/") + "/")]
+                if not members:
+                    raise ArtifactError(f"{path}: model file '{man.file}' named by the manifest is not inside")
+                for n in members:
+                    if not (Path(tmp) / n).resolve().is_relative_to(Path(tmp).resolve()):
+                        raise ArtifactError(f"{path}: member '{n}' escapes the archive")
+                    z.extract(n, tmp)
+                if sha256_path(Path(tmp) / man.file) != man.sha256:
+                    raise ArtifactError(f"{path}: model file sha256 does not match the manifest; the archive was "
+                                        "modified — archive the artifact again")
+    except zipfile.BadZipFile:
+        raise ArtifactError(f"{path}: not a zip archive; expected a .mar written by modelship archive") from None
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: {MANIFEST} is not valid JSON ({e})") from None
+    return man

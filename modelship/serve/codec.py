@@ -1,0 +1,202 @@
+"""The REST format (DESIGN.md): simple JSON and Open Inference Protocol v2, in and out.
+
+``decode`` turns one request body into a feed with a leading batch dim (raising InputError with a
+message naming what was wrong and what was expected); ``encode`` turns that request's slice of the
+outputs into its response. No TorchServe here: tests, the CLI and the load test use it directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import InputError
+from ..manifest import Manifest
+
+V2_DTYPES = {"float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32", "bool": "BOOL"}
+V2_NUMPY = {v: k for k, v in V2_DTYPES.items()} | {"FP64": "float64"}
+
+
+@dataclass
+class Request:
+    feed: dict  # input name -> array with a leading batch dim
+    protocol: str  # "simple" | "v2"
+    batched: bool  # simple JSON: the client sent a list of samples
+    request_id: str | None = None
+
+    @property
+    def items(self) -> int:
+        return len(next(iter(self.feed.values())))
+
+
+class Codec:
+    def __init__(self, manifest: Manifest, max_items: int = 64):
+        self.manifest = manifest
+        self.max_items = max_items
+        self.specs = {t.name: t for t in manifest.inputs}
+
+    # ---- decoding ----------------------------------------------------------------------------
+    def decode(self, body) -> Request:
+        if isinstance(body, (bytes, bytearray)):
+            try:
+                body = json.loads(body.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise InputError(f"body is not JSON ({e}); expected {self.example()}") from None
+        elif isinstance(body, str):
+            try:
+                body = json.loads(body)
+            except json.JSONDecodeError as e:
+                raise InputError(f"body is not JSON ({e}); expected {self.example()}") from None
+        if not isinstance(body, dict) or "inputs" not in body:
+            raise InputError(f"expected a JSON object with an 'inputs' key, e.g. {self.example()}")
+        unknown = set(body) - {"inputs", "id", "parameters", "outputs"}
+        if unknown:
+            raise InputError(f"unknown key(s) {', '.join(sorted(unknown))}; expected 'inputs' (and optionally 'id')")
+        inputs = body["inputs"]
+        if isinstance(inputs, list) and inputs and all(isinstance(x, dict) and "datatype" in x for x in inputs):
+            return self._decode_v2(inputs, body.get("id"))
+        if isinstance(inputs, dict):
+            return self._decode_simple(inputs)
+        if len(self.specs) != 1:
+            raise InputError(f"this model has {len(self.specs)} inputs; send {{\"inputs\": {{name: nested list}}}} "
+                             f"with {', '.join(self.specs)}")
+        return self._decode_simple({next(iter(self.specs)): inputs})
+
+    def _decode_simple(self, inputs: dict) -> Request:
+        self._check_names(inputs)
+        feed, batched = {}, None
+        for name, value in inputs.items():
+            spec = self.specs[name]
+            arr = self._array(name, value, spec.dtype)
+            rank = len(spec.shape)
+            if arr.ndim == rank - 1:
+                arr, is_batch = arr[None], False
+            elif arr.ndim == rank:
+                is_batch = True
+            else:
+                raise InputError(f"input '{name}': got {arr.ndim} dims {list(arr.shape)}; expected one sample of shape "
+                                 f"{_fmt(spec.shape[1:])} or a list of them {_fmt(spec.shape)}")
+            if batched is not None and batched != is_batch:
+                raise InputError("inputs mix single samples and lists of samples; send the same form for every input")
+            batched = is_batch
+            feed[name] = arr
+        req = Request(feed, "simple", bool(batched))
+        self._check_shapes(req)
+        return req
+
+    def _decode_v2(self, tensors: list, request_id) -> Request:
+        by_name = {}
+        for t in tensors:
+            if not isinstance(t, dict) or not {"name", "shape", "datatype", "data"} <= t.keys():
+                raise InputError("each Open Inference Protocol input needs 'name', 'shape', 'datatype' and 'data'")
+            by_name[t["name"]] = t
+        self._check_names(by_name)
+        feed = {}
+        for name, t in by_name.items():
+            spec = self.specs[name]
+            want = V2_DTYPES[spec.dtype]
+            if t["datatype"] != want:
+                raise InputError(f"input '{name}': datatype {t['datatype']!r}, expected {want!r}")
+            shape = t["shape"]
+            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise InputError(f"input '{name}': shape must be a list of whole numbers, got {shape!r}")
+            arr = self._array(name, t["data"], spec.dtype)
+            if arr.size != math.prod(shape):
+                raise InputError(f"input '{name}': {arr.size} values do not fill shape {shape}")
+            arr = arr.reshape(shape)
+            if arr.ndim != len(spec.shape):
+                raise InputError(f"input '{name}': shape {shape}, expected {_fmt(spec.shape)}")
+            feed[name] = arr
+        req = Request(feed, "v2", True, request_id if isinstance(request_id, str) else None)
+        self._check_shapes(req)
+        return req
+
+    def _check_names(self, inputs: dict) -> None:
+        missing = sorted(self.specs.keys() - inputs.keys())
+        extra = sorted(inputs.keys() - self.specs.keys())
+        if missing or extra:
+            parts = ([f"missing input(s) {', '.join(missing)}"] if missing else []) + \
+                    ([f"unexpected input(s) {', '.join(map(str, extra))}"] if extra else [])
+            raise InputError(f"{'; '.join(parts)}; expected {', '.join(self.specs)}")
+
+    def _array(self, name: str, value, dtype: str) -> np.ndarray:
+        try:
+            arr = np.asarray(value)
+        except ValueError:
+            raise InputError(f"input '{name}': ragged nested lists; expected a rectangular array") from None
+        if arr.dtype == object or arr.dtype.kind in "USV":
+            raise InputError(f"input '{name}': non-numeric or ragged values; expected numbers ({dtype})")
+        if arr.dtype.kind == "b" and dtype != "bool":
+            raise InputError(f"input '{name}': true/false values; expected numbers ({dtype})")
+        if np.dtype(dtype).kind in "iu":
+            if arr.dtype.kind == "f":
+                if not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+                    raise InputError(f"input '{name}': non-integer values; expected whole numbers ({dtype})")
+            info = np.iinfo(dtype)
+            if arr.size and (arr.min() < info.min or arr.max() > info.max):
+                raise InputError(f"input '{name}': values outside the {dtype} range")
+        elif np.dtype(dtype).kind == "f" and arr.size and not np.all(np.isfinite(arr.astype(np.float64))):
+            raise InputError(f"input '{name}': NaN or infinite values; expected finite numbers")
+        return arr.astype(dtype, copy=False)
+
+    def _check_shapes(self, req: Request) -> None:
+        dims: dict[str, int] = {}
+        for name, arr in req.feed.items():
+            spec = self.specs[name]
+            for got, want in zip(arr.shape, spec.shape):
+                if isinstance(want, int) and got != want:
+                    shown = list(arr.shape if req.batched else arr.shape[1:])
+                    expect = spec.shape if req.batched else spec.shape[1:]
+                    raise InputError(f"input '{name}': shape {shown}, expected {_fmt(expect)}")
+                if isinstance(want, str):
+                    if got < 1:
+                        raise InputError(f"input '{name}': dim '{want}' is {got}; expected at least 1")
+                    if dims.setdefault(want, got) != got:
+                        raise InputError(f"input '{name}': dim '{want}' is {got} but {dims[want]} in another input")
+        if req.items > self.max_items:
+            raise InputError(f"{req.items} items in one request; expected at most {self.max_items}")
+
+    def example(self) -> str:
+        if len(self.specs) == 1:
+            spec = next(iter(self.specs.values()))
+            return f'{{"inputs": <one sample as a nested list of shape {_fmt(spec.shape[1:])}>}}'
+        return '{"inputs": {' + ", ".join(f'"{n}": <{_fmt(s.shape[1:])}>' for n, s in self.specs.items()) + "}}"
+
+    # ---- encoding ----------------------------------------------------------------------------
+    def encode(self, req: Request, outputs: dict) -> dict:
+        if req.protocol == "v2":
+            resp = {"model_name": self.manifest.name, "outputs": [
+                {"name": k, "shape": list(v.shape), "datatype": V2_DTYPES.get(str(v.dtype), "FP32"),
+                 "data": v.reshape(-1).tolist()} for k, v in outputs.items()]}
+            if req.request_id is not None:
+                resp["id"] = req.request_id
+            return resp
+        items = [self.simple_item(outputs, i) for i in range(req.items)]
+        return {"predictions": items} if req.batched else items[0]
+
+    def simple_item(self, outputs: dict, i: int) -> dict:
+        if self.manifest.is_classifier:
+            logits = outputs[self.manifest.outputs[0].name][i]
+            probs = softmax(logits)
+            idx = int(np.argmax(probs))
+            labels = self.manifest.labels or []
+            return {"label": labels[idx] if idx < len(labels) else str(idx), "index": idx,
+                    "probabilities": [float(p) for p in probs]}
+        return {"outputs": {k: v[i].tolist() for k, v in outputs.items()}}
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64)
+    z = np.exp(z - z.max(-1, keepdims=True))
+    return (z / z.sum(-1, keepdims=True)).astype(np.float32)
+
+
+def error_body(code: int, message: str) -> dict:
+    return {"code": code, "message": message}
+
+
+def _fmt(shape) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"

@@ -1,0 +1,69 @@
+"""TorchServe handler for every modelship artifact: thin glue over the runners and the REST codec.
+
+TorchServe hands ``handle`` a batch of requests; requests whose tensors have the same shapes run as
+one batch through the runner, and each gets its own answer (400 with a message for a bad one).
+"""
+
+import json
+import logging
+
+import numpy as np
+
+from modelship.errors import InputError, ModelshipError
+from modelship.manifest import load_artifact
+from modelship.runners import open_runner
+from modelship.serve.codec import Codec, error_body
+
+log = logging.getLogger("modelship")
+
+
+class ModelshipHandler:
+    def initialize(self, context):
+        opts = (getattr(context, "model_yaml_config", None) or {}).get("handler", {}) or {}
+        model_dir = context.system_properties["model_dir"]
+        try:  # refuses a model file whose sha256 differs from the manifest's
+            self.artifact = load_artifact(model_dir, verify=True)
+            threads = int(opts.get("threads", 1))
+            if self.artifact.manifest.format == "torch":
+                import torch
+                torch.set_num_threads(threads)
+            self.runner = open_runner(self.artifact, provider=opts.get("provider"), device=opts.get("device", "cpu"),
+                                      threads=threads)
+        except ModelshipError as e:
+            log.error("modelship: refusing to load %s: %s", model_dir, e)
+            raise
+        self.codec = Codec(self.artifact.manifest, max_items=int(opts.get("max_items", 64)))
+        self.initialized = True
+
+    def handle(self, data, context):
+        answers = [None] * len(data)
+        groups = {}
+        for i, row in enumerate(data):
+            body = row.get("body") if row.get("body") is not None else row.get("data")
+            try:
+                req = self.codec.decode(body)
+                groups.setdefault(tuple((k, v.shape[1:]) for k, v in sorted(req.feed.items())), []).append((i, req))
+            except InputError as e:
+                answers[i] = self._reply(context, i, error_body(400, str(e)), 400, "Bad Request")
+        for members in groups.values():
+            reqs = [r for _, r in members]
+            feed = {k: np.concatenate([r.feed[k] for r in reqs]) for k in reqs[0].feed}
+            try:
+                out = self.runner.infer(feed)
+            except InputError as e:
+                for i, _ in members:
+                    answers[i] = self._reply(context, i, error_body(400, str(e)), 400, "Bad Request")
+                continue
+            start = 0
+            for i, req in members:
+                part = {k: v[start:start + req.items] for k, v in out.items()}
+                start += req.items
+                answers[i] = self._reply(context, i, self.codec.encode(req, part))
+        return answers
+
+    @staticmethod
+    def _reply(context, idx, payload, code=200, phrase="OK"):
+        context.set_response_content_type(idx, "application/json")
+        if code != 200:
+            context.set_response_status(code, phrase, idx)
+        return json.dumps(payload)

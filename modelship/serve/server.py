@@ -1,0 +1,254 @@
+"""Start, wait for and stop TorchServe with secure defaults; the ``serve.json`` state contract.
+
+Defaults: every address on 127.0.0.1, token authorization on, model registration through the
+management API off, a request size cap, Prometheus metrics. Startup failures are explained in one
+line (Java missing, port taken, a broken .mar, a model that refuses to load) instead of a long hang.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import MissingDependencyError, ServeError
+from .archive import read_mar
+
+STATE_FILE = "serve.json"
+FATAL_LOG = re.compile(r"(modelship: refusing to load.*|ModuleNotFoundError.*|Load model failed.*|"
+                       r"Failed to load model.*|ArtifactError.*|Backend worker process died.*)")
+
+
+@dataclass
+class ServeConfig:
+    port: int = 8080  # inference; management = port+1, metrics = port+2
+    max_request_bytes: int = 1 << 20
+    job_queue_size: int = 100
+    token_auth: bool = True
+    token_expiration_min: int = 24 * 60
+    startup_timeout_s: float = 120.0
+    workers: int | None = None  # overrides each archive's worker count when set
+
+    def properties(self, store: Path) -> str:
+        host = "http://127.0.0.1"
+        lines = {
+            "inference_address": f"{host}:{self.port}",
+            "management_address": f"{host}:{self.port + 1}",
+            "metrics_address": f"{host}:{self.port + 2}",
+            "model_store": str(store),
+            "load_models": "all",
+            "enable_model_api": "false",
+            "disable_token_authorization": "false" if self.token_auth else "true",
+            "token_expiration_min": str(self.token_expiration_min),
+            "max_request_size": str(self.max_request_bytes),
+            "max_response_size": str(max(self.max_request_bytes, 1 << 20) * 4),
+            "job_queue_size": str(self.job_queue_size),
+            "metrics_mode": "prometheus",
+            "enable_metrics_api": "true",
+            "install_py_dep_per_model": "false",
+            "default_workers_per_model": str(self.workers or 1),
+            "default_response_timeout": "30",
+            "async_logging": "true",
+        }
+        return "".join(f"{k}={v}\n" for k, v in lines.items())
+
+
+def check_java() -> str:
+    java = shutil.which("java")
+    if not java:
+        raise MissingDependencyError("Java not found: TorchServe needs Java 17 "
+                                     "(apt-get install -y openjdk-17-jre-headless, or make setup)")
+    out = subprocess.run([java, "-version"], capture_output=True, text=True).stderr
+    m = re.search(r'version "(\d+)', out)
+    if not m or int(m.group(1)) < 11:
+        raise MissingDependencyError(f"Java {m.group(1) if m else '?'} found; TorchServe needs Java 17 "
+                                     "(apt-get install -y openjdk-17-jre-headless)")
+    return java
+
+
+def port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def free_port(span: int = 3) -> int:
+    """A base port with ``span`` consecutive free ports after it (tests, benchmarks)."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + span < 65535 and all(port_free(base + i) for i in range(span)):
+            return base
+    raise ServeError("no free ports on 127.0.0.1")
+
+
+def read_state(state: str | Path) -> dict:
+    path = Path(state) / STATE_FILE
+    if not path.is_file():
+        raise ServeError(f"{path} not found; start a server with: modelship serve STORE --state {state} --detach")
+    return json.loads(path.read_text())
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours is not alive
+        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+    except ChildProcessError:
+        return True
+
+
+def start(store: str | Path, state: str | Path, config: ServeConfig | None = None) -> dict:
+    """Start TorchServe in its own process group; return the serve.json contents once all models are ready."""
+    config = config or ServeConfig()
+    check_java()
+    store, state = Path(store).resolve(), Path(state).resolve()
+    if not store.is_dir():
+        raise ServeError(f"{store}: model store not found; expected a folder of .mar files (modelship archive)")
+    mars = sorted(store.glob("*.mar"))
+    if not mars:
+        raise ServeError(f"{store}: no .mar files; create one with: modelship archive ARTIFACT --out {store}")
+    models = {m.stem: read_mar(m).name for m in mars}  # a broken .mar fails here, in one line
+    old = state / STATE_FILE
+    if old.is_file() and _alive(json.loads(old.read_text()).get("pid")):
+        raise ServeError(f"a server from {state} is still running; stop it: modelship serve --stop --state {state}")
+    for p in (config.port, config.port + 1, config.port + 2):
+        if not port_free(p):
+            raise ServeError(f"port {p} on 127.0.0.1 is already in use; pass --port with a free base port "
+                             "(it uses PORT, PORT+1, PORT+2)")
+    (state / "logs").mkdir(parents=True, exist_ok=True)
+    (state / "tmp").mkdir(exist_ok=True)
+    for stale in ("key_file.json", STATE_FILE):
+        (state / stale).unlink(missing_ok=True)
+    cfg = state / "config.properties"
+    cfg.write_text(config.properties(store))
+    env = {**os.environ, "TMPDIR": str(state / "tmp"), "LOG_LOCATION": str(state / "logs"),
+           "METRICS_LOCATION": str(state / "logs"), "TS_DISABLE_SYSTEM_METRICS": "false",
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    exe = shutil.which("torchserve") or str(Path(sys.executable).with_name("torchserve"))
+    out = open(state / "logs" / "torchserve.out", "ab")
+    proc = subprocess.Popen([exe, "--start", "--foreground", "--ncs", "--model-store", str(store),
+                             "--ts-config", str(cfg)], cwd=state, env=env, stdout=out, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    info = {"inference_url": f"http://127.0.0.1:{config.port}", "management_url": f"http://127.0.0.1:{config.port + 1}",
+            "metrics_url": f"http://127.0.0.1:{config.port + 2}", "token": None, "management_token": None,
+            "models": sorted(models), "pid": proc.pid, "store": str(store), "state": str(state),
+            "max_request_bytes": config.max_request_bytes}
+    try:
+        _wait_ready(proc, state, info, config)
+    except BaseException:
+        _kill_group(proc.pid)
+        raise
+    path = state / STATE_FILE
+    path.write_text(json.dumps(info, indent=2) + "\n")
+    path.chmod(0o600)
+    return info
+
+
+def _wait_ready(proc, state: Path, info: dict, config: ServeConfig) -> None:
+    import requests
+
+    deadline = time.monotonic() + config.startup_timeout_s
+    pending = set(info["models"])
+    while True:
+        if proc.poll() is not None:
+            raise ServeError(f"TorchServe exited during startup (code {proc.returncode}): {_log_cause(state)}")
+        cause = _fatal_line(state)
+        if cause:
+            raise ServeError(f"a model failed to load: {cause}")
+        if time.monotonic() > deadline:
+            raise ServeError(f"TorchServe not ready after {config.startup_timeout_s:.0f} s (waiting for "
+                             f"{', '.join(sorted(pending))}); see {state / 'logs'}")
+        if config.token_auth and info["token"] is None and (state / "key_file.json").is_file():
+            try:
+                keys = json.loads((state / "key_file.json").read_text())
+                info["token"] = keys["inference"]["key"]
+                info["management_token"] = keys["management"]["key"]
+            except (json.JSONDecodeError, KeyError):
+                pass
+        if info["token"] or not config.token_auth:
+            hdr = {"Authorization": f"Bearer {info['management_token']}"} if info["management_token"] else {}
+            for name in sorted(pending):
+                try:
+                    r = requests.get(f"{info['management_url']}/models/{name}", headers=hdr, timeout=2)
+                    workers = r.json()[0].get("workers", []) if r.ok else []
+                    if workers and all(w.get("status") == "READY" for w in workers):
+                        pending.discard(name)
+                except (requests.RequestException, ValueError, IndexError, KeyError):
+                    break
+            if not pending:
+                return
+        time.sleep(0.25)
+
+
+def _fatal_line(state: Path) -> str | None:
+    for log in ("model_log.log", "ts_log.log"):
+        p = state / "logs" / log
+        if p.is_file():
+            m = FATAL_LOG.search(p.read_text(errors="replace"))
+            if m:
+                return m.group(1).strip()[:400]
+    return None
+
+
+def _log_cause(state: Path) -> str:
+    text = ""
+    for log in ("torchserve.out", "ts_log.log"):
+        p = state / "logs" / log
+        if p.is_file():
+            text += p.read_text(errors="replace")
+    lines = [l for l in text.splitlines() if re.search(r"(error|exception|failed|address already in use)", l, re.I)]
+    return (lines[-1] if lines else (text.strip().splitlines() or ["no output"])[-1]).strip()[:400]
+
+
+def _kill_group(pid: int, timeout: float = 20.0) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            break
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.2)
+    else:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def stop(state: str | Path) -> bool:
+    """Stop the server recorded in STATE/serve.json; False if none was running."""
+    info = read_state(state)
+    pid = info.get("pid")
+    running = _alive(pid)
+    if pid:
+        _kill_group(pid)
+    (Path(state) / STATE_FILE).unlink(missing_ok=True)
+    return running

@@ -1,0 +1,206 @@
+"""Real TorchServe on 127.0.0.1: served answers equal in-process ones, bad requests get clear 4xx,
+auth and management are locked down, and broken or tampered archives are refused at startup."""
+
+import json
+import os
+import shutil
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+
+from conftest import cli
+from modelship.errors import ArtifactError, MissingDependencyError, ServeError
+from modelship.models import data as datasets
+from modelship.runners import open_runner
+from modelship.serve import server
+from modelship.serve.archive import archive
+from modelship.serve.codec import softmax
+
+pytestmark = pytest.mark.serve
+
+
+def _post(info, model, body, token=True, raw=False):
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {info['token'] if token is True else token}"
+    data = body if raw else json.dumps(body)
+    return requests.post(f"{info['inference_url']}/predictions/{model}", data=data, headers=headers, timeout=30)
+
+
+def _sample():
+    return {"inputs": np.full((1, 8, 8), 0.5).tolist()}
+
+
+@pytest.mark.parametrize("model,artifact", [("cnn-torch", "cnn"), ("cnn-onnx", "cnn_onnx")])
+def test_served_answers_match_in_process_runner(served, request, model, artifact):
+    art = request.getfixturevalue(artifact)
+    feed, _ = datasets.load(art.manifest.data, "test", art.manifest.inputs)
+    x = feed["pixels"]
+    expected = softmax(open_runner(art).infer({"pixels": x})["logits"])
+    with requests.Session() as s, ThreadPoolExecutor(8) as pool:  # concurrent: exercises dynamic batching
+        s.headers.update({"Authorization": f"Bearer {served['token']}", "Content-Type": "application/json"})
+        url = f"{served['inference_url']}/predictions/{model}"
+        replies = list(pool.map(lambda i: s.post(url, data=json.dumps({"inputs": x[i].tolist()}), timeout=30), range(len(x))))
+    assert all(r.status_code == 200 for r in replies)
+    got = [r.json() for r in replies]
+    assert [g["index"] for g in got] == expected.argmax(1).tolist()  # agreement 1.0 on all 360
+    assert [g["label"] for g in got] == [str(i) for i in expected.argmax(1)]
+    np.testing.assert_allclose(np.array([g["probabilities"] for g in got]), expected, atol=1e-5)
+
+
+def test_open_inference_protocol_v2(served, cnn_onnx):
+    x = np.random.default_rng(0).random((3, 1, 8, 8), dtype=np.float32)
+    r = _post(served, "cnn-onnx", {"id": "req-1", "inputs": [
+        {"name": "pixels", "shape": [3, 1, 8, 8], "datatype": "FP32", "data": x.reshape(-1).tolist()}]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"] == "req-1" and body["outputs"][0]["name"] == "logits" and body["outputs"][0]["shape"] == [3, 10]
+    np.testing.assert_allclose(np.array(body["outputs"][0]["data"]).reshape(3, 10),
+                               open_runner(cnn_onnx).infer({"pixels": x})["logits"], atol=1e-5)
+
+
+def test_simple_json_batch_of_samples(served):
+    r = _post(served, "cnn-onnx", {"inputs": np.zeros((4, 1, 8, 8)).tolist()})
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 4
+
+
+BAD = {
+    "not_json": (b"{not json", "body is not JSON"),
+    "no_inputs_key": ({"data": [1]}, "'inputs' key"),
+    "missing_input": ({"inputs": {}}, "missing input(s) pixels"),
+    "extra_input": ({"inputs": {"pixels": np.zeros((1, 8, 8)).tolist(), "mask": [1]}}, "unexpected input(s) mask"),
+    "wrong_shape": ({"inputs": np.zeros((1, 8, 7)).tolist()}, "expected [1, 8, 8]"),
+    "wrong_rank": ({"inputs": [1.0, 2.0]}, "expected one sample of shape [1, 8, 8]"),
+    "wrong_dtype_v2": ({"inputs": [{"name": "pixels", "shape": [1, 1, 8, 8], "datatype": "INT64", "data": [0] * 64}]},
+                       "datatype 'INT64', expected 'FP32'"),
+    "non_numeric": ({"inputs": [[["a"] * 8] * 8]}, "non-numeric"),
+    "ragged": ({"inputs": [[[0.1] * 8] * 7 + [[0.1] * 3]]}, "ragged"),
+    "nan": (b'{"inputs": [[[NaN, 0, 0, 0, 0, 0, 0, 0]' + b', [0, 0, 0, 0, 0, 0, 0, 0]' * 7 + b']]}', "NaN or infinite"),
+    "too_many_items": ({"inputs": np.zeros((65, 1, 8, 8)).tolist()}, "at most 64"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_requests_get_400_and_server_keeps_serving(served, case):
+    body, message = BAD[case]
+    r = _post(served, "cnn-onnx", body, raw=isinstance(body, bytes))
+    assert r.status_code == 400, r.text
+    assert r.json()["code"] == 400 and message in r.json()["message"], r.json()
+    assert _post(served, "cnn-onnx", _sample()).status_code == 200
+
+
+def test_oversize_body_gets_413(served):
+    big = b'{"inputs": [' + b"0.5," * (served["max_request_bytes"] // 4 + 10) + b"0.5]}"
+    r = _post(served, "cnn-onnx", big, raw=True)
+    assert r.status_code == 413
+    assert _post(served, "cnn-onnx", _sample()).status_code == 200
+
+
+def test_token_required(served):
+    for token in (False, "wrong-token"):
+        r = _post(served, "cnn-onnx", _sample(), token=token)
+        assert r.status_code in (400, 401) and "Token Authorization failed" in r.text
+    assert _post(served, "cnn-onnx", _sample()).status_code == 200
+
+
+def test_management_registration_refused(served):
+    hdr = {"Authorization": f"Bearer {served['management_token']}"}
+    r = requests.post(f"{served['management_url']}/models", params={"url": "cnn-onnx.mar"}, headers=hdr, timeout=10)
+    assert r.status_code == 405
+    r = requests.delete(f"{served['management_url']}/models/cnn-onnx", headers=hdr, timeout=10)
+    assert r.status_code == 405
+    assert _post(served, "cnn-onnx", _sample()).status_code == 200
+
+
+def test_all_addresses_are_loopback_and_metrics_exported(served):
+    for key in ("inference_url", "management_url", "metrics_url"):
+        assert served[key].startswith("http://127.0.0.1:")
+    text = requests.get(f"{served['metrics_url']}/metrics", timeout=10).text
+    assert "ts_inference_requests_total" in text or "# TYPE" in text
+    cfg = (open(os.path.join(served["state"], "config.properties")).read())
+    assert "enable_model_api=false" in cfg and "disable_token_authorization=false" in cfg
+
+
+def test_predict_cli(served, tmp_path, work):
+    np.save(tmp_path / "x.npy", np.full((1, 8, 8), 0.5, np.float32))
+    p = cli("predict", tmp_path / "x.npy", "--state", work / "state", "--model", "cnn-onnx", "--json",
+            tmp_path / "r.json", check=0)
+    assert json.loads((tmp_path / "r.json").read_text())["label"] in [str(i) for i in range(10)]
+    (tmp_path / "bad.json").write_text('{"inputs": [1, 2]}')
+    p = cli("predict", tmp_path / "bad.json", "--state", work / "state", "--model", "cnn-onnx")
+    assert p.returncode != 0 and "HTTP 400" in p.stderr
+
+
+# ---- startup failures: each explained in one line, quickly ----------------------------------------
+
+def _tampered_mar(src_mar, dst):
+    with zipfile.ZipFile(src_mar) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename == "model.onnx":
+                data = data[:-1] + bytes([data[-1] ^ 1])
+            zout.writestr(item, data)
+
+
+def test_tampered_model_file_does_not_load(tmp_path, cnn_onnx):
+    store = tmp_path / "store"
+    mar = archive(cnn_onnx, tmp_path / "good", name="cnn")
+    store.mkdir()
+    _tampered_mar(mar, store / "cnn.mar")
+    with pytest.raises(ArtifactError, match="sha256 does not match"):
+        server.start(store, tmp_path / "state", server.ServeConfig(port=server.free_port()))
+
+
+def test_handler_refuses_tampered_file_inside_torchserve(tmp_path, cnn_onnx, monkeypatch):
+    """Even past the CLI's own check, the worker refuses to load it and startup fails fast."""
+    import modelship.serve.server as srv
+
+    store = tmp_path / "store"
+    store.mkdir()
+    _tampered_mar(archive(cnn_onnx, tmp_path / "good", name="cnn"), store / "cnn.mar")
+    monkeypatch.setattr(srv, "read_mar", lambda p: type("M", (), {"name": "cnn"})())
+    with pytest.raises(ServeError, match="refusing to load|failed to load"):
+        srv.start(store, tmp_path / "state", srv.ServeConfig(port=srv.free_port(), startup_timeout_s=60))
+
+
+def test_broken_mar_and_empty_store(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    p = cli("serve", store, "--state", tmp_path / "s", "--detach")
+    assert p.returncode != 0 and "no .mar files" in p.stderr
+    (store / "x.mar").write_bytes(b"garbage")
+    p = cli("serve", store, "--state", tmp_path / "s", "--detach")
+    assert p.returncode != 0 and "not a zip archive" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_port_taken(tmp_path, cnn_onnx):
+    import socket
+
+    archive(cnn_onnx, tmp_path / "store", name="cnn")
+    port = server.free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port + 1))
+        s.listen()
+        p = cli("serve", tmp_path / "store", "--state", tmp_path / "s", "--detach", "--port", port)
+    assert p.returncode != 0 and f"port {port + 1} on 127.0.0.1 is already in use" in p.stderr
+
+
+def test_java_missing(tmp_path, monkeypatch, cnn_onnx):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(MissingDependencyError, match="Java not found"):
+        server.start(tmp_path, tmp_path / "s")
+
+
+def test_archive_refuses_unpassed_parity(tmp_path, cnn_onnx):
+    from modelship.manifest import load_artifact, write_artifact
+
+    shutil.copytree(cnn_onnx.path, tmp_path / "a")
+    art = load_artifact(tmp_path / "a")
+    art.manifest.parity = {**art.manifest.parity, "passed": False}
+    write_artifact(art.path, art.manifest)
+    with pytest.raises(ArtifactError, match="only artifacts that passed parity"):
+        archive(load_artifact(tmp_path / "a"), tmp_path / "store")
+    assert archive(load_artifact(tmp_path / "a"), tmp_path / "store", force=True).is_file()
