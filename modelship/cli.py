@@ -161,6 +161,74 @@ def bench(artifacts: List[Path] = typer.Argument(...),
 
 
 @app.command()
+def quantize(src: Path = typer.Argument(..., help="An ONNX artifact."),
+             mode: str = typer.Option(..., "--mode", help="dynamic | static | fp16 | optimize"),
+             out: Path = typer.Option(..., "--out"),
+             per_channel: bool = typer.Option(False, "--per-channel", help="Per-channel weight scales."),
+             calibration_method: str = typer.Option("minmax", help="static: minmax | entropy | percentile"),
+             calibration_data: Optional[Path] = typer.Option(None, help="static: a .npz with one array per input "
+                                                                        "(default: the artifact's calibration split)"),
+             calibration_samples: int = typer.Option(256, min=1),
+             activation_type: str = typer.Option("uint8", help="static: uint8 (asymmetric, best on CPU) or int8 "
+                                                          "(symmetric, what TensorRT builds from)"),
+             exclude_nodes: str = typer.Option("", help="Comma-separated node names to keep in float."),
+             exclude_op_types: str = typer.Option("", help="Comma-separated op types to keep in float."),
+             op_types: str = typer.Option("", help="Comma-separated op types to quantize (default: all supported)."),
+             fp16_io: bool = typer.Option(False, "--fp16-io", help="fp16: make inputs/outputs float16 too."),
+             max_abs_diff: Optional[float] = TolAbs, min_agreement: Optional[float] = TolAgree,
+             max_accuracy_drop: Optional[float] = TolDrop, provider: Optional[str] = ProviderOpt,
+             json_path: Optional[Path] = JsonOpt):
+    """Make an INT8 / FP16 / optimized ONNX variant, then gate on parity with the original PyTorch model."""
+    from .manifest import load_artifact
+    from .quantize.variants import QuantizeOptions, make_variant
+    from .stages import gate_parity
+
+    if activation_type not in ("int8", "uint8"):
+        raise ModelshipError(f"unknown activation type '{activation_type}'; expected int8 or uint8")
+    split = lambda v: [x.strip() for x in v.split(",") if x.strip()]  # noqa: E731
+    opts = QuantizeOptions(per_channel=per_channel, calibration_method=calibration_method,
+                           calibration_data=str(calibration_data) if calibration_data else None,
+                           calibration_samples=calibration_samples, activation_type=activation_type,
+                           exclude_nodes=split(exclude_nodes), exclude_op_types=split(exclude_op_types),
+                           op_types=split(op_types), keep_io_types=not fp16_io)
+    with err.status(f"{mode} variant of {src}…"):
+        art = make_variant(load_artifact(src), mode, out, opts)
+        rec = gate_parity(art, provider=provider, json_path=json_path,
+                          overrides=tolerance_opts(max_abs_diff, min_agreement, max_accuracy_drop))
+    size = art.model_path.stat().st_size / load_artifact(src).model_path.stat().st_size
+    console.print(parity_table([rec], f"{mode} → {art.path} (file {size:.2f}× the source)"))
+
+
+@app.command()
+def distill(teacher: Path = typer.Argument(..., help="A torch artifact with shipped training data (e.g. digits)."),
+            out: Path = typer.Option(..., "--out"),
+            student: str = typer.Option("mlp-small", help="Zoo student architecture (mlp-small, cnn-small, mlp)."),
+            temperature: float = typer.Option(2.0, min=0.1), alpha: float = typer.Option(0.5, min=0.0, max=1.0),
+            seed: int = typer.Option(0), epochs: Optional[int] = typer.Option(None),
+            max_accuracy_drop: Optional[float] = TolDrop, json_path: Optional[Path] = JsonOpt):
+    """Train a smaller student with knowledge distillation; compare with the same student trained without it."""
+    from .models.checkpoints import open_source
+    from .parity import DEFAULT_TOLERANCES
+    from .quantize.distill import distill as do_distill
+    from .stages import gate_parity
+
+    with err.status(f"distilling {teacher} into {student} (and a plain {student} to compare)…"):
+        art, report = do_distill(teacher, out, student=student, temperature=temperature, alpha=alpha, seed=seed,
+                                 epochs=epochs)
+    t = Table(title=f"distill → {art.path}")
+    for c in ("model", "arch", "parameters", "test accuracy", "p50 ms (torch, batch 1)"):
+        t.add_column(c, justify="right" if c != "model" else "left")
+    for key in ("teacher", "student", "student_without_distillation"):
+        r = report[key]
+        t.add_row(key.replace("_", " "), r["arch"], f"{r['parameters']:,}", f"{r['accuracy']:.4f}", f"{r['p50_ms']:.3f}")
+    console.print(t)
+    rec = gate_parity(art, reference=open_source(teacher), tolerance=DEFAULT_TOLERANCES["student"],
+                      overrides=tolerance_opts(None, None, max_accuracy_drop))
+    write_json(json_path, {"distillation": report, "parity": rec})
+    console.print(parity_table([rec], "student vs teacher"))
+
+
+@app.command()
 def archive(artifact: Path = typer.Argument(..., help="Any artifact directory (torch, onnx, int8/fp16, tensorrt)."),
             out: Path = typer.Option(..., "--out", help="Model store folder to write NAME.mar into."),
             name: Optional[str] = typer.Option(None, help="Model name in URLs (default: the artifact folder name)."),

@@ -70,14 +70,25 @@ def text_onnx(work, text):
 
 
 @pytest.fixture(scope="session")
-def served(work, cnn, cnn_onnx):
-    """One real TorchServe on 127.0.0.1 serving the digits CNN as torch and ONNX artifacts."""
+def cnn_int8(work, cnn_onnx):
+    from modelship.quantize.variants import make_variant
+    from modelship.stages import gate_parity
+
+    art = make_variant(cnn_onnx, "static", work / "cnn-int8")
+    gate_parity(art)
+    return art
+
+
+@pytest.fixture(scope="session")
+def served(work, cnn, cnn_onnx, cnn_int8):
+    """One real TorchServe on 127.0.0.1 serving the digits CNN as torch, ONNX and static INT8 artifacts."""
     from modelship.serve import server
     from modelship.serve.archive import archive
 
     store = work / "store"
     archive(cnn, store, name="cnn-torch")
     archive(cnn_onnx, store, name="cnn-onnx")
+    archive(cnn_int8, store, name="cnn-int8")
     info = server.start(store, work / "state", server.ServeConfig(port=server.free_port()))
     yield info
     server.stop(work / "state")

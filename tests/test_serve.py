@@ -34,7 +34,7 @@ def _sample():
     return {"inputs": np.full((1, 8, 8), 0.5).tolist()}
 
 
-@pytest.mark.parametrize("model,artifact", [("cnn-torch", "cnn"), ("cnn-onnx", "cnn_onnx")])
+@pytest.mark.parametrize("model,artifact", [("cnn-torch", "cnn"), ("cnn-onnx", "cnn_onnx"), ("cnn-int8", "cnn_int8")])
 def test_served_answers_match_in_process_runner(served, request, model, artifact):
     art = request.getfixturevalue(artifact)
     feed, _ = datasets.load(art.manifest.data, "test", art.manifest.inputs)

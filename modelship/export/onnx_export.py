@@ -74,6 +74,8 @@ def export(src: Artifact, module: torch.nn.Module, out_dir: str | Path, opset: i
     manifest.parity = None
     manifest.loader = None
     manifest.extra = {"opset": opset, "exporter": "dynamo" if use_dynamo else "torchscript"}
+    if man.loader == "hf":
+        manifest.extra["model_type"] = "bert"  # lets the optimizer apply its attention/LayerNorm/GELU fusions
     for k, v in lineage(src, out).items():
         setattr(manifest, k, v)
     if not (src.path / "manifest.json").is_file():  # a raw checkpoint: point at the file itself

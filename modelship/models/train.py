@@ -18,8 +18,6 @@ def fit(model: torch.nn.Module, entry: ZooEntry, seed: int = 0, epochs: int | No
     feed, y = datasets.load(entry.data, "train", _specs(entry))
     x = torch.from_numpy(next(iter(feed.values())))
     y = torch.from_numpy(y)
-    with torch.no_grad():
-        soft = F.log_softmax(teacher(x) / temperature, dim=1) if teacher is not None else None
     epochs = epochs or entry.epochs
     augment = entry.augment if augment is None else augment
     opt = torch.optim.AdamW(model.parameters(), lr=entry.lr, weight_decay=1e-4)
@@ -29,13 +27,15 @@ def fit(model: torch.nn.Module, entry: ZooEntry, seed: int = 0, epochs: int | No
     for epoch in range(epochs):
         for idx in torch.randperm(len(x), generator=gen).split(64):
             xb = x[idx]
-            if teacher is None and augment:  # light augmentation: random one-pixel shifts
+            if augment:  # light augmentation: random one-pixel shifts
                 shift = torch.randint(-1, 2, (2,), generator=gen).tolist()
                 xb = torch.roll(xb, shifts=shift, dims=(2, 3))
             logits = model(xb)
             loss = F.cross_entropy(logits, y[idx])
-            if soft is not None:
-                kd = F.kl_div(F.log_softmax(logits / temperature, dim=1), soft[idx], log_target=True,
+            if teacher is not None:  # soft targets on the same (augmented) batch the student sees
+                with torch.no_grad():
+                    soft = F.log_softmax(teacher(xb) / temperature, dim=1)
+                kd = F.kl_div(F.log_softmax(logits / temperature, dim=1), soft, log_target=True,
                               reduction="batchmean")
                 loss = alpha * temperature ** 2 * kd + (1 - alpha) * loss
             opt.zero_grad()

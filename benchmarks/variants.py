@@ -1,0 +1,90 @@
+"""Variant speed, measured in one run as ratios of medians (noisy machines: rounds interleave contenders).
+
+BERT-like encoder (hidden 256, 4 layers, batch 1, sequence 128): torch eager, plain ONNX Runtime FP32,
+optimized (fused) FP32, dynamic INT8 of the optimized graph, dynamic INT8 of the plain graph.
+Digits: distilled student / teacher p50 at batch 1 (torch eager and ONNX Runtime).
+
+Usage: python benchmarks/variants.py [--rounds 5] [--seconds 1] [--threads 0]
+"""
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from modelship.bench import feed_for, measure
+from modelship.export.onnx_export import export
+from modelship.models.checkpoints import open_source
+from modelship.models.train import train_artifact
+from modelship.quantize.distill import distill
+from modelship.quantize.variants import make_variant
+from modelship.runners import open_runner
+
+
+def rounds(fns: dict, n: int, seconds: float) -> dict:
+    p50 = {k: [] for k in fns}
+    for _ in range(n):
+        for k, fn in fns.items():
+            p50[k].append(float(np.median(measure(fn, seconds))))
+    return p50
+
+
+def ratio(p50: dict, a: str, b: str) -> float:
+    return statistics.median(x / y for x, y in zip(p50[a], p50[b]))
+
+
+def show(p50: dict) -> None:
+    for k, v in p50.items():
+        print(f"  {k:36s} p50 {statistics.median(v):9.3f} ms")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--seconds", type=float, default=1.0)
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp())
+
+    text = train_artifact("text", tmp / "text")
+    src, module = open_source(text.path)
+    fp32 = export(src, module, tmp / "text-onnx")
+    opt = make_variant(fp32, "optimize", tmp / "text-opt")
+    int8_opt = make_variant(opt, "dynamic", tmp / "text-opt-int8")
+    int8_plain = make_variant(fp32, "dynamic", tmp / "text-int8")
+    runners = {"torch eager": open_runner(text), "onnxruntime fp32": open_runner(fp32, threads=args.threads),
+               "onnxruntime fp32 optimized": open_runner(opt, threads=args.threads),
+               "onnxruntime int8 (optimized+dynamic)": open_runner(int8_opt, threads=args.threads),
+               "onnxruntime int8 (plain dynamic)": open_runner(int8_plain, threads=args.threads)}
+    feed = feed_for(runners["torch eager"], 1, seq_len=128)
+    feed["attention_mask"][:] = 1
+    p50 = rounds({k: (lambda r=r: r.infer(feed)) for k, r in runners.items()}, args.rounds, args.seconds)
+    print("BERT-like encoder, batch 1, sequence 128")
+    show(p50)
+    print(f"ratio plain onnxruntime fp32 / torch eager:         {ratio(p50, 'onnxruntime fp32', 'torch eager'):.3f}")
+    print(f"ratio optimized onnxruntime fp32 / torch eager:     {ratio(p50, 'onnxruntime fp32 optimized', 'torch eager'):.3f}  (goal <= 0.6)")
+    print(f"ratio int8 (optimized) / optimized fp32:            {ratio(p50, 'onnxruntime int8 (optimized+dynamic)', 'onnxruntime fp32 optimized'):.3f}  (goal <= 0.65)")
+    print(f"ratio int8 (plain dynamic) / plain fp32:            {ratio(p50, 'onnxruntime int8 (plain dynamic)', 'onnxruntime fp32'):.3f}")
+    print(f"file size int8 / fp32:                              {int8_opt.model_path.stat().st_size / fp32.model_path.stat().st_size:.3f}")
+
+    teacher = train_artifact("cnn", tmp / "cnn")
+    student, report = distill(teacher.path, tmp / "student")
+    t_src, t_mod = open_source(teacher.path)
+    s_src, s_mod = open_source(student.path)
+    t_onnx, s_onnx = export(t_src, t_mod, tmp / "t-onnx"), export(s_src, s_mod, tmp / "s-onnx")
+    runners = {"teacher torch": open_runner(teacher), "student torch": open_runner(student),
+               "teacher onnxruntime": open_runner(t_onnx), "student onnxruntime": open_runner(s_onnx)}
+    feed = feed_for(runners["teacher torch"], 1)
+    p50 = rounds({k: (lambda r=r: r.infer(feed)) for k, r in runners.items()}, args.rounds, args.seconds)
+    print(f"digits: teacher {report['teacher']['arch']} ({report['teacher']['parameters']:,} params, acc "
+          f"{report['teacher']['accuracy']:.4f}) vs student {report['student']['arch']} "
+          f"({report['student']['parameters']:,} params, acc {report['student']['accuracy']:.4f}), batch 1")
+    show(p50)
+    print(f"ratio student / teacher p50, torch eager:           {ratio(p50, 'student torch', 'teacher torch'):.3f}  (goal <= 0.4)")
+    print(f"ratio student / teacher p50, onnxruntime:           {ratio(p50, 'student onnxruntime', 'teacher onnxruntime'):.3f}  (goal <= 0.4)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""ONNX -> ONNX variants with onnxruntime's own tools, each followed by the parity gate.
+
+Modes are declarative (precision + builder); the builders are thin calls into
+``onnxruntime.quantization`` and ``onnxruntime.transformers``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..errors import ArtifactError, QuantizeError
+from ..manifest import Artifact, lineage, write_artifact
+from ..models import data as datasets
+
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+
+
+@dataclass
+class QuantizeOptions:
+    per_channel: bool = False
+    calibration_method: str = "minmax"
+    calibration_data: str | None = None  # a .npz with one array per input; default: the artifact's calib split
+    calibration_samples: int = 256
+    activation_type: str = "uint8"  # uint8 (asymmetric, best on CPU) or int8 (symmetric, what TensorRT builds)
+    exclude_nodes: list[str] = field(default_factory=list)
+    exclude_op_types: list[str] = field(default_factory=list)
+    op_types: list[str] = field(default_factory=list)  # restrict quantization to these op types
+    keep_io_types: bool = True  # fp16: keep float32 inputs/outputs
+    reduce_range: bool = False
+
+
+def _preprocess(src: Path, dst: Path) -> Path:
+    """onnxruntime's quantization pre-processing (shape inference + optimization); falls back to the source."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=False)
+        return dst
+    except Exception as e:  # noqa: BLE001 — pre-processing is best effort
+        logging.getLogger("modelship").warning("quantization pre-processing skipped: %s", e)
+        return src
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over a feed dict, in batches."""
+
+    def __init__(self, feed: dict, batch: int = 16):
+        n = len(next(iter(feed.values())))
+        batch = min(batch, n)
+        whole = {k: v[: n - n % batch] for k, v in feed.items()}  # histogram calibrators need equal batches
+        self._it = iter(list(datasets.batches(whole, batch)))
+
+    def get_next(self):
+        return next(self._it, None)
+
+
+def calibration_feed(art: Artifact, opts: QuantizeOptions) -> dict:
+    man = art.manifest
+    if opts.calibration_data:
+        p = Path(opts.calibration_data)
+        if not p.is_file():
+            raise QuantizeError(f"{p}: calibration data not found; expected a .npz with one array per input "
+                                f"({', '.join(t.name for t in man.inputs)})")
+        with np.load(p, allow_pickle=False) as z:
+            missing = [t.name for t in man.inputs if t.name not in z.files]
+            if missing:
+                raise QuantizeError(f"{p}: no array for input(s) {', '.join(missing)}; it has {', '.join(z.files)}")
+            feed = {t.name: z[t.name].astype(t.dtype) for t in man.inputs}
+    else:
+        if not man.data or man.data.get("name") == "random":
+            raise QuantizeError(f"{art.path}: static quantization needs calibration data and this artifact has none "
+                                "(no shipped dataset in its manifest); pass --calibration-data FILE.npz with one "
+                                "array per input")
+        feed, _ = datasets.load(man.data, "calib", man.inputs)
+    return {k: v[: opts.calibration_samples] for k, v in feed.items()}
+
+
+def _dynamic(art: Artifact, out: Path, opts: QuantizeOptions, tmp: Path) -> dict:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    src = _preprocess(art.model_path, tmp / "pre.onnx")
+    quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, per_channel=opts.per_channel,
+                     reduce_range=opts.reduce_range, nodes_to_exclude=opts.exclude_nodes or None,
+                     op_types_to_quantize=_op_types(src, opts), extra_options={"MatMulConstBOnly": True})
+    return {}
+
+
+def _static(art: Artifact, out: Path, opts: QuantizeOptions, tmp: Path) -> dict:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if opts.calibration_method not in CALIBRATION_METHODS:
+        raise QuantizeError(f"unknown calibration method '{opts.calibration_method}'; expected one of "
+                            f"{', '.join(CALIBRATION_METHODS)}")
+    feed = calibration_feed(art, opts)
+    src = _preprocess(art.model_path, tmp / "pre.onnx")
+    method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+              "percentile": CalibrationMethod.Percentile}[opts.calibration_method]
+    act = QuantType.QInt8 if opts.activation_type == "int8" else QuantType.QUInt8
+    ops = _op_types(src, opts)
+    quantize_static(str(src), str(out), _Reader(feed), quant_format=QuantFormat.QDQ, per_channel=opts.per_channel,
+                    activation_type=act, weight_type=QuantType.QInt8, calibrate_method=method,
+                    nodes_to_exclude=opts.exclude_nodes or None, op_types_to_quantize=ops,
+                    reduce_range=opts.reduce_range,
+                    extra_options={"ActivationSymmetric": opts.activation_type == "int8", "WeightSymmetric": True,
+                                   "CalibTensorRangeSymmetric": opts.activation_type == "int8"})
+    return {"calibration_samples": int(len(next(iter(feed.values()))))}
+
+
+def _op_types(path: Path, opts: QuantizeOptions) -> list[str] | None:
+    """op_types_to_quantize after removing the excluded op types (None: onnxruntime's default set)."""
+    if not opts.exclude_op_types:
+        return opts.op_types or None
+    import onnx
+    from onnxruntime.quantization.registry import QDQRegistry, IntegerOpsRegistry
+
+    present = {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+    candidates = opts.op_types or sorted(present & (set(QDQRegistry) | set(IntegerOpsRegistry)))
+    return [t for t in candidates if t not in opts.exclude_op_types]
+
+
+def _fp16(art: Artifact, out: Path, opts: QuantizeOptions, tmp: Path) -> dict:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(art.model_path))
+    block = list(opts.exclude_op_types) or None
+    fp16 = convert_float_to_float16(model, keep_io_types=opts.keep_io_types, op_block_list=block,
+                                    node_block_list=opts.exclude_nodes or None)
+    onnx.save(fp16, str(out))
+    return {"keep_io_types": opts.keep_io_types}
+
+
+def _optimize(art: Artifact, out: Path, opts: QuantizeOptions, tmp: Path) -> dict:
+    man = art.manifest
+    if man.extra.get("model_type") == "bert":
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        cfg = (man.arch or {}).get("config", {})
+        opt = optimize_model(str(art.model_path), model_type="bert", num_heads=int(cfg.get("num_attention_heads", 0)),
+                             hidden_size=int(cfg.get("hidden_size", 0)), opt_level=1, use_gpu=False)
+        opt.save_model_to_file(str(out))
+        stats = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
+        return {"optimizer": "onnxruntime.transformers (bert)", "fused_operators": stats}
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(out)
+    ort.InferenceSession(str(art.model_path), so, providers=["CPUExecutionProvider"])
+    return {"optimizer": "onnxruntime offline graph optimization (extended)"}
+
+
+@dataclass(frozen=True)
+class Mode:
+    precision: str
+    build: Callable
+    suffix: str
+
+
+MODES = {
+    "dynamic": Mode("int8", _dynamic, "int8-dynamic"),
+    "static": Mode("int8", _static, "int8-static"),
+    "fp16": Mode("fp16", _fp16, "fp16"),
+    "optimize": Mode(None, _optimize, "optimized"),  # keeps the source's precision
+}
+
+
+def make_variant(art: Artifact, mode: str, out_dir: str | Path, opts: QuantizeOptions | None = None) -> Artifact:
+    opts = opts or QuantizeOptions()
+    if mode not in MODES:
+        raise QuantizeError(f"unknown mode '{mode}'; expected one of {', '.join(MODES)}")
+    if art.manifest.format != "onnx":
+        raise QuantizeError(f"{art.path}: a '{art.manifest.format}' artifact; quantize takes an ONNX artifact "
+                            f"(run modelship export first)")
+    _check_onnx(art)
+    m = MODES[mode]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "model.onnx"
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            facts = m.build(art, target, opts, Path(tmp))
+        except (QuantizeError, ArtifactError):
+            raise
+        except Exception as e:  # noqa: BLE001 — onnxruntime tools raise many types
+            raise QuantizeError(f"{mode} failed on {art.model_path}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+    manifest = copy.deepcopy(art.manifest)
+    manifest.precision = m.precision or art.manifest.precision
+    manifest.file = "model.onnx"
+    manifest.created_by = f"modelship quantize --mode {mode}"
+    manifest.parity = None
+    manifest.extra = {**{k: v for k, v in art.manifest.extra.items() if k in ("opset", "model_type")},
+                      "variant": mode, **facts, "options": asdict(opts)}
+    for k, v in lineage(art, out).items():
+        setattr(manifest, k, v)
+    return write_artifact(out, manifest)
+
+
+def _check_onnx(art: Artifact) -> None:
+    import onnx
+
+    try:
+        onnx.load(str(art.model_path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001
+        raise QuantizeError(f"{art.model_path}: not an ONNX model ({str(e).splitlines()[0][:200]})") from None

@@ -1,0 +1,143 @@
+"""INT8 (dynamic, static QDQ), FP16 and optimized variants, distillation, and their gates and errors."""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import cli
+from modelship.errors import ArtifactError, QuantizeError
+from modelship.manifest import load_artifact
+from modelship.quantize.variants import QuantizeOptions, make_variant
+
+
+def test_static_int8_digits_cli(tmp_path, cnn, cnn_onnx):
+    cli("quantize", cnn_onnx.path, "--mode", "static", "--out", tmp_path / "q", "--json", tmp_path / "q.json", check=0)
+    rec = json.loads((tmp_path / "q.json").read_text())
+    assert rec["precision"] == "int8" and rec["passed"]
+    assert rec["reference_accuracy"] - rec["accuracy"] <= 0.01
+    assert rec["top1_agreement"] >= 0.99
+    art = load_artifact(tmp_path / "q")
+    man = art.manifest
+    assert man.extra["variant"] == "static" and man.extra["calibration_samples"] == 180
+    assert art.resolve(man.reference) == cnn.path  # judged against the original PyTorch model, not its ONNX parent
+    assert art.resolve(man.parent) == cnn_onnx.path
+    import onnx
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "q" / "model.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ format
+
+
+@pytest.mark.parametrize("method", ["entropy", "percentile"])
+def test_static_calibration_methods(tmp_path, cnn_onnx, method):
+    from modelship.stages import gate_parity
+
+    art = make_variant(cnn_onnx, "static", tmp_path / "q", QuantizeOptions(calibration_method=method, per_channel=True))
+    rec = gate_parity(art)
+    assert rec["top1_agreement"] >= 0.99 and art.manifest.extra["options"]["calibration_method"] == method
+
+
+def test_fp16_and_dynamic(tmp_path, cnn_onnx):
+    from modelship.stages import gate_parity
+
+    fp16 = make_variant(cnn_onnx, "fp16", tmp_path / "h")
+    rec = gate_parity(fp16)
+    assert rec["precision"] == "fp16" and rec["top1_agreement"] >= 0.995
+    assert fp16.manifest.inputs[0].dtype == "float32"  # float32 inputs/outputs kept by default
+    dyn = gate_parity(make_variant(cnn_onnx, "dynamic", tmp_path / "d"))
+    assert dyn["top1_agreement"] >= 0.99
+    opt = gate_parity(make_variant(cnn_onnx, "optimize", tmp_path / "o"))
+    assert opt["precision"] == "fp32" and opt["max_abs_diff"] <= 1e-4
+
+
+def test_exclusions_keep_ops_in_float(tmp_path, cnn_onnx):
+    import onnx
+
+    art = make_variant(cnn_onnx, "static", tmp_path / "q", QuantizeOptions(exclude_op_types=["Gemm", "MatMul"]))
+    graph = onnx.load(str(art.model_path)).graph
+    inits = {i.name for i in graph.initializer}
+    gemm_inputs = [i for n in graph.node if n.op_type in ("Gemm", "MatMul") for i in n.input]
+    assert gemm_inputs and not any(i.endswith("_DequantizeLinear_Output") and i.replace(
+        "_DequantizeLinear_Output", "") in inits for i in gemm_inputs[1:2])
+
+
+def test_text_encoder_dynamic_int8(tmp_path, text_onnx):
+    from modelship.stages import gate_parity
+
+    opt = make_variant(text_onnx, "optimize", tmp_path / "opt")
+    fused = opt.manifest.extra["fused_operators"]
+    assert fused.get("Attention") == 4 and fused.get("SkipLayerNormalization", 0) >= 4
+    assert gate_parity(opt)["max_abs_diff"] <= 1e-4
+    q = make_variant(opt, "dynamic", tmp_path / "q")
+    rec = gate_parity(q)
+    assert rec["top1_agreement"] >= 0.99 and rec["samples"] == 256
+    assert q.model_path.stat().st_size <= 0.3 * text_onnx.model_path.stat().st_size
+
+
+def test_broken_tolerance_exits_nonzero_and_names_output(tmp_path, cnn_onnx):
+    p = cli("quantize", cnn_onnx.path, "--mode", "fp16", "--out", tmp_path / "h", "--max-abs-diff", "1e-9")
+    assert p.returncode == 1
+    assert "output 'logits' moved by max_abs_diff" in p.stderr and "Traceback" not in p.stderr
+    assert load_artifact(tmp_path / "h").manifest.parity["passed"] is False
+
+
+@pytest.mark.parametrize("case", ["non_onnx", "no_calibration", "unknown_mode", "unknown_method", "missing_npz"])
+def test_quantize_bad_input(tmp_path, cnn, cnn_onnx, case):
+    args = {
+        "non_onnx": ((cnn.path, "--mode", "dynamic"), "quantize takes an ONNX artifact"),
+        "unknown_mode": ((cnn_onnx.path, "--mode", "int3"), "unknown mode 'int3'"),
+        "unknown_method": ((cnn_onnx.path, "--mode", "static", "--calibration-method", "magic"),
+                           "unknown calibration method 'magic'"),
+        "missing_npz": ((cnn_onnx.path, "--mode", "static", "--calibration-data", tmp_path / "none.npz"),
+                        "calibration data not found"),
+    }
+    if case == "no_calibration":
+        import shutil
+        from modelship.manifest import write_artifact
+
+        shutil.copytree(cnn_onnx.path, tmp_path / "r")
+        art = load_artifact(tmp_path / "r")
+        art.manifest.data = {"name": "random"}
+        write_artifact(art.path, art.manifest)
+        argv, want = (tmp_path / "r", "--mode", "static"), "needs calibration data"
+    else:
+        argv, want = args[case]
+    p = cli("quantize", *argv, "--out", tmp_path / "o")
+    assert p.returncode != 0 and want in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_static_with_user_calibration_npz(tmp_path, cnn_onnx):
+    from modelship.models import data
+
+    feed, _ = data.load({"name": "digits"}, "train", cnn_onnx.manifest.inputs)
+    np.savez(tmp_path / "calib.npz", pixels=feed["pixels"][:64])
+    art = make_variant(cnn_onnx, "static", tmp_path / "q", QuantizeOptions(calibration_data=str(tmp_path / "calib.npz")))
+    assert art.manifest.extra["calibration_samples"] == 64
+
+
+def test_distill_teacher_without_training_data(tmp_path, text):
+    p = cli("distill", text.path, "--out", tmp_path / "s")
+    assert p.returncode != 0 and "no shipped training data" in p.stderr
+
+
+def test_distilled_student(tmp_path, cnn):
+    """Over three seeds: <= 0.25x the teacher's parameters, accuracy >= teacher - 1 point, and at least as
+    good on average as the same student trained without distillation."""
+    from modelship.quantize.distill import distill
+
+    kd, plain = [], []
+    for seed in (0, 1, 2):
+        art, rep = distill(cnn.path, tmp_path / f"s{seed}", seed=seed)
+        assert rep["parameter_ratio"] <= 0.25
+        assert rep["student"]["accuracy"] >= rep["teacher"]["accuracy"] - 0.01
+        kd.append(rep["student"]["accuracy"])
+        plain.append(rep["student_without_distillation"]["accuracy"])
+    assert np.mean(kd) >= np.mean(plain)
+
+
+def test_distill_cli_and_student_is_an_ordinary_artifact(tmp_path, cnn):
+    cli("distill", cnn.path, "--out", tmp_path / "s", "--json", tmp_path / "d.json", check=0)
+    out = json.loads((tmp_path / "d.json").read_text())
+    assert out["parity"]["passed"] and "student_without_distillation" in out["distillation"]
+    cli("export", tmp_path / "s", "--out", tmp_path / "s-onnx", check=0)
+    cli("quantize", tmp_path / "s-onnx", "--mode", "static", "--out", tmp_path / "s-int8", check=0)
