@@ -24,8 +24,7 @@ java:
 	fi
 
 demo: setup
-	$(BIN)/modelship train cnn --out $(DEMO_OUT)/digits-cnn-torch
-	$(BIN)/modelship export $(DEMO_OUT)/digits-cnn-torch --out $(DEMO_OUT)/digits-cnn-onnx --json $(DEMO_OUT)/parity.json
+	$(BIN)/modelship pipeline --out $(DEMO_OUT)
 
 test: setup
 	$(BIN)/pytest -q -ra

@@ -256,7 +256,7 @@ def serve(store: Optional[Path] = typer.Argument(None, help="Model store with .m
           state: Path = typer.Option(..., "--state", help="Folder for config, logs and serve.json."),
           detach: bool = typer.Option(False, "--detach", help="Return once ready; the server keeps running."),
           stop: bool = typer.Option(False, "--stop", help="Stop the server recorded in STATE/serve.json."),
-          port: int = typer.Option(8080, "--port", help="Inference port; management = PORT+1, metrics = PORT+2."),
+          port: int = typer.Option(8080, "--port", help="Inference port; management, metrics, gRPC = PORT+1..PORT+4."),
           max_request_bytes: int = typer.Option(1 << 20, help="Bodies over this get HTTP 413."),
           job_queue_size: int = typer.Option(100, help="Queued requests per model before TorchServe answers 503."),
           token_expiration_min: int = typer.Option(24 * 60, help="Lifetime of the inference token."),
@@ -310,6 +310,87 @@ def predict(file: Path = typer.Argument(..., help="A .json request body or a .np
     if r.status_code != 200:
         raise ModelshipError(f"HTTP {r.status_code}: {payload.get('message', payload)}")
     console.print_json(data=payload)
+
+
+@app.command()
+def loadtest(state: Path = typer.Option(..., "--state"), model: str = typer.Option(..., "--model"),
+             users: str = typer.Option("4", "--users", help="Concurrent users; a list (1,4,16) sweeps levels."),
+             spawn_rate: Optional[float] = typer.Option(None, "--spawn-rate", help="Users started per second."),
+             duration: str = typer.Option("30s", "--duration", help="Per level, e.g. 30s or 2m."),
+             slo_p95_ms: Optional[float] = typer.Option(None, "--slo-p95-ms", help="Fail if p95 latency exceeds this."),
+             max_failure_ratio: float = typer.Option(0.0, "--max-failure-ratio"),
+             min_agreement: float = typer.Option(0.99, "--min-agreement",
+                                                 help="Fail if fewer answers agree with the reference."),
+             workers: int = typer.Option(0, "--workers", help="Distributed Locust: a master and K workers on loopback."),
+             reference: Optional[Path] = typer.Option(None, help="Reference model (default: the served artifact's)."),
+             out: Optional[Path] = typer.Option(None, "--out", help="Where CSV/HTML reports go (default STATE/loadtest-MODEL)."),
+             json_path: Optional[Path] = JsonOpt):
+    """Locust load test of a served model: latency, and every answer checked against the reference."""
+    from .loadtests.runner import Gates, loadtest as run
+
+    gates = Gates(slo_p95_ms, max_failure_ratio, min_agreement)
+    levels = _int_list(users, "--users")
+    from .loadtests.runner import parse_duration
+
+    secs = parse_duration(duration)
+    with err.status(f"load-testing {model} ({', '.join(map(str, levels))} users, {duration} each)…"):
+        result = run(state, model, out or Path(state) / f"loadtest-{model}", users=levels, spawn_rate=spawn_rate,
+                     duration_s=secs, workers=workers, gates=gates, reference=reference)
+    t = Table(title=f"loadtest {model}" + (f" ({workers} Locust workers)" if workers else ""))
+    for c in ("users", "requests", "failures", "rps", "p50 ms", "p95 ms", "p99 ms", "checked", "mismatches",
+              "agreement", "max |Δp|", "passed"):
+        t.add_column(c, justify="right")
+    for lv in result["levels"]:
+        t.add_row(str(lv["users"]), str(lv["requests"]), str(lv["failures"]), _fmt(lv["rps"], ".1f"),
+                  _fmt(lv["p50_ms"], ".2f"), _fmt(lv["p95_ms"], ".2f"), _fmt(lv["p99_ms"], ".2f"), str(lv["checked"]),
+                  str(lv["mismatches"]), _fmt(lv["top1_agreement"]), _fmt(lv["max_abs_diff"], ".2g"),
+                  "[green]yes[/]" if lv["passed"] else "[red]NO[/]")
+    console.print(t)
+    slim = {**result, "levels": [{k: v for k, v in lv.items() if k != "latencies_ms"} for lv in result["levels"]]}
+    slim.pop("latencies_ms", None)
+    write_json(json_path, slim)
+    if not result["passed"]:
+        raise GateError("load test gates failed: " + "; ".join(result["gate_failures"]))
+
+
+@app.command()
+def pipeline(out: Path = typer.Option(Path("runs/demo"), "--out"),
+             loadtest_seconds: float = typer.Option(10.0, help="Load-test duration per served variant."),
+             users: int = typer.Option(4, help="Concurrent Locust users per load test."),
+             accuracy_budget: float = typer.Option(0.01, help="Accuracy drop allowed when picking the fastest variant."),
+             json_path: Optional[Path] = JsonOpt):
+    """The whole flow on the built-in digits CNN, ending in report.json / report.md / report.html."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from . import pipeline as pl
+
+    cfg = pl.PipelineConfig(loadtest_seconds=loadtest_seconds, users=users, accuracy_budget=accuracy_budget)
+    colors = {"ok": "green", "failed": "red", "skipped": "yellow"}
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed} steps"),
+                  TimeElapsedColumn(), console=err) as prog:
+        task = prog.add_task("pipeline", total=None)
+
+        def tick(s):
+            prog.console.print(f"[{colors[s.status]}]{s.status:>7}[/] {s.name} ({s.seconds} s)"
+                               + (f" — {s.error}" if s.error else ""))
+            prog.update(task, advance=1)
+
+        report = pl.run(out, cfg, progress=tick)
+    from .report import COLS, _cell
+
+    t = Table(title=f"pipeline {report['model']}")
+    for _, h, _ in COLS:
+        t.add_column(h, justify="right")
+    for r in report["variants"]:
+        t.add_row(*[_cell(r[k], f) for k, _, f in COLS])
+    console.print(t)
+    from .report import _verdict
+
+    console.print(_verdict(report))
+    console.print(f"report: {Path(out).resolve() / 'report.html'} (and report.md, report.json)")
+    write_json(json_path, report)
+    if not report["passed"]:
+        raise GateError(f"pipeline steps failed: {', '.join(report['failed_steps'])} (details in the report)")
 
 
 def _int_list(text: str, opt: str) -> list[int]:

@@ -16,6 +16,8 @@ def reference_of(art: Artifact):
     from .models.checkpoints import open_source
 
     ref = art.resolve(art.manifest.reference)
+    if ref is None and art.manifest.format == "torch":
+        ref = art.path  # a PyTorch artifact is its own reference
     if ref is None:
         raise ArtifactError(f"{art.path}: the manifest names no PyTorch reference; pass one explicitly")
     return open_source(ref, data=None)

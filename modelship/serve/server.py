@@ -29,7 +29,7 @@ FATAL_LOG = re.compile(r"(modelship: refusing to load.*|ModuleNotFoundError.*|Lo
 
 @dataclass
 class ServeConfig:
-    port: int = 8080  # inference; management = port+1, metrics = port+2
+    port: int = 8080  # inference; management = port+1, metrics = port+2, gRPC inference/management = port+3/+4
     max_request_bytes: int = 1 << 20
     job_queue_size: int = 100
     token_auth: bool = True
@@ -43,6 +43,10 @@ class ServeConfig:
             "inference_address": f"{host}:{self.port}",
             "management_address": f"{host}:{self.port + 1}",
             "metrics_address": f"{host}:{self.port + 2}",
+            "grpc_inference_address": "127.0.0.1",  # TorchServe always opens gRPC too: pin it to loopback
+            "grpc_inference_port": str(self.port + 3),
+            "grpc_management_address": "127.0.0.1",
+            "grpc_management_port": str(self.port + 4),
             "model_store": str(store),
             "load_models": "all",
             "enable_model_api": "false",
@@ -84,13 +88,17 @@ def port_free(port: int) -> bool:
             return False
 
 
-def free_port(span: int = 3) -> int:
-    """A base port with ``span`` consecutive free ports after it (tests, benchmarks)."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + span < 65535 and all(port_free(base + i) for i in range(span)):
+PORTS = 5  # inference, management, metrics, gRPC inference, gRPC management
+
+
+def free_port(span: int = PORTS) -> int:
+    """A base port with ``span`` consecutive free ports, below the ephemeral range (where client
+    connections could take one between this check and the server's bind)."""
+    import random
+
+    for _ in range(500):
+        base = random.randrange(20000, 32000)
+        if all(port_free(base + i) for i in range(span)):
             return base
     raise ServeError("no free ports on 127.0.0.1")
 
@@ -131,10 +139,10 @@ def start(store: str | Path, state: str | Path, config: ServeConfig | None = Non
     old = state / STATE_FILE
     if old.is_file() and _alive(json.loads(old.read_text()).get("pid")):
         raise ServeError(f"a server from {state} is still running; stop it: modelship serve --stop --state {state}")
-    for p in (config.port, config.port + 1, config.port + 2):
+    for p in range(config.port, config.port + PORTS):
         if not port_free(p):
             raise ServeError(f"port {p} on 127.0.0.1 is already in use; pass --port with a free base port "
-                             "(it uses PORT, PORT+1, PORT+2)")
+                             f"(it uses PORT to PORT+{PORTS - 1})")
     (state / "logs").mkdir(parents=True, exist_ok=True)
     (state / "tmp").mkdir(exist_ok=True)
     for stale in ("key_file.json", STATE_FILE):
@@ -216,7 +224,8 @@ def _log_cause(state: Path) -> str:
         p = state / "logs" / log
         if p.is_file():
             text += p.read_text(errors="replace")
-    lines = [l for l in text.splitlines() if re.search(r"(error|exception|failed|address already in use)", l, re.I)]
+    lines = [l for l in text.splitlines() if re.search(r"address already in use|failed to bind", l, re.I)] or \
+            [l for l in text.splitlines() if re.search(r"(error|exception|failed)", l, re.I) and "-smi" not in l]
     return (lines[-1] if lines else (text.strip().splitlines() or ["no output"])[-1]).strip()[:400]
 
 

@@ -1,0 +1,118 @@
+"""Locust user for modelship: sends real evaluation samples and checks each answer against golden
+outputs computed beforehand from the reference PyTorch model.
+
+HTTP failures are Locust failures; answer mismatches are counted separately and, in distributed runs,
+summed on the master from every worker's reports. Configured by the JSON spec named in the
+MODELSHIP_LOADTEST environment variable (written by ``modelship loadtest``).
+"""
+
+import json
+import os
+import random
+from collections import defaultdict
+
+import numpy as np
+from locust import FastHttpUser, constant, events, task
+
+SPEC = json.loads(open(os.environ["MODELSHIP_LOADTEST"]).read())
+GOLDEN = np.load(SPEC["golden"], allow_pickle=False) if SPEC.get("golden") else None
+BODIES = json.loads(open(SPEC["bodies"]).read()) if SPEC.get("bodies") else []
+HEADERS = {"Content-Type": "application/json", **({"Authorization": f"Bearer {SPEC['token']}"} if SPEC.get("token") else {})}
+
+
+def _fresh():
+    return {"responses": 0, "checked": 0, "mismatches": 0, "max_prob_diff": 0.0, "latencies_ms": [],
+            "examples": []}
+
+
+LOCAL = _fresh()  # this process's counts since its last report
+TOTAL = _fresh()  # master / local runner: everything
+PER_WORKER = defaultdict(lambda: {"responses": 0, "checked": 0, "mismatches": 0})
+
+
+def _merge(into, part):
+    for k in ("responses", "checked", "mismatches"):
+        into[k] += part[k]
+    into["max_prob_diff"] = max(into["max_prob_diff"], part["max_prob_diff"])
+    into["latencies_ms"].extend(part["latencies_ms"])
+    into["examples"] = (into["examples"] + part["examples"])[:5]
+
+
+def check(i: int, payload: dict) -> tuple[bool, float, str]:
+    """Compare one answer with the golden output for sample i."""
+    if SPEC["task"] == "classification":
+        probs = np.asarray(payload["probabilities"], dtype=np.float64)
+        want = GOLDEN["probabilities"][i]
+        diff = float(np.max(np.abs(probs - want))) if probs.shape == want.shape else float("inf")
+        ok = payload["index"] == int(GOLDEN["index"][i])
+        return ok, diff, "" if ok else f"sample {i}: label index {payload['index']}, reference {int(GOLDEN['index'][i])}"
+    out = np.asarray(next(iter(payload["outputs"].values())), dtype=np.float64)
+    want = GOLDEN["outputs"][i]
+    diff = float(np.max(np.abs(out - want))) if out.shape == want.shape else float("inf")
+    ok = diff <= SPEC.get("atol", 1e-3)
+    return ok, diff, "" if ok else f"sample {i}: max |diff| {diff:.3g}"
+
+
+class ModelUser(FastHttpUser):
+    wait_time = constant(SPEC.get("wait_s", 0))
+
+    def on_start(self):
+        self.i = random.randrange(max(1, len(BODIES)))
+
+    @task
+    def predict(self):
+        if SPEC.get("mode") == "ping":
+            self.client.get("/ping", headers=HEADERS, name="/ping")
+            LOCAL["responses"] += 1
+            return
+        i = self.i = (self.i + 1) % len(BODIES)
+        with self.client.post(SPEC["path"], data=BODIES[i], headers=HEADERS, catch_response=True,
+                              name=SPEC["path"]) as r:
+            LOCAL["responses"] += 1
+            if r.status_code != 200:
+                r.failure(f"HTTP {r.status_code}: {(r.text or '')[:200]}")
+                return
+            try:
+                ok, diff, why = check(i, r.json())
+            except (ValueError, KeyError, TypeError) as e:
+                r.failure(f"malformed answer: {type(e).__name__}")
+                return
+            LOCAL["latencies_ms"].append(r.request_meta["response_time"])
+            LOCAL["checked"] += 1
+            LOCAL["max_prob_diff"] = max(LOCAL["max_prob_diff"], diff)
+            if not ok:
+                LOCAL["mismatches"] += 1
+                if len(LOCAL["examples"]) < 5:
+                    LOCAL["examples"].append(why)
+            r.success()
+
+
+@events.report_to_master.add_listener
+def _to_master(client_id, data, **_):
+    global LOCAL
+    data["modelship"] = LOCAL
+    LOCAL = _fresh()
+
+
+@events.worker_report.add_listener
+def _from_worker(client_id, data, **_):
+    part = data.get("modelship")
+    if part:
+        _merge(TOTAL, part)
+        _merge(PER_WORKER[client_id], {**part, "latencies_ms": [], "examples": [], "max_prob_diff": 0.0})
+
+
+@events.quitting.add_listener
+def _write(environment, **_):
+    from locust.runners import WorkerRunner
+
+    if isinstance(environment.runner, WorkerRunner):
+        return
+    _merge(TOTAL, LOCAL)
+    out = {k: v for k, v in TOTAL.items()}
+    t = environment.stats.total  # final totals (the CSV is a periodic snapshot)
+    out["stats"] = {"requests": t.num_requests, "failures": t.num_failures, "rps": t.total_rps}
+    out["per_worker"] = {cid: {k: v for k, v in w.items() if k in ("responses", "checked", "mismatches")}
+                         for cid, w in PER_WORKER.items()}
+    with open(SPEC["report"], "w") as f:
+        json.dump(out, f)

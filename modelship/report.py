@@ -1,0 +1,167 @@
+"""The pipeline report: report.json, report.md and a self-contained report.html with plots."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+
+def _rows(arts: dict, results: dict, benches: dict) -> list[dict]:
+    rows = []
+    for key, art in arts.items():
+        if not hasattr(art, "manifest"):
+            continue
+        man = art.manifest
+        par = man.parity or {}
+        acc = par.get("accuracy", man.extra.get("test_accuracy"))
+        lt = results.get(key, {})
+        b1 = next((b for b in benches.get(key, []) if b["batch"] == 1), {})
+        b32 = next((b for b in benches.get(key, []) if b["batch"] == 32), {})
+        rows.append({
+            "variant": key, "artifact": str(art.path), "format": man.format, "precision": man.precision,
+            "size_mb": round(art.model_path.stat().st_size / 1e6, 3) if art.model_path.is_file() else None,
+            "parameters": man.extra.get("parameters"),
+            "parity_passed": par.get("passed", True if man.format == "torch" else None),
+            "top1_agreement": par.get("top1_agreement"), "max_abs_diff": par.get("max_abs_diff"),
+            "accuracy": acc, "reference_accuracy": par.get("reference_accuracy"),
+            "served_p50_ms": lt.get("p50_ms"), "served_p95_ms": lt.get("p95_ms"), "served_p99_ms": lt.get("p99_ms"),
+            "rps": lt.get("rps"), "requests": lt.get("requests"), "failures": lt.get("failures"),
+            "served_agreement": lt.get("top1_agreement"), "loadtest_passed": lt.get("passed"),
+            "inproc_p50_ms_b1": b1.get("p50_ms"), "inproc_items_per_s_b32": b32.get("throughput_per_s"),
+        })
+    return rows
+
+
+def _plots(out: Path, rows: list[dict], results: dict) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = {}
+    pts = [r for r in rows if r["served_p50_ms"] is not None and r["accuracy"] is not None]
+    if pts:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        sizes = np.array([r["size_mb"] or 0.01 for r in pts])
+        sc = ax.scatter([r["served_p50_ms"] for r in pts], [r["accuracy"] * 100 for r in pts],
+                        s=60 + 900 * sizes / max(sizes.max(), 1e-9), c=range(len(pts)), cmap="tab10", alpha=0.7,
+                        edgecolors="black")
+        for r in pts:
+            ax.annotate(f"{r['variant']}\n{r['size_mb']:.2f} MB", (r["served_p50_ms"], r["accuracy"] * 100),
+                        textcoords="offset points", xytext=(8, 4), fontsize=8)
+        ax.set_xlabel("served p50 latency (ms)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title("latency vs accuracy (marker area ∝ model file size)")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        files["latency_vs_accuracy"] = out / "latency_vs_accuracy.png"
+        fig.savefig(files["latency_vs_accuracy"], dpi=110)
+        plt.close(fig)
+    hist = {k: np.array(v["latencies_ms"]) for k, v in results.items() if v.get("latencies_ms")}
+    if hist:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        hi = max(np.percentile(v, 99.5) for v in hist.values())
+        bins = np.linspace(0, hi, 60)
+        for k, v in hist.items():
+            ax.hist(v, bins=bins, histtype="step", linewidth=1.5, label=f"{k} (p50 {np.median(v):.2f} ms)")
+        ax.set_xlabel("served latency (ms)")
+        ax.set_ylabel("requests")
+        ax.set_title("served latency distribution per variant")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        files["latency_histograms"] = out / "latency_histograms.png"
+        fig.savefig(files["latency_histograms"], dpi=110)
+        plt.close(fig)
+    return files
+
+
+def fastest_within_budget(rows: list[dict], budget: float) -> dict | None:
+    ref = next((r["accuracy"] for r in rows if r["variant"] == "torch"), None)
+    ok = [r for r in rows if r["served_p50_ms"] is not None and r["accuracy"] is not None and r["loadtest_passed"]
+          and (ref is None or r["accuracy"] >= ref - budget)]
+    return min(ok, key=lambda r: r["served_p50_ms"]) if ok else None
+
+
+COLS = [("variant", "variant", None), ("precision", "precision", None), ("size_mb", "size MB", ".3f"),
+        ("parity_passed", "parity", None), ("top1_agreement", "agreement", ".4f"), ("accuracy", "accuracy", ".4f"),
+        ("served_p50_ms", "p50 ms", ".2f"), ("served_p95_ms", "p95 ms", ".2f"), ("served_p99_ms", "p99 ms", ".2f"),
+        ("rps", "req/s", ".1f"), ("served_agreement", "served agreement", ".4f"),
+        ("inproc_p50_ms_b1", "in-process p50 ms (b=1)", ".3f")]
+
+
+def _cell(v, spec):
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "pass" if v else "FAIL"
+    return format(v, spec) if spec and isinstance(v, (int, float)) else str(v)
+
+
+def build(out: Path, cfg, steps, arts, results, benches) -> dict:
+    rows = _rows(arts, results, benches)
+    best = fastest_within_budget(rows, cfg.accuracy_budget)
+    plots = _plots(out, rows, results)
+    failed = [s for s in steps if s.status != "ok"]
+    report = {
+        "model": f"digits-{cfg.arch}", "config": asdict(cfg), "variants": rows,
+        "fastest_within_budget": best and {"variant": best["variant"], "served_p50_ms": best["served_p50_ms"],
+                                           "accuracy": best["accuracy"], "budget": cfg.accuracy_budget},
+        "steps": [asdict(s) for s in steps], "failed_steps": [s.name for s in failed],
+        "loadtests": {k: {kk: vv for kk, vv in v.items() if kk not in ("latencies_ms", "levels")} for k, v in results.items()},
+        "benchmarks": benches, "plots": {k: str(v) for k, v in plots.items()}, "passed": not failed,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out / "report.md").write_text(_markdown(report, rows, plots))
+    (out / "report.html").write_text(_html(report, rows, plots))
+    return report
+
+
+def _verdict(report) -> str:
+    b = report["fastest_within_budget"]
+    if not b:
+        return "No variant passed its load test within the accuracy budget."
+    return (f"Fastest variant within {b['budget'] * 100:.1f} accuracy points of the PyTorch model: "
+            f"{b['variant']} (served p50 {b['served_p50_ms']:.2f} ms, accuracy {b['accuracy'] * 100:.2f}%).")
+
+
+def _markdown(report, rows, plots) -> str:
+    lines = [f"# modelship report — {report['model']}", "", _verdict(report), "",
+             "| " + " | ".join(h for _, h, _ in COLS) + " |", "|" + "---|" * len(COLS)]
+    lines += ["| " + " | ".join(_cell(r[k], f) for k, _, f in COLS) + " |" for r in rows]
+    lines += ["", "## Steps", "", "| step | status | seconds | error |", "|---|---|---|---|"]
+    lines += [f"| {s['name']} | {s['status']} | {s['seconds']} | {(s['error'] or '').replace('|', '/')[:300]} |"
+              for s in report["steps"]]
+    lines += [""] + [f"![{k}]({Path(p).name})" for k, p in plots.items()] + [""]
+    return "\n".join(lines)
+
+
+def _html(report, rows, plots) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in COLS)
+    best = (report["fastest_within_budget"] or {}).get("variant")
+    body = "".join("<tr" + (' class="best"' if r["variant"] == best else "") + ">" +
+                   "".join(f"<td class='{'bad' if _cell(r[k], f) == 'FAIL' else ''}'>{html.escape(_cell(r[k], f))}</td>"
+                           for k, _, f in COLS) + "</tr>" for r in rows)
+    steps = "".join(f"<tr class='{s['status']}'><td>{html.escape(s['name'])}</td><td>{s['status']}</td>"
+                    f"<td>{s['seconds']}</td><td>{html.escape((s['error'] or '')[:400])}</td></tr>"
+                    for s in report["steps"])
+    imgs = "".join(f"<figure><img alt='{k}' src='data:image/png;base64,"
+                   f"{base64.b64encode(Path(p).read_bytes()).decode()}'><figcaption>{k.replace('_', ' ')}</figcaption></figure>"
+                   for k, p in plots.items())
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>modelship report — {report['model']}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right;font-size:14px}}th{{background:#f3f3f3}}
+tr.best td{{background:#e6f6e6;font-weight:600}}td.bad,tr.failed td{{background:#fde8e8}}tr.skipped td{{color:#888}}
+figure{{display:inline-block;margin:0 1em 1em 0}}img{{max-width:640px;border:1px solid #ddd}}.verdict{{font-size:1.15em}}</style>
+</head><body><h1>modelship report — {html.escape(report['model'])}</h1>
+<p class="verdict">{html.escape(_verdict(report))}</p>
+<h2>Variants</h2><table><tr>{head}</tr>{body}</table>
+<h2>Plots</h2>{imgs}
+<h2>Steps</h2><table><tr><th>step</th><th>status</th><th>seconds</th><th>error</th></tr>{steps}</table>
+</body></html>
+"""

@@ -1,0 +1,27 @@
+"""The one-command pipeline on the built-in model, with its report (short load tests)."""
+
+import json
+
+import pytest
+
+from conftest import cli
+
+pytestmark = pytest.mark.serve
+
+
+def test_pipeline_report(tmp_path):
+    cli("pipeline", "--out", tmp_path / "demo", "--loadtest-seconds", "3", "--json", tmp_path / "p.json", check=0)
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    assert report["passed"] and not report["failed_steps"]
+    variants = {r["variant"]: r for r in report["variants"]}
+    assert set(variants) == {"torch", "onnx", "int8-dynamic", "int8-static", "fp16", "student"}
+    for key, r in variants.items():
+        assert r["loadtest_passed"] and r["served_agreement"] >= 0.99 and r["served_p50_ms"] > 0
+    assert variants["int8-static"]["size_mb"] < 0.4 * variants["onnx"]["size_mb"]
+    best = report["fastest_within_budget"]
+    assert best and best["variant"] in variants
+    html = (tmp_path / "demo" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 and best["variant"] in html
+    md = (tmp_path / "demo" / "report.md").read_text()
+    assert "| variant |" in md and "latency_vs_accuracy.png" in md
+    assert (tmp_path / "demo" / "latency_histograms.png").stat().st_size > 10_000
