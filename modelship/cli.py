@@ -11,6 +11,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import GateError, ModelshipError, ParityError, ServeError
@@ -228,6 +229,29 @@ def distill(teacher: Path = typer.Argument(..., help="A torch artifact with ship
     console.print(parity_table([rec], "student vs teacher"))
 
 
+@app.command("compile")
+def compile_engine(src: Path = typer.Argument(..., help="An ONNX artifact (FP32, FP16, or static INT8 QDQ)."),
+                   out: Path = typer.Option(..., "--out"),
+                   profile: List[str] = typer.Option([], "--profile", help="Override a dim's range: NAME=MIN:OPT:MAX "
+                                                                           "(repeatable), e.g. batch=1:8:64"),
+                   workspace_gb: float = typer.Option(4.0, help="Builder workspace limit (GiB)."),
+                   timing_cache_dir: Optional[Path] = typer.Option(None, help="Where timing caches are kept."),
+                   max_abs_diff: Optional[float] = TolAbs, min_agreement: Optional[float] = TolAgree,
+                   max_accuracy_drop: Optional[float] = TolDrop, json_path: Optional[Path] = JsonOpt):
+    """Build a TensorRT engine (needs an NVIDIA GPU and TensorRT 10+), then gate on parity."""
+    from .export.tensorrt import BuildOptions, build, parse_dim_override
+    from .manifest import load_artifact
+    from .stages import gate_parity
+
+    opts = BuildOptions(workspace_bytes=int(workspace_gb * (1 << 30)), dims=dict(parse_dim_override(p) for p in profile),
+                        timing_cache_dir=str(timing_cache_dir) if timing_cache_dir else None)
+    with err.status(f"building a TensorRT engine from {src}…"):
+        art = build(load_artifact(src), out, opts)
+        rec = gate_parity(art, json_path=json_path,
+                          overrides=tolerance_opts(max_abs_diff, min_agreement, max_accuracy_drop))
+    console.print(parity_table([rec], f"compile → {art.path}"))
+
+
 @app.command()
 def archive(artifact: Path = typer.Argument(..., help="Any artifact directory (torch, onnx, int8/fp16, tensorrt)."),
             out: Path = typer.Option(..., "--out", help="Model store folder to write NAME.mar into."),
@@ -372,7 +396,7 @@ def pipeline(out: Path = typer.Option(Path("runs/demo"), "--out"),
 
         def tick(s):
             prog.console.print(f"[{colors[s.status]}]{s.status:>7}[/] {s.name} ({s.seconds} s)"
-                               + (f" — {s.error}" if s.error else ""))
+                               + (f" — {escape(s.error)}" if s.error else ""))
             prog.update(task, advance=1)
 
         report = pl.run(out, cfg, progress=tick)
@@ -411,7 +435,7 @@ def main() -> None:
             raise
         if isinstance(e, ParityError) and getattr(e, "record", None):
             console.print(parity_table([e.record], "parity (FAILED)"))
-        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except SystemExit:
         raise
@@ -427,7 +451,7 @@ def main() -> None:
             sys.exit(1)
         if STATE["debug"] or "--debug" in sys.argv:
             raise
-        err.print(f"[red]error:[/] unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+        err.print(f"[red]error:[/] unexpected {type(e).__name__}: {escape(str(e).splitlines()[0]) if str(e) else ''} "
                   "(run with --debug for the traceback)", highlight=False, soft_wrap=True)
         sys.exit(3)
 

@@ -28,7 +28,7 @@ def parity_record(art: Artifact, reference=None, split: str = "test", provider=N
     from .runners.torch_runner import TorchRunner
 
     ref_art, module = reference if reference is not None else reference_of(art)
-    ref_runner = TorchRunner(ref_art, device=device, module=module)
+    ref_runner = TorchRunner(ref_art, device="cpu", module=module)  # the reference as trained; the candidate on `device`
     cand = open_runner(art, provider=provider, device=device)
     tol = (tolerance or default_tolerance(art.manifest.precision)).override(**(overrides or {}))
     return compare(ref_runner, cand, split=split, tolerance=tol, reference_name=str(ref_art.model_path

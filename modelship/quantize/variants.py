@@ -6,11 +6,13 @@ Modes are declarative (precision + builder); the builders are thin calls into
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -175,6 +177,8 @@ MODES = {
 
 def make_variant(art: Artifact, mode: str, out_dir: str | Path, opts: QuantizeOptions | None = None) -> Artifact:
     opts = opts or QuantizeOptions()
+    if opts.calibration_data:  # builds run inside a temp dir: make user paths absolute first
+        opts = replace(opts, calibration_data=str(Path(opts.calibration_data).resolve()))
     if mode not in MODES:
         raise QuantizeError(f"unknown mode '{mode}'; expected one of {', '.join(MODES)}")
     if art.manifest.format != "onnx":
@@ -182,12 +186,12 @@ def make_variant(art: Artifact, mode: str, out_dir: str | Path, opts: QuantizeOp
                             f"(run modelship export first)")
     _check_onnx(art)
     m = MODES[mode]
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     target = out / "model.onnx"
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, _inside(tmp):
         try:
-            facts = m.build(art, target, opts, Path(tmp))
+            facts = m.build(art, target.resolve(), opts, Path(tmp))
         except (QuantizeError, ArtifactError):
             raise
         except Exception as e:  # noqa: BLE001 — onnxruntime tools raise many types
@@ -202,6 +206,17 @@ def make_variant(art: Artifact, mode: str, out_dir: str | Path, opts: QuantizeOp
     for k, v in lineage(art, out).items():
         setattr(manifest, k, v)
     return write_artifact(out, manifest)
+
+
+@contextlib.contextmanager
+def _inside(folder: str):
+    """onnxruntime's shape inference and optimizer leave temp files in the working directory: keep them in ours."""
+    here = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(here)
 
 
 def _check_onnx(art: Artifact) -> None:

@@ -10,12 +10,26 @@ PREFERENCE = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutio
 ALIASES = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
 
 
+def _tensorrt_libs() -> bool:
+    """onnxruntime-gpu lists the TensorRT EP even where TensorRT's libraries are missing."""
+    import ctypes
+
+    for name in ("libnvinfer.so.10", "libnvinfer.so.11", "libnvinfer.so"):
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
 def choose_providers(provider: str | None = None) -> list[str]:
     import onnxruntime as ort
 
     available = ort.get_available_providers()
     if provider in (None, "auto"):
-        return [p for p in PREFERENCE if p in available]
+        return [p for p in PREFERENCE if p in available
+                and (p != "TensorrtExecutionProvider" or _tensorrt_libs())]
     name = ALIASES.get(provider.lower(), provider)
     if name not in available:
         raise MissingDependencyError(
@@ -27,7 +41,7 @@ def choose_providers(provider: str | None = None) -> list[str]:
 class OnnxRuntimeRunner(Runner):
     backend = "onnxruntime"
 
-    def __init__(self, art: Artifact, provider: str | None = None, threads: int = 0, **_):
+    def __init__(self, art: Artifact, provider: str | None = None, threads: int = 0, tf32: bool = False, **_):
         super().__init__(art)
         import onnxruntime as ort
 
@@ -37,7 +51,10 @@ class OnnxRuntimeRunner(Runner):
             opts.intra_op_num_threads = threads
         self.providers = choose_providers(provider)
         try:
-            self.session = ort.InferenceSession(str(art.model_path), opts, providers=self.providers)
+            # FP32 means FP32: the CUDA EP's default TF32 math moves logits by ~1e-3 (opt in with tf32=True)
+            options = [{"use_tf32": "1" if tf32 else "0"} if p == "CUDAExecutionProvider" else {} for p in self.providers]
+            self.session = ort.InferenceSession(str(art.model_path), opts, providers=self.providers,
+                                                provider_options=options)
         except Exception as e:  # noqa: BLE001 — onnxruntime raises its own Fail/InvalidGraph types
             raise ArtifactError(f"{art.model_path}: onnxruntime cannot load this model ({str(e).splitlines()[0][:300]}); "
                                 "expected a valid ONNX file — re-export it") from None

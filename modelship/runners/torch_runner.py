@@ -20,6 +20,9 @@ class TorchRunner(Runner):
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise MissingDependencyError("device 'cuda' asked for, but torch sees no CUDA GPU; use --device cpu")
         self._device = torch.device(device)
+        if self._device.type == "cuda":  # FP32 means FP32: no TF32 convolutions or matmuls
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         self.module = (module if module is not None else load_module(art)).to(self._device)
         self._out = [t.name for t in self.outputs]
 
