@@ -51,9 +51,10 @@ def _plots(out: Path, rows: list[dict], results: dict) -> dict[str, Path]:
         sc = ax.scatter([r["served_p50_ms"] for r in pts], [r["accuracy"] * 100 for r in pts],
                         s=60 + 900 * sizes / max(sizes.max(), 1e-9), c=range(len(pts)), cmap="tab10", alpha=0.7,
                         edgecolors="black")
-        for r in pts:
+        for i, r in enumerate(sorted(pts, key=lambda r: r["served_p50_ms"])):  # alternate sides: near points stay legible
             ax.annotate(f"{r['variant']}\n{r['size_mb']:.2f} MB", (r["served_p50_ms"], r["accuracy"] * 100),
-                        textcoords="offset points", xytext=(8, 4), fontsize=8)
+                        textcoords="offset points", xytext=(8, 10 if i % 2 else -22), fontsize=8)
+        ax.margins(x=0.15, y=0.25)
         ax.set_xlabel("served p50 latency (ms)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title("latency vs accuracy (marker area ∝ model file size)")
