@@ -306,7 +306,6 @@ def serve(store: Optional[Path] = typer.Argument(None, help="Model store with .m
                   f"(token in {Path(state) / server.STATE_FILE}; metrics {info['metrics_url']}/metrics)")
     if detach:
         return
-    import signal as _signal
     import time as _time
 
     try:

@@ -39,16 +39,21 @@ def cnn(work):
     return train_artifact("cnn", work / "cnn")
 
 
-@pytest.fixture(scope="session")
-def cnn_onnx(work, cnn):
+def _exported(src, out):
+    """Export a torch artifact to ONNX and pass its parity gate, as `modelship export` does."""
     from modelship.export.onnx_export import export
     from modelship.models.checkpoints import open_source
     from modelship.stages import gate_parity
 
-    art, module = open_source(cnn.path)
-    out = export(art, module, work / "cnn-onnx")
-    gate_parity(out, reference=(art, module))
-    return out
+    art, module = open_source(src.path)
+    onnx_art = export(art, module, out)
+    gate_parity(onnx_art, reference=(art, module))
+    return onnx_art
+
+
+@pytest.fixture(scope="session")
+def cnn_onnx(work, cnn):
+    return _exported(cnn, work / "cnn-onnx")
 
 
 @pytest.fixture(scope="session")
@@ -59,14 +64,7 @@ def text(work):
 
 @pytest.fixture(scope="session")
 def text_onnx(work, text):
-    from modelship.export.onnx_export import export
-    from modelship.models.checkpoints import open_source
-    from modelship.stages import gate_parity
-
-    art, module = open_source(text.path)
-    out = export(art, module, work / "text-onnx")
-    gate_parity(out, reference=(art, module))
-    return out
+    return _exported(text, work / "text-onnx")
 
 
 @pytest.fixture(scope="session")

@@ -204,3 +204,23 @@ def test_archive_refuses_unpassed_parity(tmp_path, cnn_onnx):
     with pytest.raises(ArtifactError, match="only artifacts that passed parity"):
         archive(load_artifact(tmp_path / "a"), tmp_path / "store")
     assert archive(load_artifact(tmp_path / "a"), tmp_path / "store", force=True).is_file()
+
+
+def test_restart_after_a_failed_start(tmp_path, cnn_onnx, monkeypatch):
+    """A failed start leaves its logs behind; the next start in the same state dir must not trip on them."""
+    import modelship.serve.server as srv
+
+    store = tmp_path / "store"
+    store.mkdir()
+    _tampered_mar(archive(cnn_onnx, tmp_path / "good", name="cnn"), store / "cnn.mar")
+    with monkeypatch.context() as m:  # get past the CLI's own check so the worker refuses the file
+        m.setattr(srv, "read_mar", lambda p: type("M", (), {"name": "cnn"})())
+        with pytest.raises(ServeError):
+            srv.start(store, tmp_path / "state", srv.ServeConfig(port=srv.free_port(), startup_timeout_s=60))
+    archive(cnn_onnx, store, name="cnn")  # a good archive in its place
+    info = srv.start(store, tmp_path / "state", srv.ServeConfig(port=srv.free_port()))
+    try:
+        assert _post(info, "cnn", _sample()).status_code == 200
+        assert (tmp_path / "state" / "logs.prev").is_dir()
+    finally:
+        srv.stop(tmp_path / "state")

@@ -143,7 +143,11 @@ def start(store: str | Path, state: str | Path, config: ServeConfig | None = Non
         if not port_free(p):
             raise ServeError(f"port {p} on 127.0.0.1 is already in use; pass --port with a free base port "
                              f"(it uses PORT to PORT+{PORTS - 1})")
-    (state / "logs").mkdir(parents=True, exist_ok=True)
+    state.mkdir(parents=True, exist_ok=True)
+    if (state / "logs").is_dir():  # startup failures are read from these logs: start from clean ones
+        shutil.rmtree(state / "logs.prev", ignore_errors=True)
+        (state / "logs").rename(state / "logs.prev")
+    (state / "logs").mkdir()
     (state / "tmp").mkdir(exist_ok=True)
     for stale in ("key_file.json", STATE_FILE):
         (state / stale).unlink(missing_ok=True)
