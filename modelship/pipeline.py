@@ -35,7 +35,6 @@ def run(out: str | Path, config: PipelineConfig | None = None, progress=None) ->
     from .bench import bench
     from .export.onnx_export import export
     from .loadtests.runner import Gates, loadtest
-    from .manifest import load_artifact
     from .models.checkpoints import open_source
     from .models.train import train_artifact
     from .parity import DEFAULT_TOLERANCES

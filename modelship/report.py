@@ -48,7 +48,7 @@ def _plots(out: Path, rows: list[dict], results: dict) -> dict[str, Path]:
     if pts:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         sizes = np.array([r["size_mb"] or 0.01 for r in pts])
-        sc = ax.scatter([r["served_p50_ms"] for r in pts], [r["accuracy"] * 100 for r in pts],
+        ax.scatter([r["served_p50_ms"] for r in pts], [r["accuracy"] * 100 for r in pts],
                         s=60 + 900 * sizes / max(sizes.max(), 1e-9), c=range(len(pts)), cmap="tab10", alpha=0.7,
                         edgecolors="black")
         for i, r in enumerate(sorted(pts, key=lambda r: r["served_p50_ms"])):  # alternate sides: near points stay legible

@@ -4,7 +4,6 @@ the exit code, distributed totals agree with per-worker sums. Each run is bounde
 import json
 import shutil
 
-import numpy as np
 import pytest
 
 from conftest import cli

@@ -10,7 +10,6 @@ import contextlib
 import copy
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
