@@ -27,7 +27,7 @@ def _fresh():
 
 LOCAL = _fresh()  # this process's counts since its last report
 TOTAL = _fresh()  # master / local runner: everything
-PER_WORKER = defaultdict(lambda: {"responses": 0, "checked": 0, "mismatches": 0})
+PER_WORKER = defaultdict(_fresh)  # per worker: the counters (latencies are kept once, in TOTAL)
 
 
 def _merge(into, part):
@@ -99,7 +99,7 @@ def _from_worker(client_id, data, **_):
     part = data.get("modelship")
     if part:
         _merge(TOTAL, part)
-        _merge(PER_WORKER[client_id], {**part, "latencies_ms": [], "examples": [], "max_prob_diff": 0.0})
+        _merge(PER_WORKER[client_id], {**part, "latencies_ms": []})
 
 
 @events.quitting.add_listener
