@@ -177,7 +177,7 @@ def loadtest(state, model, out_dir, users=(4,), spawn_rate=None, duration_s=30.0
         r["gate_failures"] = gates.judge(r)
         r["passed"] = not r["gate_failures"]
         levels.append(r)
-    result = {**{k: v for k, v in levels[-1].items()}, "levels": levels, "slo": asdict(gates),
+    result = {**levels[-1], "levels": levels, "slo": asdict(gates),
               "reference": spec["reference"], "workers": workers,
               "passed": all(lv["passed"] for lv in levels),
               "gate_failures": [f"users={lv['users']}: {f}" for lv in levels for f in lv["gate_failures"]]}

@@ -95,10 +95,10 @@ def _hf_manifest(path: Path) -> Manifest:
         sha256=sha256_path(path), created_by="modelship import (hf)")
 
 
-def _dim_name(i: int, d) -> str | int:
-    if isinstance(d, int):
-        return d
-    return "batch" if i == 0 else f"dim{i}"
+def _spec(name: str, val) -> TensorSpec:
+    """A TensorSpec from a torch.export fake tensor: symbolic dims get names, the first one 'batch'."""
+    shape = [int(d) if isinstance(d, int) else ("batch" if j == 0 else f"dim{j}") for j, d in enumerate(val.shape)]
+    return TensorSpec(name, str(val.dtype).replace("torch.", ""), shape)
 
 
 def _pt2_manifest(path: Path) -> Manifest:
@@ -108,17 +108,9 @@ def _pt2_manifest(path: Path) -> Manifest:
         raise ArtifactError(f"{path}: this .pt2 program was saved without example inputs; expected one made by "
                             "torch.export.export(model, example_args) and saved with torch.export.save")
     placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
-    inputs = []
-    for i, name in enumerate(ep.graph_signature.user_inputs):
-        val = placeholders[name].meta.get("val")
-        shape = [_dim_name(j, int(d) if isinstance(d, int) or not hasattr(d, "node") else d) for j, d in enumerate(val.shape)]
-        inputs.append(TensorSpec(name, str(val.dtype).replace("torch.", ""), shape))
-    outputs = []
+    inputs = [_spec(name, placeholders[name].meta["val"]) for name in ep.graph_signature.user_inputs]
     out_nodes = [n for n in ep.graph.nodes if n.op == "output"][0].args[0]
-    for i, node in enumerate(out_nodes):
-        val = node.meta.get("val")
-        shape = [_dim_name(j, int(d) if isinstance(d, int) or not hasattr(d, "node") else d) for j, d in enumerate(val.shape)]
-        outputs.append(TensorSpec("logits" if i == 0 else f"output{i}", str(val.dtype).replace("torch.", ""), shape))
+    outputs = [_spec("logits" if i == 0 else f"output{i}", node.meta["val"]) for i, node in enumerate(out_nodes)]
     return Manifest(name=path.stem, task="classification" if len(outputs) == 1 and len(outputs[0].shape) == 2 else "regression",
                     format="torch", precision="fp32", file=path.name, loader="pt2", inputs=inputs, outputs=outputs,
                     data={"name": "random", "samples": 128}, sha256=sha256_path(path),

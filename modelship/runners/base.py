@@ -30,11 +30,7 @@ class Runner:
 
     def validate(self, feed: dict) -> None:
         if feed.keys() != self._names:
-            missing = sorted(self._names - feed.keys())
-            extra = sorted(feed.keys() - self._names)
-            parts = ([f"missing input(s) {', '.join(missing)}"] if missing else []) + \
-                    ([f"unexpected input(s) {', '.join(extra)}"] if extra else [])
-            raise InputError(f"{'; '.join(parts)}; expected inputs: {self.signature()}")
+            check_names(self._names, feed, f"inputs: {self.signature()}")
         dims: dict[str, int] = {}
         for spec, dtype in zip(self.inputs, self._dtypes):
             a = feed[spec.name]
@@ -59,6 +55,16 @@ class Runner:
 
     def _infer(self, feed: dict) -> dict:
         raise NotImplementedError
+
+
+def check_names(expected, given, wanted: str) -> None:
+    """Raise InputError naming missing and unexpected inputs; ``wanted`` describes what was expected."""
+    missing = sorted(set(expected) - set(given))
+    extra = sorted(set(given) - set(expected), key=str)
+    if missing or extra:
+        parts = ([f"missing input(s) {', '.join(missing)}"] if missing else []) + \
+                ([f"unexpected input(s) {', '.join(map(str, extra))}"] if extra else [])
+        raise InputError(f"{'; '.join(parts)}; expected {wanted}")
 
 
 def _fmt(shape) -> str:

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..manifest import Manifest
+from ..runners.base import check_names
 
 V2_DTYPES = {"float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32", "bool": "BOOL"}
 V2_NUMPY = {v: k for k, v in V2_DTYPES.items()} | {"FP64": "float64"}
@@ -115,12 +116,7 @@ class Codec:
         return req
 
     def _check_names(self, inputs: dict) -> None:
-        missing = sorted(self.specs.keys() - inputs.keys())
-        extra = sorted(inputs.keys() - self.specs.keys())
-        if missing or extra:
-            parts = ([f"missing input(s) {', '.join(missing)}"] if missing else []) + \
-                    ([f"unexpected input(s) {', '.join(map(str, extra))}"] if extra else [])
-            raise InputError(f"{'; '.join(parts)}; expected {', '.join(self.specs)}")
+        check_names(self.specs, inputs, ", ".join(self.specs))
 
     def _array(self, name: str, value, dtype: str) -> np.ndarray:
         try:

@@ -35,7 +35,6 @@ class ServeConfig:
     token_auth: bool = True
     token_expiration_min: int = 24 * 60
     startup_timeout_s: float = 120.0
-    workers: int | None = None  # overrides each archive's worker count when set
 
     def properties(self, store: Path) -> str:
         host = "http://127.0.0.1"
@@ -58,7 +57,7 @@ class ServeConfig:
             "metrics_mode": "prometheus",
             "enable_metrics_api": "true",
             "install_py_dep_per_model": "false",
-            "default_workers_per_model": str(self.workers or 1),
+            "default_workers_per_model": "1",  # each archive's model-config.yaml sets its own workers
             "default_response_timeout": "30",
             "async_logging": "true",
         }
