@@ -346,20 +346,32 @@ def loadtest(state: Path = typer.Option(..., "--state"), model: str = typer.Opti
              min_agreement: float = typer.Option(0.99, "--min-agreement",
                                                  help="Fail if fewer answers agree with the reference."),
              workers: int = typer.Option(0, "--workers", help="Distributed Locust: a master and K workers on loopback."),
+             rate: Optional[float] = typer.Option(None, "--rate", min=0.1,
+                                                  help="Fixed total requests/s (soak test) instead of back-to-back."),
+             kill_worker_at: Optional[str] = typer.Option(None, "--kill-worker-at",
+                                                          help="Kill one TorchServe worker this far into each level "
+                                                               "(e.g. 20s) and measure recovery."),
+             max_recovery_s: Optional[float] = typer.Option(None, "--max-recovery-s",
+                                                            help="With --kill-worker-at: fail if recovery takes longer."),
+             max_memory_growth: Optional[float] = typer.Option(None, "--max-memory-growth",
+                                                               help="Fail if worker memory grows more than this "
+                                                                    "fraction after warm-up (e.g. 0.1)."),
              reference: Optional[Path] = typer.Option(None, help="Reference model (default: the served artifact's)."),
              out: Optional[Path] = typer.Option(None, "--out", help="Where CSV/HTML reports go (default STATE/loadtest-MODEL)."),
              json_path: Optional[Path] = JsonOpt):
     """Locust load test of a served model: latency, and every answer checked against the reference."""
     from .loadtests.runner import Gates, loadtest as run
 
-    gates = Gates(slo_p95_ms, max_failure_ratio, min_agreement)
+    gates = Gates(slo_p95_ms, max_failure_ratio, min_agreement, max_recovery_s, max_memory_growth)
     levels = _int_list(users, "--users")
     from .loadtests.runner import parse_duration
 
     secs = parse_duration(duration)
+    kill_at = parse_duration(kill_worker_at) if kill_worker_at else None
     with err.status(f"load-testing {model} ({', '.join(map(str, levels))} users, {duration} each)…"):
         result = run(state, model, out or Path(state) / f"loadtest-{model}", users=levels, spawn_rate=spawn_rate,
-                     duration_s=secs, workers=workers, gates=gates, reference=reference)
+                     duration_s=secs, workers=workers, gates=gates, reference=reference, rate=rate,
+                     kill_worker_at_s=kill_at)
     t = Table(title=f"loadtest {model}" + (f" ({workers} Locust workers)" if workers else ""))
     for c in ("users", "requests", "failures", "rps", "p50 ms", "p95 ms", "p99 ms", "checked", "mismatches",
               "agreement", "max |Δp|", "passed"):
@@ -370,6 +382,16 @@ def loadtest(state: Path = typer.Option(..., "--state"), model: str = typer.Opti
                   str(lv["mismatches"]), _fmt(lv["top1_agreement"]), _fmt(lv["max_abs_diff"], ".2g"),
                   "[green]yes[/]" if lv["passed"] else "[red]NO[/]")
     console.print(t)
+    for lv in result["levels"]:
+        f, m = lv.get("fault"), lv.get("memory") or {}
+        if f:
+            console.print(f"users={lv['users']}: worker {f.get('killed_pid')} killed at {f.get('killed_at_s')} s; "
+                          f"recovered in {f.get('recovery_s')} s (replacement ready {f.get('worker_replaced_s')} s), "
+                          f"answer after recovery correct: {f.get('answer_after_recovery_correct')}; "
+                          f"{lv['failures']} of {lv['requests']} requests failed" + (f"; {f['error']}" if "error" in f else ""))
+        if m.get("growth") is not None:
+            console.print(f"users={lv['users']}: worker memory {m['start_mb']:.0f} -> {m['end_mb']:.0f} MiB "
+                          f"({m['growth']:+.1%}, peak {m['peak_mb']:.0f} MiB, {m['samples']} samples)")
     slim = {**result, "levels": [{k: v for k, v in lv.items() if k != "latencies_ms"} for lv in result["levels"]]}
     slim.pop("latencies_ms", None)
     write_json(json_path, slim)

@@ -12,7 +12,7 @@ import random
 from collections import defaultdict
 
 import numpy as np
-from locust import FastHttpUser, constant, events, task
+from locust import FastHttpUser, constant, constant_throughput, events, task
 
 SPEC = json.loads(open(os.environ["MODELSHIP_LOADTEST"]).read())
 GOLDEN = np.load(SPEC["golden"], allow_pickle=False) if SPEC.get("golden") else None
@@ -21,7 +21,7 @@ HEADERS = {"Content-Type": "application/json", **({"Authorization": f"Bearer {SP
 
 
 def _fresh():
-    return {"responses": 0, "checked": 0, "mismatches": 0, "max_prob_diff": 0.0, "latencies_ms": [],
+    return {"started": 0, "responses": 0, "checked": 0, "mismatches": 0, "max_prob_diff": 0.0, "latencies_ms": [],
             "examples": []}
 
 
@@ -31,7 +31,7 @@ PER_WORKER = defaultdict(_fresh)  # per worker: the counters (latencies are kept
 
 
 def _merge(into, part):
-    for k in ("responses", "checked", "mismatches"):
+    for k in ("started", "responses", "checked", "mismatches"):
         into[k] += part[k]
     into["max_prob_diff"] = max(into["max_prob_diff"], part["max_prob_diff"])
     into["latencies_ms"].extend(part["latencies_ms"])
@@ -54,7 +54,10 @@ def check(i: int, payload: dict) -> tuple[bool, float, str]:
 
 
 class ModelUser(FastHttpUser):
-    wait_time = constant(SPEC.get("wait_s", 0))
+    # a fixed request rate (soak tests) when the spec gives one per user, else back-to-back requests
+    wait_time = constant_throughput(SPEC["rate_per_user"]) if SPEC.get("rate_per_user") else constant(SPEC.get("wait_s", 0))
+    # a request unanswered this long is a failure (a hang shows up in the failure count, never unseen)
+    network_timeout = connection_timeout = float(SPEC.get("timeout_s", 30))
 
     def on_start(self):
         self.i = random.randrange(max(1, len(BODIES)))
@@ -62,10 +65,12 @@ class ModelUser(FastHttpUser):
     @task
     def predict(self):
         if SPEC.get("mode") == "ping":
+            LOCAL["started"] += 1
             self.client.get("/ping", headers=HEADERS, name="/ping")
             LOCAL["responses"] += 1
             return
         i = self.i = (self.i + 1) % len(BODIES)
+        LOCAL["started"] += 1
         with self.client.post(SPEC["path"], data=BODIES[i], headers=HEADERS, catch_response=True,
                               name=SPEC["path"]) as r:
             LOCAL["responses"] += 1
@@ -111,8 +116,8 @@ def _write(environment, **_):
     _merge(TOTAL, LOCAL)
     out = {k: v for k, v in TOTAL.items()}
     t = environment.stats.total  # final totals (the CSV is a periodic snapshot)
-    out["stats"] = {"requests": t.num_requests, "failures": t.num_failures, "rps": t.total_rps}
-    out["per_worker"] = {cid: {k: v for k, v in w.items() if k in ("responses", "checked", "mismatches")}
+    out["stats"] = {"requests": t.num_requests, "failures": t.num_failures, "rps": t.total_rps, "max_ms": t.max_response_time}
+    out["per_worker"] = {cid: {k: v for k, v in w.items() if k in ("started", "responses", "checked", "mismatches")}
                          for cid, w in PER_WORKER.items()}
     with open(SPEC["report"], "w") as f:
         json.dump(out, f)

@@ -19,6 +19,7 @@ from ..models import data as datasets
 from ..serve.archive import read_mar
 from ..serve.codec import softmax
 from ..serve.server import free_port, read_state
+from .monitor import Monitor
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 
@@ -28,9 +29,25 @@ class Gates:
     slo_p95_ms: float | None = None
     max_failure_ratio: float = 0.0
     min_agreement: float = 0.99
+    max_recovery_s: float | None = None  # with a worker fault: until a replaced worker answers correctly
+    max_memory_growth: float | None = None  # worker RSS, end vs after warm-up, as a fraction
 
     def judge(self, r: dict) -> list[str]:
         out = []
+        fault = r.get("fault")
+        if fault is not None:
+            if not fault.get("answer_after_recovery_correct"):
+                out.append(f"fault: no correct answer after the worker kill ({fault.get('error', 'wrong answer')})")
+            elif self.max_recovery_s is not None and fault["recovery_s"] > self.max_recovery_s:
+                out.append(f"recovery: {fault['recovery_s']:.1f} s > {self.max_recovery_s} s")
+        if self.max_memory_growth is not None:
+            g = (r.get("memory") or {}).get("growth")
+            if g is None:
+                out.append("memory: too few worker memory samples to judge growth (run longer)")
+            elif g > self.max_memory_growth:
+                m = r["memory"]
+                out.append(f"memory: worker RSS grew {g:.1%} ({m['start_mb']:.0f} -> {m['end_mb']:.0f} MiB) > "
+                           f"{self.max_memory_growth:.0%}")
         if self.slo_p95_ms is not None and (r["p95_ms"] is None or r["p95_ms"] > self.slo_p95_ms):
             out.append(f"latency: p95 {r['p95_ms']} ms > SLO {self.slo_p95_ms} ms")
         if r["requests"] == 0:
@@ -85,10 +102,10 @@ def prepare(state: str | Path, model: str, out_dir: Path, reference: str | Path 
 
 
 def run_locust(spec: dict, out_dir: Path, users: int, spawn_rate: float, duration_s: float, workers: int = 0,
-               tag: str = "locust") -> dict:
+               tag: str = "locust", rate: float | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     spec_path = out_dir / f"{tag}.spec.json"
-    spec = {**spec, "report": str(out_dir / f"{tag}.counts.json")}
+    spec = {**spec, "report": str(out_dir / f"{tag}.counts.json"), "rate_per_user": rate / users if rate else None}
     spec_path.write_text(json.dumps(spec))
     Path(spec["report"]).unlink(missing_ok=True)
     env = {**os.environ, "MODELSHIP_LOADTEST": str(spec_path), "PYTHONWARNINGS": "ignore"}
@@ -135,9 +152,12 @@ def summarize(out_dir: Path, tag: str, spec: dict, users: int) -> dict:
     requests = int(final.get("requests", agg.get("Request Count", 0)))
     failures = int(final.get("failures", agg.get("Failure Count", 0)))
     checked = counts.get("checked", 0)
+    # requests Locust itself cancelled when the run ended (not failures: the server never got to answer)
+    cancelled = max(0, counts.get("started", 0) - counts.get("responses", 0))
     pct = (lambda q: float(np.percentile(lat, q))) if len(lat) else (lambda q: _num(agg.get(f"{q}%")))
     return {
-        "model": spec.get("model"), "users": users, "requests": requests, "failures": failures,
+        "model": spec.get("model"), "users": users, "requests": requests, "failures": failures, "cancelled_at_stop": cancelled,
+        "max_ms": _num(final.get("max_ms")),  # slowest request, failed ones included
         "rps": _num(final.get("rps", agg.get("Requests/s"))), "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99),
         "mean_ms": float(lat.mean()) if len(lat) else _num(agg.get("Average Response Time")),
         "checked": checked, "mismatches": counts.get("mismatches", 0),
@@ -167,18 +187,34 @@ def parse_duration(text: str) -> float:
 
 
 def loadtest(state, model, out_dir, users=(4,), spawn_rate=None, duration_s=30.0, workers=0, gates: Gates | None = None,
-             reference=None, samples=None) -> dict:
+             reference=None, samples=None, rate: float | None = None, kill_worker_at_s: float | None = None) -> dict:
+    """Load-test one served model at each user level. ``rate``: fixed total requests/s (soak);
+    ``kill_worker_at_s``: kill one of its TorchServe workers that many seconds into each level."""
     gates = gates or Gates()
     out_dir = Path(out_dir)
     spec = prepare(state, model, out_dir, reference=reference, samples=samples)
+    info = read_state(state)
+    if kill_worker_at_s is not None and not 0 < kill_worker_at_s < duration_s:
+        raise ArtifactError(f"--kill-worker-at {kill_worker_at_s:g} s: expected a time inside the run (0 to {duration_s:g} s)")
     levels = []
     for u in users:
-        r = run_locust(spec, out_dir, u, spawn_rate or u, duration_s, workers, tag=f"locust_u{u}")
+        mon = Monitor(info, spec, duration_s, kill_at_s=kill_worker_at_s)
+        mon.start()
+        try:
+            r = run_locust(spec, out_dir, u, spawn_rate or u, duration_s, workers, tag=f"locust_u{u}", rate=rate)
+        finally:
+            mon.done.set()
+            mon.join(timeout=90)
+        r["memory"] = mon.memory(warmup_s=min(10.0, duration_s / 5))
+        if kill_worker_at_s is not None:
+            r["fault"] = mon.fault or {"error": mon.error or "the worker kill did not happen"}
+        if mon.error:
+            r["monitor_error"] = mon.error
         r["gate_failures"] = gates.judge(r)
         r["passed"] = not r["gate_failures"]
         levels.append(r)
     result = {**levels[-1], "levels": levels, "slo": asdict(gates),
-              "reference": spec["reference"], "workers": workers,
+              "reference": spec["reference"], "workers": workers, "rate": rate,
               "passed": all(lv["passed"] for lv in levels),
               "gate_failures": [f"users={lv['users']}: {f}" for lv in levels for f in lv["gate_failures"]]}
     return result

@@ -41,16 +41,13 @@ class Codec:
 
     # ---- decoding ----------------------------------------------------------------------------
     def decode(self, body) -> Request:
-        if isinstance(body, (bytes, bytearray)):
+        if isinstance(body, (bytes, bytearray, str)):
             try:
-                body = json.loads(body.decode("utf-8"))
+                body = json.loads(body.decode("utf-8") if isinstance(body, (bytes, bytearray)) else body)
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise InputError(f"body is not JSON ({e}); expected {self.example()}") from None
-        elif isinstance(body, str):
-            try:
-                body = json.loads(body)
-            except json.JSONDecodeError as e:
-                raise InputError(f"body is not JSON ({e}); expected {self.example()}") from None
+            except RecursionError:
+                raise InputError(f"body nests too deeply; expected {self.example()}") from None
         if not isinstance(body, dict) or "inputs" not in body:
             raise InputError(f"expected a JSON object with an 'inputs' key, e.g. {self.example()}")
         unknown = set(body) - {"inputs", "id", "parameters", "outputs"}
@@ -93,6 +90,8 @@ class Codec:
         for t in tensors:
             if not isinstance(t, dict) or not {"name", "shape", "datatype", "data"} <= t.keys():
                 raise InputError("each Open Inference Protocol input needs 'name', 'shape', 'datatype' and 'data'")
+            if not isinstance(t["name"], str):
+                raise InputError(f"input 'name' must be a string, got {json.dumps(t['name'])[:40]}")
             by_name[t["name"]] = t
         self._check_names(by_name)
         feed = {}
@@ -134,8 +133,14 @@ class Codec:
             info = np.iinfo(dtype)
             if arr.size and (arr.min() < info.min or arr.max() > info.max):
                 raise InputError(f"input '{name}': values outside the {dtype} range")
-        elif np.dtype(dtype).kind == "f" and arr.size and not np.all(np.isfinite(arr.astype(np.float64))):
-            raise InputError(f"input '{name}': NaN or infinite values; expected finite numbers")
+        elif np.dtype(dtype).kind == "f" and arr.size:
+            if not np.all(np.isfinite(arr.astype(np.float64))):
+                raise InputError(f"input '{name}': NaN or infinite values; expected finite numbers")
+            with np.errstate(over="ignore"):
+                cast = arr.astype(dtype, copy=False)
+            if not np.all(np.isfinite(cast)):
+                raise InputError(f"input '{name}': values beyond the {dtype} range (±{float(np.finfo(dtype).max):.4g})")
+            return cast
         return arr.astype(dtype, copy=False)
 
     def _check_shapes(self, req: Request) -> None:

@@ -36,6 +36,8 @@ class ModelshipHandler:
         self.initialized = True
 
     def handle(self, data, context):
+        """Answer each request of the batch on its own: a bad one gets 400 and an unexpected fault 500,
+        and neither fails the requests batched with it."""
         answers = [None] * len(data)
         groups = {}
         for i, row in enumerate(data):
@@ -43,23 +45,28 @@ class ModelshipHandler:
             try:
                 req = self.codec.decode(body)
                 groups.setdefault(tuple((k, v.shape[1:]) for k, v in sorted(req.feed.items())), []).append((i, req))
-            except InputError as e:
-                answers[i] = self._reply(context, i, error_body(400, str(e)), 400, "Bad Request")
+            except Exception as e:  # noqa: BLE001
+                answers[i] = self._error(context, i, e)
         for members in groups.values():
             reqs = [r for _, r in members]
-            feed = {k: np.concatenate([r.feed[k] for r in reqs]) for k in reqs[0].feed}
             try:
-                out = self.runner.infer(feed)
-            except InputError as e:
+                out = self.runner.infer({k: np.concatenate([r.feed[k] for r in reqs]) for k in reqs[0].feed})
+                start = 0
+                for i, req in members:
+                    answers[i] = self._reply(context, i, self.codec.encode(
+                        req, {k: v[start:start + req.items] for k, v in out.items()}))
+                    start += req.items
+            except Exception as e:  # noqa: BLE001
                 for i, _ in members:
-                    answers[i] = self._reply(context, i, error_body(400, str(e)), 400, "Bad Request")
-                continue
-            start = 0
-            for i, req in members:
-                part = {k: v[start:start + req.items] for k, v in out.items()}
-                start += req.items
-                answers[i] = self._reply(context, i, self.codec.encode(req, part))
+                    answers[i] = self._error(context, i, e)
         return answers
+
+    def _error(self, context, idx, e: Exception):
+        if isinstance(e, InputError):
+            return self._reply(context, idx, error_body(400, str(e)), 400, "Bad Request")
+        log.exception("modelship: request %d failed", idx)
+        return self._reply(context, idx, error_body(500, f"internal error: {type(e).__name__}: {e}"[:500]), 500,
+                           "Internal Server Error")
 
     @staticmethod
     def _reply(context, idx, payload, code=200, phrase="OK"):

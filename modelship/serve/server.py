@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +153,10 @@ def start(store: str | Path, state: str | Path, config: ServeConfig | None = Non
         (state / stale).unlink(missing_ok=True)
     cfg = state / "config.properties"
     cfg.write_text(config.properties(store))
-    env = {**os.environ, "TMPDIR": str(state / "tmp"), "LOG_LOCATION": str(state / "logs"),
+    # TorchServe names each worker's Unix socket java.io.tmpdir/.ts.sock.9000, 9001, ... (TEMP sets it): a
+    # folder per server, so two servers on one machine never take over each other's restarted workers
+    sockets = state / "tmp" if len(str(state)) < 80 else Path(tempfile.mkdtemp(prefix="modelship-"))  # 108-byte limit
+    env = {**os.environ, "TMPDIR": str(state / "tmp"), "TEMP": str(sockets), "LOG_LOCATION": str(state / "logs"),
            "METRICS_LOCATION": str(state / "logs"), "TS_DISABLE_SYSTEM_METRICS": "false",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     exe = shutil.which("torchserve") or str(Path(sys.executable).with_name("torchserve"))
