@@ -7,6 +7,7 @@ signature (named dynamic dims), labels, lineage (parent + hashes), evaluation da
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 from .errors import ArtifactError
 
 MANIFEST = "manifest.json"
+SIGNING_KEY_ENV = "MODELSHIP_SIGNING_KEY"  # when set: manifests are signed on write and must be on load
 DTYPES = ("float32", "float16", "int64", "int32", "bool")
 
 
@@ -50,6 +52,7 @@ class Manifest:
     arch: dict | None = None  # zoo architecture name + config
     data: dict | None = None  # evaluation / calibration data spec (see modelship.models.data)
     extra: dict = field(default_factory=dict)  # stage-specific facts (quantization settings, TensorRT build info)
+    integrity: dict | None = None  # sha256 (and HMAC with a signing key) of everything above: see seal()
 
     @classmethod
     def from_dict(cls, d: dict) -> "Manifest":
@@ -84,6 +87,41 @@ def sha256_path(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def _canonical(d: dict) -> bytes:
+    return json.dumps({k: v for k, v in d.items() if k != "integrity"}, sort_keys=True,
+                      separators=(",", ":")).encode()
+
+
+def seal(d: dict) -> dict:
+    """The manifest dict with its integrity record: a sha256 of its canonical JSON, which catches any
+    edit made outside modelship, and an HMAC-SHA256 under $MODELSHIP_SIGNING_KEY when that is set, which
+    only a holder of the key can recompute."""
+    body = _canonical(d)
+    integrity = {"sha256": hashlib.sha256(body).hexdigest()}
+    key = os.environ.get(SIGNING_KEY_ENV)
+    if key:
+        integrity["hmac_sha256"] = hmac.new(key.encode(), body, hashlib.sha256).hexdigest()
+    return {**d, "integrity": integrity}
+
+
+def check_seal(d: dict, where: str) -> None:
+    """Refuse a manifest edited since modelship wrote it, or (with a signing key set) one not signed with it."""
+    body = _canonical(d)
+    integrity = d.get("integrity") or {}
+    if not hmac.compare_digest(str(integrity.get("sha256", "")), hashlib.sha256(body).hexdigest()):
+        state = "has no integrity record" if not integrity else "was modified after modelship wrote it"
+        raise ArtifactError(f"{where}: the manifest {state}; write the artifact again with the modelship "
+                            "stage that made it")
+    key = os.environ.get(SIGNING_KEY_ENV)
+    if key:
+        if "hmac_sha256" not in integrity:
+            raise ArtifactError(f"{where}: the manifest is not signed but {SIGNING_KEY_ENV} is set; write the "
+                                "artifact again with the key set")
+        if not hmac.compare_digest(integrity["hmac_sha256"], hmac.new(key.encode(), body, hashlib.sha256).hexdigest()):
+            raise ArtifactError(f"{where}: the manifest signature does not match {SIGNING_KEY_ENV}: it was "
+                                "modified or signed with another key")
 
 
 def inside(base: Path, name: str) -> Path:
@@ -130,6 +168,8 @@ def load_artifact(path: str | os.PathLike, verify: bool = True) -> Artifact:
         raise ArtifactError(f"{p / MANIFEST}: not valid JSON ({e}); expected an artifact manifest") from None
     if not isinstance(raw, dict):
         raise ArtifactError(f"{p / MANIFEST}: expected a JSON object")
+    if verify:
+        check_seal(raw, str(p / MANIFEST))
     art = Artifact(p.resolve(), Manifest.from_dict(raw))
     model = art.model_path
     if not model.exists():
@@ -148,7 +188,7 @@ def write_artifact(path: str | os.PathLike, manifest: Manifest) -> Artifact:
     p = Path(path).resolve()
     art = Artifact(p, manifest)
     manifest.sha256 = sha256_path(art.model_path)
-    (p / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    (p / MANIFEST).write_text(json.dumps(seal(manifest.to_dict()), indent=2) + "\n")
     return art
 
 

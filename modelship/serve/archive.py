@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import ArtifactError, ServeError
-from ..manifest import MANIFEST, Artifact, Manifest, inside, sha256_path
+from ..manifest import MANIFEST, Artifact, Manifest, check_seal, inside, seal, sha256_path
 
 HANDLER = Path(__file__).with_name("handler.py")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -69,7 +69,7 @@ def archive(art: Artifact, store: str | Path, name: str | None = None, config: M
         tmp = Path(tmp)
         served = Manifest.from_dict(man.to_dict())
         served.extra = {**served.extra, "archive": {"source": str(art.path), "name": name, **asdict(config)}}
-        (tmp / MANIFEST).write_text(json.dumps(served.to_dict(), indent=2))
+        (tmp / MANIFEST).write_text(json.dumps(seal(served.to_dict()), indent=2))
         (tmp / "model-config.yaml").write_text(yaml.safe_dump(config.yaml()))
         extra = [str(tmp / MANIFEST)]
         if model_path.is_dir():  # e.g. a Hugging Face folder: keep its name inside the archive
@@ -95,15 +95,20 @@ def read_mar(path: str | Path) -> Manifest:
             names = set(z.namelist())
             if MANIFEST not in names:
                 raise ArtifactError(f"{path}: no {MANIFEST} inside; expected a .mar written by modelship archive")
-            man = Manifest.from_dict(json.loads(z.read(MANIFEST)))
+            raw = json.loads(z.read(MANIFEST))
+            if not isinstance(raw, dict):
+                raise ArtifactError(f"{path}: {MANIFEST} is not a JSON object")
+            check_seal(raw, f"{path}: {MANIFEST}")
+            man = Manifest.from_dict(raw)
             inside(Path("/mar"), man.file)
             with tempfile.TemporaryDirectory() as tmp:
+                for n in names:  # TorchServe unpacks every member: none may land outside its folder
+                    if n.startswith(("/", "\\")) or not (Path(tmp) / n).resolve().is_relative_to(Path(tmp).resolve()):
+                        raise ArtifactError(f"{path}: member '{n}' escapes the archive; refusing it")
                 members = [n for n in names if n == man.file or n.startswith(man.file.rstrip("/") + "/")]
                 if not members:
                     raise ArtifactError(f"{path}: model file '{man.file}' named by the manifest is not inside")
                 for n in members:
-                    if not (Path(tmp) / n).resolve().is_relative_to(Path(tmp).resolve()):
-                        raise ArtifactError(f"{path}: member '{n}' escapes the archive")
                     z.extract(n, tmp)
                 if sha256_path(Path(tmp) / man.file) != man.sha256:
                     raise ArtifactError(f"{path}: model file sha256 does not match the manifest; the archive was "

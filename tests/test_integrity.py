@@ -1,0 +1,114 @@
+"""Artifact integrity: a tampered model file or manifest refuses to load, with or without a signing
+key; manifest and archive paths that escape their folder are rejected; archive refuses artifacts
+without a passed parity record unless --force."""
+
+import json
+import shutil
+import zipfile
+
+import pytest
+
+from conftest import cli
+from modelship.errors import ArtifactError
+from modelship.manifest import MANIFEST, SIGNING_KEY_ENV, load_artifact, seal, write_artifact
+from modelship.serve.archive import archive, read_mar
+
+
+def _copy(art, dst):
+    shutil.copytree(art.path, dst)
+    return dst
+
+
+def _edit(folder, **changes):
+    """Change manifest fields the way a hand edit would (the integrity record left as it was)."""
+    raw = json.loads((folder / MANIFEST).read_text())
+    raw.update(changes)
+    (folder / MANIFEST).write_text(json.dumps(raw))
+    return raw
+
+
+def test_written_manifest_carries_integrity_record(cnn_onnx):
+    raw = json.loads((cnn_onnx.path / MANIFEST).read_text())
+    assert len(raw["integrity"]["sha256"]) == 64 and "hmac_sha256" not in raw["integrity"]
+    load_artifact(cnn_onnx.path)
+
+
+@pytest.mark.parametrize("change", [{"precision": "int8"}, {"parity": {"passed": True}}, {"labels": list("abcdefghij")}])
+def test_hand_edited_manifest_is_refused(tmp_path, cnn_onnx, change):
+    d = _copy(cnn_onnx, tmp_path / "a")
+    _edit(d, **change)
+    with pytest.raises(ArtifactError, match="modified after modelship wrote it"):
+        load_artifact(d)
+    p = cli("archive", d, "--out", tmp_path / "store")  # the real entry point, one line, non-zero exit
+    assert p.returncode == 2 and "modified after modelship wrote it" in p.stderr and len(p.stderr.splitlines()) == 1
+    assert not (tmp_path / "store").exists()
+
+
+def test_manifest_without_integrity_record_is_refused(tmp_path, cnn_onnx):
+    d = _copy(cnn_onnx, tmp_path / "a")
+    raw = json.loads((d / MANIFEST).read_text())
+    del raw["integrity"]
+    (d / MANIFEST).write_text(json.dumps(raw))
+    with pytest.raises(ArtifactError, match="has no integrity record"):
+        load_artifact(d)
+
+
+def test_manifest_file_path_escaping_its_folder_is_rejected(tmp_path, cnn_onnx):
+    """Even with a recomputed integrity record (what an attacker without a signing key can do)."""
+    d = _copy(cnn_onnx, tmp_path / "a")
+    (tmp_path / "outside.onnx").write_bytes((d / "model.onnx").read_bytes())
+    for name in ("../outside.onnx", str(tmp_path / "outside.onnx")):
+        raw = json.loads((d / MANIFEST).read_text())
+        (d / MANIFEST).write_text(json.dumps(seal({**raw, "file": name})))
+        with pytest.raises(ArtifactError, match="escapes its artifact directory"):
+            load_artifact(d)
+
+
+def test_signing_key_detects_resealed_edits(tmp_path, cnn_onnx, monkeypatch):
+    monkeypatch.setenv(SIGNING_KEY_ENV, "k1-" + "x" * 29)
+    d = _copy(cnn_onnx, tmp_path / "a")
+    with pytest.raises(ArtifactError, match="not signed"):  # written before a key existed
+        load_artifact(d)
+    art = write_artifact(d, load_artifact(d, verify=False).manifest)
+    assert "hmac_sha256" in json.loads((d / MANIFEST).read_text())["integrity"]
+    load_artifact(d)
+    raw = json.loads((d / MANIFEST).read_text())  # an edit with a recomputed sha256 but no key
+    forged = seal({k: v for k, v in raw.items() if k != "integrity"} | {"precision": "int8"})
+    forged["integrity"]["hmac_sha256"] = raw["integrity"]["hmac_sha256"]
+    (d / MANIFEST).write_text(json.dumps(forged))
+    with pytest.raises(ArtifactError, match="signature does not match"):
+        load_artifact(d)
+    write_artifact(d, art.manifest)
+    monkeypatch.setenv(SIGNING_KEY_ENV, "another-key-" + "y" * 20)
+    with pytest.raises(ArtifactError, match="signature does not match"):
+        load_artifact(d)
+
+
+def _rewrite_mar(src, dst, edit_manifest=None, add=None):
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename == MANIFEST and edit_manifest:
+                data = json.dumps(edit_manifest(json.loads(data))).encode()
+            zout.writestr(item, data)
+        for name, data in (add or {}).items():
+            zout.writestr(name, data)
+
+
+def test_tampered_or_escaping_archive_is_refused(tmp_path, cnn_onnx):
+    mar = archive(cnn_onnx, tmp_path / "good", name="cnn")
+    assert read_mar(mar).name == cnn_onnx.manifest.name
+    cases = {
+        "edited": ({"edit_manifest": lambda m: {**m, "precision": "fp16"}}, "modified after modelship wrote it"),
+        "escaping_member": ({"add": {"../../evil.py": b"print('x')"}}, "escapes the archive"),
+        "absolute_member": ({"add": {"/tmp/evil.py": b"print('x')"}}, "escapes the archive"),
+        "escaping_file": ({"edit_manifest": lambda m: seal({**m, "file": "../model.onnx"})}, "escapes its artifact"),
+    }
+    for case, (kw, want) in cases.items():
+        store = tmp_path / case
+        store.mkdir()
+        _rewrite_mar(mar, store / "cnn.mar", **kw)
+        with pytest.raises(ArtifactError, match=want):
+            read_mar(store / "cnn.mar")
+        p = cli("serve", store, "--state", tmp_path / f"state-{case}", "--detach")  # refused before TorchServe starts
+        assert p.returncode == 2 and want.split()[0] in p.stderr, p.stderr
