@@ -1,0 +1,113 @@
+"""The Kubernetes manifests in deploy/kubernetes agree with what `modelship serve` configures: the same
+TorchServe properties (ports, model store, size caps, management API off), the token from a Secret
+checked in front of TorchServe, probes on /ping, a Service and an HPA pointing at the right things.
+No cluster here: the manifests are parsed and cross-checked."""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from modelship.serve.server import PORTS, ServeConfig
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes"
+
+
+def _props(text: str) -> dict:
+    return dict(line.split("=", 1) for line in text.splitlines() if line.strip() and not line.startswith("#"))
+
+
+@pytest.fixture(scope="module")
+def k8s():
+    docs = {}
+    for f in sorted(DEPLOY.glob("*.yaml")):
+        for doc in yaml.safe_load_all(f.read_text()):
+            docs[(doc["kind"], doc.get("metadata", {}).get("name", f.stem))] = doc
+    dep = docs["Deployment", "modelship"]
+    pod = dep["spec"]["template"]["spec"]
+    return {"docs": docs, "dep": dep, "pod": pod, "containers": {c["name"]: c for c in pod["containers"]},
+            "cm": docs["ConfigMap", "modelship-config"]["data"]}
+
+
+def test_kustomization_lists_every_manifest_but_the_secret(k8s):
+    kust = k8s["docs"]["Kustomization", "kustomization"]
+    files = {f.name for f in DEPLOY.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kust["resources"]) == files - {"secret.yaml"}  # real token values never live in the repository
+
+
+def test_torchserve_properties_are_the_ones_modelship_serve_writes(k8s):
+    props = _props(k8s["cm"]["config.properties"])
+    expected = _props(ServeConfig(token_auth=False).properties(Path(props["model_store"])))
+    assert props == expected
+    assert props["enable_model_api"] == "false"
+    for key in ("inference_address", "management_address", "metrics_address", "grpc_inference_address",
+                "grpc_management_address"):
+        assert "127.0.0.1" in props[key], f"{key} must stay on the pod's loopback"
+
+
+def test_container_runs_that_config_and_model_store(k8s):
+    ts = k8s["containers"]["torchserve"]
+    cmd = ts["command"]
+    props = _props(k8s["cm"]["config.properties"])
+    store = cmd[cmd.index("--model-store") + 1]
+    assert store == props["model_store"]
+    mounts = {m["mountPath"]: m for m in ts["volumeMounts"]}
+    volumes = {v["name"]: v for v in k8s["pod"]["volumes"]}
+    assert mounts[store]["readOnly"] is True
+    claim = volumes[mounts[store]["name"]]["persistentVolumeClaim"]["claimName"]
+    assert ("PersistentVolumeClaim", claim) in k8s["docs"]
+    cfg = cmd[cmd.index("--ts-config") + 1]
+    assert mounts[cfg]["subPath"] == "config.properties"
+    assert volumes[mounts[cfg]["name"]]["configMap"]["name"] == "modelship-config"
+    assert "--start" in cmd and "--foreground" in cmd  # the container lives as long as TorchServe does
+
+
+def test_token_from_secret_is_checked_before_torchserve(k8s):
+    proxy = k8s["containers"]["auth-proxy"]
+    env = {e["name"]: e for e in proxy["env"]}
+    ref = env["MODELSHIP_TOKEN"]["valueFrom"]["secretKeyRef"]
+    secret = k8s["docs"]["Secret", ref["name"]]
+    assert ref["key"] in secret["stringData"]
+    conf = k8s["cm"]["default.conf.template"]
+    props = _props(k8s["cm"]["config.properties"])
+    inference_port = int(props["inference_address"].rsplit(":", 1)[1])
+    assert set(re.findall(r"proxy_pass http://127\.0\.0\.1:(\d+)", conf)) == {str(inference_port)}
+    main = conf[conf.index("location / {"):]
+    assert '$http_authorization != "Bearer ${MODELSHIP_TOKEN}"' in main and "return 401" in main
+    ping = conf[conf.index("location = /ping"):conf.index("location / {")]
+    assert "http_authorization" not in ping  # probes need no token
+    size = re.search(r"client_max_body_size (\d+)m;", conf).group(1)
+    assert int(size) << 20 == int(props["max_request_size"])
+    signing = {e["name"]: e for e in k8s["containers"]["torchserve"]["env"]}["MODELSHIP_SIGNING_KEY"]
+    assert signing["valueFrom"]["secretKeyRef"]["name"] == ref["name"]
+    assert signing["valueFrom"]["secretKeyRef"]["key"] in secret["stringData"]
+
+
+def test_only_the_proxy_listens_and_probes_hit_ping(k8s):
+    proxy = k8s["containers"]["auth-proxy"]
+    (port,) = proxy["ports"]
+    conf = k8s["cm"]["default.conf.template"]
+    assert int(re.search(r"listen (\d+);", conf).group(1)) == port["containerPort"]
+    base = ServeConfig().port
+    assert port["containerPort"] not in range(base, base + PORTS)  # no clash with TorchServe's loopback ports
+    assert "ports" not in k8s["containers"]["torchserve"]
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        get = proxy[probe]["httpGet"]
+        assert get["path"] == "/ping" and get["port"] == port["name"]
+
+
+def test_service_and_autoscaler_point_at_the_deployment(k8s):
+    svc = k8s["docs"]["Service", "modelship"]
+    labels = k8s["dep"]["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= labels.items()
+    assert k8s["dep"]["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (sp,) = svc["spec"]["ports"]
+    assert sp["targetPort"] == k8s["containers"]["auth-proxy"]["ports"][0]["name"]
+    hpa = k8s["docs"]["HorizontalPodAutoscaler", "modelship"]
+    target = hpa["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", k8s["dep"]["metadata"]["name"])
+    assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    for c in k8s["pod"]["containers"]:  # CPU utilization is relative to requests: every container needs them
+        assert {"cpu", "memory"} <= c["resources"]["requests"].keys(), c["name"]
