@@ -110,6 +110,8 @@ def check_seal(d: dict, where: str) -> None:
     """Refuse a manifest edited since modelship wrote it, or (with a signing key set) one not signed with it."""
     body = _canonical(d)
     integrity = d.get("integrity") or {}
+    if not isinstance(integrity, dict):
+        integrity = {"sha256": None}
     if not hmac.compare_digest(str(integrity.get("sha256", "")), hashlib.sha256(body).hexdigest()):
         state = "has no integrity record" if not integrity else "was modified after modelship wrote it"
         raise ArtifactError(f"{where}: the manifest {state}; write the artifact again with the modelship "
@@ -119,7 +121,7 @@ def check_seal(d: dict, where: str) -> None:
         if "hmac_sha256" not in integrity:
             raise ArtifactError(f"{where}: the manifest is not signed but {SIGNING_KEY_ENV} is set; write the "
                                 "artifact again with the key set")
-        if not hmac.compare_digest(integrity["hmac_sha256"], hmac.new(key.encode(), body, hashlib.sha256).hexdigest()):
+        if not hmac.compare_digest(str(integrity["hmac_sha256"]), hmac.new(key.encode(), body, hashlib.sha256).hexdigest()):
             raise ArtifactError(f"{where}: the manifest signature does not match {SIGNING_KEY_ENV}: it was "
                                 "modified or signed with another key")
 

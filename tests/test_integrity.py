@@ -44,12 +44,20 @@ def test_hand_edited_manifest_is_refused(tmp_path, cnn_onnx, change):
     assert not (tmp_path / "store").exists()
 
 
-def test_manifest_without_integrity_record_is_refused(tmp_path, cnn_onnx):
+def test_manifest_without_integrity_record_is_refused(tmp_path, cnn_onnx, monkeypatch):
     d = _copy(cnn_onnx, tmp_path / "a")
     raw = json.loads((d / MANIFEST).read_text())
     del raw["integrity"]
     (d / MANIFEST).write_text(json.dumps(raw))
     with pytest.raises(ArtifactError, match="has no integrity record"):
+        load_artifact(d)
+    for garbage in ("x", 7, {"sha256": 7}):
+        (d / MANIFEST).write_text(json.dumps({**raw, "integrity": garbage}))
+        with pytest.raises(ArtifactError, match="modified after modelship wrote it"):
+            load_artifact(d)
+    monkeypatch.setenv(SIGNING_KEY_ENV, "k" * 32)
+    (d / MANIFEST).write_text(json.dumps(seal(raw) | {"integrity": {**seal(raw)["integrity"], "hmac_sha256": 5}}))
+    with pytest.raises(ArtifactError, match="signature does not match"):
         load_artifact(d)
 
 

@@ -15,10 +15,9 @@ from ..serve import workers
 
 
 class Monitor(threading.Thread):
-    def __init__(self, info: dict, spec: dict, duration_s: float, kill_at_s: float | None = None,
-                 interval_s: float = 1.0):
+    def __init__(self, info: dict, spec: dict, kill_at_s: float | None = None, interval_s: float = 1.0):
         super().__init__(daemon=True)
-        self.info, self.spec, self.duration_s, self.kill_at_s, self.interval_s = info, spec, duration_s, kill_at_s, interval_s
+        self.info, self.spec, self.kill_at_s, self.interval_s = info, spec, kill_at_s, interval_s
         self.samples: list[tuple[float, float]] = []  # (seconds since start, worker RSS MiB)
         self.fault: dict | None = None
         self.error: str | None = None

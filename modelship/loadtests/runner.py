@@ -198,7 +198,7 @@ def loadtest(state, model, out_dir, users=(4,), spawn_rate=None, duration_s=30.0
         raise ArtifactError(f"--kill-worker-at {kill_worker_at_s:g} s: expected a time inside the run (0 to {duration_s:g} s)")
     levels = []
     for u in users:
-        mon = Monitor(info, spec, duration_s, kill_at_s=kill_worker_at_s)
+        mon = Monitor(info, spec, kill_at_s=kill_worker_at_s)
         mon.start()
         try:
             r = run_locust(spec, out_dir, u, spawn_rate or u, duration_s, workers, tag=f"locust_u{u}", rate=rate)
