@@ -14,6 +14,8 @@ from collections import defaultdict
 import numpy as np
 from locust import FastHttpUser, constant, constant_throughput, events, task
 
+from modelship.loadtests.golden import check
+
 SPEC = json.loads(open(os.environ["MODELSHIP_LOADTEST"]).read())
 GOLDEN = np.load(SPEC["golden"], allow_pickle=False) if SPEC.get("golden") else None
 BODIES = json.loads(open(SPEC["bodies"]).read()) if SPEC.get("bodies") else []
@@ -36,21 +38,6 @@ def _merge(into, part):
     into["max_prob_diff"] = max(into["max_prob_diff"], part["max_prob_diff"])
     into["latencies_ms"].extend(part["latencies_ms"])
     into["examples"] = (into["examples"] + part["examples"])[:5]
-
-
-def check(i: int, payload: dict) -> tuple[bool, float, str]:
-    """Compare one answer with the golden output for sample i."""
-    if SPEC["task"] == "classification":
-        probs = np.asarray(payload["probabilities"], dtype=np.float64)
-        want = GOLDEN["probabilities"][i]
-        diff = float(np.max(np.abs(probs - want))) if probs.shape == want.shape else float("inf")
-        ok = payload["index"] == int(GOLDEN["index"][i])
-        return ok, diff, "" if ok else f"sample {i}: label index {payload['index']}, reference {int(GOLDEN['index'][i])}"
-    out = np.asarray(next(iter(payload["outputs"].values())), dtype=np.float64)
-    want = GOLDEN["outputs"][i]
-    diff = float(np.max(np.abs(out - want))) if out.shape == want.shape else float("inf")
-    ok = diff <= SPEC.get("atol", 1e-3)
-    return ok, diff, "" if ok else f"sample {i}: max |diff| {diff:.3g}"
 
 
 class ModelUser(FastHttpUser):
@@ -78,7 +65,7 @@ class ModelUser(FastHttpUser):
                 r.failure(f"HTTP {r.status_code}: {(r.text or '')[:200]}")
                 return
             try:
-                ok, diff, why = check(i, r.json())
+                ok, diff, why = check(SPEC, GOLDEN, i, r.json())
             except (ValueError, KeyError, TypeError) as e:
                 r.failure(f"malformed answer: {type(e).__name__}")
                 return

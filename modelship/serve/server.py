@@ -180,7 +180,7 @@ def start(store: str | Path, state: str | Path, config: ServeConfig | None = Non
 
 
 def _wait_ready(proc, state: Path, info: dict, config: ServeConfig) -> None:
-    import requests
+    from . import workers
 
     deadline = time.monotonic() + config.startup_timeout_s
     pending = set(info["models"])
@@ -201,15 +201,13 @@ def _wait_ready(proc, state: Path, info: dict, config: ServeConfig) -> None:
             except (json.JSONDecodeError, KeyError):
                 pass
         if info["token"] or not config.token_auth:
-            hdr = {"Authorization": f"Bearer {info['management_token']}"} if info["management_token"] else {}
             for name in sorted(pending):
                 try:
-                    r = requests.get(f"{info['management_url']}/models/{name}", headers=hdr, timeout=2)
-                    workers = r.json()[0].get("workers", []) if r.ok else []
-                    if workers and all(w.get("status") == "READY" for w in workers):
-                        pending.discard(name)
-                except (requests.RequestException, ValueError, IndexError, KeyError):
+                    listed = workers.describe(info, name, timeout_s=2)
+                except ServeError:  # not answering yet, or the model not registered yet
                     break
+                if listed and all(w.get("status") == "READY" for w in listed):
+                    pending.discard(name)
             if not pending:
                 return
         time.sleep(0.25)

@@ -14,16 +14,19 @@ import requests
 from ..errors import ServeError
 
 
-def describe(info: dict, model: str) -> list[dict]:
+def describe(info: dict, model: str, timeout_s: float = 5.0) -> list[dict]:
     """The model's workers as the management API reports them (id, pid, status)."""
     hdr = {"Authorization": f"Bearer {info['management_token']}"} if info.get("management_token") else {}
     try:
-        r = requests.get(f"{info['management_url']}/models/{model}", headers=hdr, timeout=5)
+        r = requests.get(f"{info['management_url']}/models/{model}", headers=hdr, timeout=timeout_s)
     except requests.RequestException as e:
         raise ServeError(f"management API at {info['management_url']} did not answer: {e}") from None
     if r.status_code != 200:
         raise ServeError(f"management API: HTTP {r.status_code} for model '{model}': {r.text[:200]}")
-    return r.json()[0].get("workers", [])
+    try:
+        return r.json()[0].get("workers", [])
+    except (ValueError, IndexError, KeyError, AttributeError):
+        raise ServeError(f"management API: unexpected answer for model '{model}': {r.text[:200]}") from None
 
 
 def pids(info: dict, model: str) -> list[int]:
