@@ -28,6 +28,19 @@ def cli(*args, check=None):
     return p
 
 
+def rewrite_mar(src, dst, edit=None, add=None):
+    """Copy a .mar, passing each member through ``edit(name, data) -> data`` and adding ``add`` members:
+    how tests tamper with archives."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            zout.writestr(item, edit(item.filename, data) if edit else data)
+        for name, data in (add or {}).items():
+            zout.writestr(name, data)
+
+
 @pytest.fixture(scope="session")
 def work(tmp_path_factory):
     return tmp_path_factory.mktemp("zoo")

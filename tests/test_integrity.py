@@ -4,11 +4,10 @@ without a passed parity record unless --force."""
 
 import json
 import shutil
-import zipfile
 
 import pytest
 
-from conftest import cli
+from conftest import cli, rewrite_mar
 from modelship.errors import ArtifactError
 from modelship.manifest import MANIFEST, SIGNING_KEY_ENV, load_artifact, seal, write_artifact
 from modelship.serve.archive import archive, read_mar
@@ -92,30 +91,23 @@ def test_signing_key_detects_resealed_edits(tmp_path, cnn_onnx, monkeypatch):
         load_artifact(d)
 
 
-def _rewrite_mar(src, dst, edit_manifest=None, add=None):
-    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
-        for item in zin.infolist():
-            data = zin.read(item.filename)
-            if item.filename == MANIFEST and edit_manifest:
-                data = json.dumps(edit_manifest(json.loads(data))).encode()
-            zout.writestr(item, data)
-        for name, data in (add or {}).items():
-            zout.writestr(name, data)
+def _edit_manifest(change):
+    return lambda name, data: json.dumps(change(json.loads(data))).encode() if name == MANIFEST else data
 
 
 def test_tampered_or_escaping_archive_is_refused(tmp_path, cnn_onnx):
     mar = archive(cnn_onnx, tmp_path / "good", name="cnn")
     assert read_mar(mar).name == cnn_onnx.manifest.name
     cases = {
-        "edited": ({"edit_manifest": lambda m: {**m, "precision": "fp16"}}, "modified after modelship wrote it"),
+        "edited": ({"edit": _edit_manifest(lambda m: {**m, "precision": "fp16"})}, "modified after modelship wrote it"),
         "escaping_member": ({"add": {"../../evil.py": b"print('x')"}}, "escapes the archive"),
         "absolute_member": ({"add": {"/tmp/evil.py": b"print('x')"}}, "escapes the archive"),
-        "escaping_file": ({"edit_manifest": lambda m: seal({**m, "file": "../model.onnx"})}, "escapes its artifact"),
+        "escaping_file": ({"edit": _edit_manifest(lambda m: seal({**m, "file": "../model.onnx"}))}, "escapes its artifact"),
     }
     for case, (kw, want) in cases.items():
         store = tmp_path / case
         store.mkdir()
-        _rewrite_mar(mar, store / "cnn.mar", **kw)
+        rewrite_mar(mar, store / "cnn.mar", **kw)
         with pytest.raises(ArtifactError, match=want):
             read_mar(store / "cnn.mar")
         p = cli("serve", store, "--state", tmp_path / f"state-{case}", "--detach")  # refused before TorchServe starts

@@ -4,14 +4,13 @@ auth and management are locked down, and broken or tampered archives are refused
 import json
 import os
 import shutil
-import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import requests
 
-from conftest import cli
+from conftest import cli, rewrite_mar
 from modelship.errors import ArtifactError, MissingDependencyError, ServeError
 from modelship.models import data as datasets
 from modelship.runners import open_runner
@@ -137,12 +136,7 @@ def test_predict_cli(served, tmp_path, work):
 # ---- startup failures: each explained in one line, quickly ----------------------------------------
 
 def _tampered_mar(src_mar, dst):
-    with zipfile.ZipFile(src_mar) as zin, zipfile.ZipFile(dst, "w") as zout:
-        for item in zin.infolist():
-            data = zin.read(item.filename)
-            if item.filename == "model.onnx":
-                data = data[:-1] + bytes([data[-1] ^ 1])
-            zout.writestr(item, data)
+    rewrite_mar(src_mar, dst, edit=lambda name, data: data[:-1] + bytes([data[-1] ^ 1]) if name == "model.onnx" else data)
 
 
 def test_tampered_model_file_does_not_load(tmp_path, cnn_onnx):
