@@ -41,23 +41,41 @@ def _fmt(v, spec=".4g"):
 
 def parity_table(records: list[dict], title: str = "parity") -> Table:
     t = Table(title=title)
-    for c in ("artifact", "backend", "precision", "samples", "max_abs_diff", "top1_agreement", "accuracy",
-              "reference_accuracy", "passed"):
-        t.add_column(c, justify="left" if c == "artifact" else "right")
+    for c in ("artifact", "backend", "precision", "reference", "samples", "max_abs_diff", "top1_agreement",
+              "accuracy", "reference_accuracy", "weak", "passed"):
+        t.add_column(c, justify="left" if c in ("artifact", "reference") else "right")
     for r in records:
-        t.add_row(Path(r["artifact"]).name, r["backend"], r["precision"], str(r["samples"]), _fmt(r["max_abs_diff"]),
-                  _fmt(r["top1_agreement"]), _fmt(r["accuracy"]), _fmt(r["reference_accuracy"]),
+        weak = len(r.get("weak") or [])
+        t.add_row(Path(r["artifact"]).name, r["backend"], r["precision"], Path(r.get("reference") or "—").name,
+                  str(r["samples"]), _fmt(r["max_abs_diff"]), _fmt(r["top1_agreement"]), _fmt(r["accuracy"]),
+                  _fmt(r["reference_accuracy"]),
+                  "—" if not weak else f"{weak}{' (accepted)' if r.get('allow_weak') else ''}",
                   "[green]yes[/]" if r["passed"] else "[red]NO[/]")
     return t
 
 
-def tolerance_opts(max_abs_diff, min_agreement, max_accuracy_drop) -> dict:
-    return {"max_abs_diff": max_abs_diff, "min_top1_agreement": min_agreement, "max_accuracy_drop": max_accuracy_drop}
+def tolerance_opts(max_abs_diff, min_agreement, max_accuracy_drop, rtol=None) -> dict:
+    return {"max_abs_diff": max_abs_diff, "min_top1_agreement": min_agreement, "max_accuracy_drop": max_accuracy_drop,
+            "rtol": rtol}
 
 
-TolAbs = typer.Option(None, "--max-abs-diff", help="Override the precision's default max |ref - cand|.")
+def judge_opts(max_abs_diff, min_agreement, max_accuracy_drop, rtol, output_tol, allow_weak) -> dict:
+    """The keyword arguments every parity gate takes from the command line."""
+    from .parity import parse_output_tolerance
+
+    return {"overrides": tolerance_opts(max_abs_diff, min_agreement, max_accuracy_drop, rtol),
+            "per_output": dict(parse_output_tolerance(t) for t in output_tol or []), "allow_weak": allow_weak}
+
+
+TolAbs = typer.Option(None, "--max-abs-diff", help="Override the precision's default atol: max |ref - cand| per value.")
+TolRel = typer.Option(None, "--rtol", help="Override the precision's default rtol: |ref - cand| <= atol + rtol*|ref|.")
+TolOut = typer.Option([], "--output-tol", help="Per-output tolerance NAME=ATOL[:RTOL] (repeatable).")
 TolAgree = typer.Option(None, "--min-agreement", help="Override the default minimum top-1 agreement.")
 TolDrop = typer.Option(None, "--max-accuracy-drop", help="Override the default maximum accuracy drop (fraction).")
+WeakOpt = typer.Option(False, "--allow-weak-parity", help="Accept on purpose a parity judgement the data cannot "
+                                                          "support (recorded in the manifest).")
+DataOpt = typer.Option(None, "--data", help="Evaluation data: an .npz with one array per input name and optional "
+                                            "'labels', or a shipped dataset's name (digits). Recorded with its sha256.")
 ProviderOpt = typer.Option(None, "--provider", help="onnxruntime execution provider: auto, cpu, cuda, tensorrt.")
 DeviceOpt = typer.Option("cpu", "--device", help="torch device for PyTorch artifacts: cpu or cuda.")
 
@@ -89,40 +107,47 @@ def export(src: Path = typer.Argument(..., help="Artifact dir, torch.export .pt2
            out: Path = typer.Option(..., "--out"),
            opset: int = typer.Option(17, "--opset", min=13, max=23),
            exporter: Optional[str] = typer.Option(None, help="torchscript or dynamo (default: per source kind)."),
-           data: Optional[str] = typer.Option(None, "--data", help="Evaluate on a shipped dataset (digits) when the "
-                                                                      "checkpoint brings none."),
-           max_abs_diff: Optional[float] = TolAbs, min_agreement: Optional[float] = TolAgree,
-           max_accuracy_drop: Optional[float] = TolDrop, provider: Optional[str] = ProviderOpt,
-           json_path: Optional[Path] = JsonOpt):
-    """Export to ONNX, then gate on parity with the source model."""
+           data: Optional[str] = DataOpt,
+           task: Optional[str] = typer.Option(None, "--task", help="classification or regression, when the checkpoint "
+                                                                   "does not say (a .pt2 does not)."),
+           max_abs_diff: Optional[float] = TolAbs, rtol: Optional[float] = TolRel, output_tol: List[str] = TolOut,
+           min_agreement: Optional[float] = TolAgree, max_accuracy_drop: Optional[float] = TolDrop,
+           allow_weak: bool = WeakOpt, provider: Optional[str] = ProviderOpt, json_path: Optional[Path] = JsonOpt):
+    """Export to ONNX, then gate on parity with the root PyTorch model (and, for a student, with itself)."""
     from .export.onnx_export import export as do_export
     from .models.checkpoints import open_source
-    from .stages import gate_parity
+    from .stages import gate_parity, is_root
 
     if exporter not in (None, "torchscript", "dynamo"):
         raise ModelshipError(f"unknown exporter '{exporter}'; expected torchscript or dynamo")
-    src_art, module = open_source(src, data=data)
+    src_art, module = open_source(src, data=data, task=task)
     art = do_export(src_art, module, out, opset=opset, dynamo=None if exporter is None else exporter == "dynamo")
-    rec = gate_parity(art, reference=(src_art, module), provider=provider,
-                      overrides=tolerance_opts(max_abs_diff, min_agreement, max_accuracy_drop), json_path=json_path)
+    root = is_root(src_art) or not (src_art.path / "manifest.json").is_file()
+    rec = gate_parity(art, reference=(src_art, module) if root else None, parent=None if root else (src_art, module),
+                      provider=provider, json_path=json_path,
+                      **judge_opts(max_abs_diff, min_agreement, max_accuracy_drop, rtol, output_tol, allow_weak))
     console.print(parity_table([rec], f"export {art.manifest.name} → {art.path}"))
 
 
 @app.command()
 def parity(ref: Path = typer.Argument(..., help="Reference: a torch artifact, .pt2 or HF directory."),
            candidates: List[Path] = typer.Argument(..., help="Artifacts to compare with the reference."),
-           split: str = typer.Option("test", help="Evaluation split."),
-           max_abs_diff: Optional[float] = TolAbs, min_agreement: Optional[float] = TolAgree,
-           max_accuracy_drop: Optional[float] = TolDrop, provider: Optional[str] = ProviderOpt,
+           split: str = typer.Option("test", help="Evaluation split."), data: Optional[str] = DataOpt,
+           max_abs_diff: Optional[float] = TolAbs, rtol: Optional[float] = TolRel, output_tol: List[str] = TolOut,
+           min_agreement: Optional[float] = TolAgree, max_accuracy_drop: Optional[float] = TolDrop,
+           allow_weak: bool = WeakOpt, provider: Optional[str] = ProviderOpt,
            device: str = DeviceOpt, json_path: Optional[Path] = JsonOpt):
     """Parity records for any artifacts against a reference model."""
     from .manifest import load_artifact
+    from .models import data as datasets
     from .models.checkpoints import open_source
     from .stages import parity_record
 
     ref_art, module = open_source(ref)
+    spec = datasets.resolve(data)
     records = [parity_record(load_artifact(c), (ref_art, module), split=split, provider=provider, device=device,
-                             overrides=tolerance_opts(max_abs_diff, min_agreement, max_accuracy_drop))
+                             data=spec, **judge_opts(max_abs_diff, min_agreement, max_accuracy_drop, rtol, output_tol,
+                                                     allow_weak))
                for c in candidates]
     write_json(json_path, records if len(records) > 1 else records[0])
     console.print(parity_table(records))
@@ -175,11 +200,14 @@ def quantize(src: Path = typer.Argument(..., help="An ONNX artifact."),
              exclude_op_types: str = typer.Option("", help="Comma-separated op types to keep in float."),
              op_types: str = typer.Option("", help="Comma-separated op types to quantize (default: all supported)."),
              fp16_io: bool = typer.Option(False, "--fp16-io", help="fp16: make inputs/outputs float16 too."),
-             max_abs_diff: Optional[float] = TolAbs, min_agreement: Optional[float] = TolAgree,
-             max_accuracy_drop: Optional[float] = TolDrop, provider: Optional[str] = ProviderOpt,
+             data: Optional[str] = DataOpt,
+             max_abs_diff: Optional[float] = TolAbs, rtol: Optional[float] = TolRel, output_tol: List[str] = TolOut,
+             min_agreement: Optional[float] = TolAgree, max_accuracy_drop: Optional[float] = TolDrop,
+             allow_weak: bool = WeakOpt, provider: Optional[str] = ProviderOpt,
              json_path: Optional[Path] = JsonOpt):
     """Make an INT8 / FP16 / optimized ONNX variant, then gate on parity with the original PyTorch model."""
     from .manifest import load_artifact
+    from .models import data as datasets
     from .quantize.variants import QuantizeOptions, make_variant
     from .stages import gate_parity
 
@@ -191,10 +219,11 @@ def quantize(src: Path = typer.Argument(..., help="An ONNX artifact."),
                            calibration_samples=calibration_samples, activation_type=activation_type,
                            exclude_nodes=split(exclude_nodes), exclude_op_types=split(exclude_op_types),
                            op_types=split(op_types), keep_io_types=not fp16_io)
+    spec = datasets.resolve(data)
     with err.status(f"{mode} variant of {src}…"):
-        art = make_variant(load_artifact(src), mode, out, opts)
+        art = make_variant(load_artifact(src), mode, out, opts, data=spec)
         rec = gate_parity(art, provider=provider, json_path=json_path,
-                          overrides=tolerance_opts(max_abs_diff, min_agreement, max_accuracy_drop))
+                          **judge_opts(max_abs_diff, min_agreement, max_accuracy_drop, rtol, output_tol, allow_weak))
     size = art.model_path.stat().st_size / load_artifact(src).model_path.stat().st_size
     console.print(parity_table([rec], f"{mode} → {art.path} (file {size:.2f}× the source)"))
 
@@ -205,7 +234,8 @@ def distill(teacher: Path = typer.Argument(..., help="A torch artifact with ship
             student: str = typer.Option("mlp-small", help="Zoo student architecture (mlp-small, cnn-small, mlp)."),
             temperature: float = typer.Option(2.0, min=0.1), alpha: float = typer.Option(0.5, min=0.0, max=1.0),
             seed: int = typer.Option(0), epochs: Optional[int] = typer.Option(None),
-            max_accuracy_drop: Optional[float] = TolDrop, json_path: Optional[Path] = JsonOpt):
+            min_agreement: Optional[float] = TolAgree, max_accuracy_drop: Optional[float] = TolDrop,
+            allow_weak: bool = WeakOpt, json_path: Optional[Path] = JsonOpt):
     """Train a smaller student with knowledge distillation; compare with the same student trained without it."""
     from .models.checkpoints import open_source
     from .parity import DEFAULT_TOLERANCES
@@ -224,7 +254,7 @@ def distill(teacher: Path = typer.Argument(..., help="A torch artifact with ship
     console.print(t)
     try:
         rec = gate_parity(art, reference=open_source(teacher), tolerance=DEFAULT_TOLERANCES["student"],
-                          overrides=tolerance_opts(None, None, max_accuracy_drop))
+                          **judge_opts(None, min_agreement, max_accuracy_drop, None, [], allow_weak))
     finally:  # the comparison is written even when the student fails its gate
         write_json(json_path, {"distillation": report, "parity": art.manifest.parity})
     console.print(parity_table([rec], "student vs teacher"))
@@ -237,8 +267,10 @@ def compile_engine(src: Path = typer.Argument(..., help="An ONNX artifact (FP32,
                                                                            "(repeatable), e.g. batch=1:8:64"),
                    workspace_gb: float = typer.Option(4.0, help="Builder workspace limit (GiB)."),
                    timing_cache_dir: Optional[Path] = typer.Option(None, help="Where timing caches are kept."),
-                   max_abs_diff: Optional[float] = TolAbs, min_agreement: Optional[float] = TolAgree,
-                   max_accuracy_drop: Optional[float] = TolDrop, json_path: Optional[Path] = JsonOpt):
+                   max_abs_diff: Optional[float] = TolAbs, rtol: Optional[float] = TolRel,
+                   output_tol: List[str] = TolOut, min_agreement: Optional[float] = TolAgree,
+                   max_accuracy_drop: Optional[float] = TolDrop, allow_weak: bool = WeakOpt,
+                   json_path: Optional[Path] = JsonOpt):
     """Build a TensorRT engine (needs an NVIDIA GPU and TensorRT 10+), then gate on parity."""
     from .export.tensorrt import BuildOptions, build, parse_dim_override
     from .manifest import load_artifact
@@ -249,7 +281,7 @@ def compile_engine(src: Path = typer.Argument(..., help="An ONNX artifact (FP32,
     with err.status(f"building a TensorRT engine from {src}…"):
         art = build(load_artifact(src), out, opts)
         rec = gate_parity(art, json_path=json_path,
-                          overrides=tolerance_opts(max_abs_diff, min_agreement, max_accuracy_drop))
+                          **judge_opts(max_abs_diff, min_agreement, max_accuracy_drop, rtol, output_tol, allow_weak))
     console.print(parity_table([rec], f"compile → {art.path}"))
 
 
@@ -343,8 +375,16 @@ def loadtest(state: Path = typer.Option(..., "--state"), model: str = typer.Opti
              duration: str = typer.Option("30s", "--duration", help="Per level, e.g. 30s or 2m."),
              slo_p95_ms: Optional[float] = typer.Option(None, "--slo-p95-ms", help="Fail if p95 latency exceeds this."),
              max_failure_ratio: float = typer.Option(0.0, "--max-failure-ratio"),
-             min_agreement: float = typer.Option(0.99, "--min-agreement",
-                                                 help="Fail if fewer answers agree with the reference."),
+             min_agreement: Optional[float] = typer.Option(None, "--min-agreement",
+                                                           help="Fail if fewer labels agree with the reference "
+                                                                "(default: the precision's; FP32 1.0)."),
+             max_abs_diff: Optional[float] = TolAbs, rtol: Optional[float] = TolRel, output_tol: List[str] = TolOut,
+             max_prob_diff: Optional[float] = typer.Option(None, "--max-prob-diff",
+                                                           help="Override the precision's bound on served "
+                                                                "probabilities vs the reference's."),
+             data: Optional[str] = DataOpt,
+             warmup: Optional[str] = typer.Option(None, "--warmup", help="Left out of every statistic at the start "
+                                                                         "of each level (default: a tenth, <= 5s)."),
              workers: int = typer.Option(0, "--workers", help="Distributed Locust: a master and K workers on loopback."),
              rate: Optional[float] = typer.Option(None, "--rate", min=0.1,
                                                   help="Fixed total requests/s (soak test) instead of back-to-back."),
@@ -360,27 +400,30 @@ def loadtest(state: Path = typer.Option(..., "--state"), model: str = typer.Opti
              out: Optional[Path] = typer.Option(None, "--out", help="Where CSV/HTML reports go (default STATE/loadtest-MODEL)."),
              json_path: Optional[Path] = JsonOpt):
     """Locust load test of a served model: latency, and every answer checked against the reference."""
-    from .loadtests.runner import Gates, loadtest as run
+    from .loadtests.runner import Gates, loadtest as run, parse_duration, served_tolerance
+    from .models import data as datasets
 
     gates = Gates(slo_p95_ms, max_failure_ratio, min_agreement, max_recovery_s, max_memory_growth)
     levels = _int_list(users, "--users")
-    from .loadtests.runner import parse_duration
-
     secs = parse_duration(duration)
     kill_at = parse_duration(kill_worker_at) if kill_worker_at else None
+    judge = judge_opts(max_abs_diff, min_agreement, None, rtol, output_tol, False)
+    tol = served_tolerance(state, model, {**judge["overrides"], "max_prob_diff": max_prob_diff}, judge["per_output"])
     with err.status(f"load-testing {model} ({', '.join(map(str, levels))} users, {duration} each)…"):
         result = run(state, model, out or Path(state) / f"loadtest-{model}", users=levels, spawn_rate=spawn_rate,
                      duration_s=secs, workers=workers, gates=gates, reference=reference, rate=rate,
-                     kill_worker_at_s=kill_at)
-    t = Table(title=f"loadtest {model}" + (f" ({workers} Locust workers)" if workers else ""))
+                     kill_worker_at_s=kill_at, warmup_s=parse_duration(warmup) if warmup else None,
+                     data=datasets.resolve(data), tolerance=tol)
+    t = Table(title=f"loadtest {model} vs {Path(result['reference']).name}"
+              + (f" ({workers} Locust workers)" if workers else ""))
     for c in ("users", "requests", "failures", "rps", "p50 ms", "p95 ms", "p99 ms", "checked", "mismatches",
-              "agreement", "max |Δp|", "passed"):
+              "agreement", "max |Δ|", "p99 |Δ|", "passed"):
         t.add_column(c, justify="right")
     for lv in result["levels"]:
         t.add_row(str(lv["users"]), str(lv["requests"]), str(lv["failures"]), _fmt(lv["rps"], ".1f"),
                   _fmt(lv["p50_ms"], ".2f"), _fmt(lv["p95_ms"], ".2f"), _fmt(lv["p99_ms"], ".2f"), str(lv["checked"]),
                   str(lv["mismatches"]), _fmt(lv["top1_agreement"]), _fmt(lv["max_abs_diff"], ".2g"),
-                  "[green]yes[/]" if lv["passed"] else "[red]NO[/]")
+                  _fmt(lv["p99_abs_diff"], ".2g"), "[green]yes[/]" if lv["passed"] else "[red]NO[/]")
     console.print(t)
     for lv in result["levels"]:
         f, m = lv.get("fault"), lv.get("memory") or {}

@@ -198,6 +198,13 @@ def relpath(target: str | os.PathLike, start: str | os.PathLike) -> str:
     return os.path.relpath(Path(target).resolve(), Path(start).resolve())
 
 
+INHERITED_EXTRA = ("opset", "model_type", "distilled_from")  # facts a derived artifact keeps from its parent
+
+
+def inherited_extra(man: Manifest) -> dict:
+    return {k: v for k, v in man.extra.items() if k in INHERITED_EXTRA}
+
+
 def lineage(src: Artifact, out_dir: str | os.PathLike) -> dict[str, Any]:
     """Fields a derived artifact in ``out_dir`` takes from its parent ``src``."""
     ref = src.resolve(src.manifest.reference) if src.manifest.reference else src.path

@@ -1,11 +1,15 @@
-"""Parity: compare a candidate artifact's outputs with its PyTorch reference on evaluation data.
+"""Parity: compare a candidate artifact's outputs with the root PyTorch model of its lineage.
 
-One record format everywhere (manifest, --json, report). A failed record is fatal to the command.
+One record format everywhere (manifest, --json, report). Every output is matched by name, its shape
+checked, and judged elementwise (``|ref - cand| <= atol + rtol * |ref|``); classifiers are also judged
+on top-1 agreement and accuracy. A record also says what its data could not tell (``weak``): a gate
+with a weak record fails unless the weakness was accepted on purpose (``--allow-weak-parity``).
+A failed record is fatal to the command.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -16,19 +20,32 @@ from .runners import Runner
 
 @dataclass(frozen=True)
 class Tolerance:
-    max_abs_diff: float | None  # None: not judged (int8 is judged on agreement and accuracy)
+    max_abs_diff: float | None  # atol per output element; None: differences are not judged
     min_top1_agreement: float | None
     max_accuracy_drop: float | None
+    rtol: float = 0.0  # elementwise: |ref - cand| <= max_abs_diff + rtol * |ref|
+    max_prob_diff: float | None = None  # served classifier answers: |probabilities - reference softmax|
+    per_output: dict = field(default_factory=dict)  # output name -> {"atol": x, "rtol": y}
 
     def override(self, **kw) -> "Tolerance":
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
 
+    def for_output(self, name: str) -> tuple[float | None, float]:
+        own = self.per_output.get(name, {})
+        return own.get("atol", self.max_abs_diff), own.get("rtol", self.rtol)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Tolerance":
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
 
 DEFAULT_TOLERANCES = {
-    "fp32": Tolerance(1e-4, 0.999, 0.001),
-    "fp16": Tolerance(0.05, 0.995, 0.005),
-    "int8": Tolerance(None, 0.99, 0.01),
-    "student": Tolerance(None, None, 0.01),  # a distilled student is judged on accuracy alone
+    "fp32": Tolerance(1e-4, 1.0, 0.001, max_prob_diff=1e-4),
+    "fp16": Tolerance(0.05, 0.995, 0.005, max_prob_diff=0.05),
+    "int8": Tolerance(2.0, 0.99, 0.01, rtol=0.1, max_prob_diff=0.2),
+    # a distilled student is a different model: judged against its teacher on agreement and accuracy
+    "student": Tolerance(None, 0.95, 0.01),
 }
 
 
@@ -36,56 +53,154 @@ def default_tolerance(precision: str) -> Tolerance:
     return DEFAULT_TOLERANCES.get(precision, DEFAULT_TOLERANCES["fp32"])
 
 
+def tolerance_of(man) -> Tolerance:
+    """The tolerance an artifact is judged with: its precision's, or a student's anywhere below a distillation."""
+    return DEFAULT_TOLERANCES["student"] if man.extra.get("distilled_from") else default_tolerance(man.precision)
+
+
+def parse_output_tolerance(text: str) -> tuple[str, dict]:
+    """``logits=1e-3`` or ``logits=1e-3:0.01`` -> ("logits", {"atol": 1e-3, "rtol": 0.01})."""
+    from .errors import ModelshipError
+
+    try:
+        name, vals = text.split("=")
+        parts = [float(x) for x in vals.split(":")]
+        if not 1 <= len(parts) <= 2 or min(parts) < 0:
+            raise ValueError
+    except ValueError:
+        raise ModelshipError(f"--output-tol '{text}': expected NAME=ATOL or NAME=ATOL:RTOL, e.g. logits=1e-3:0.01") from None
+    return name.strip(), {"atol": parts[0], **({"rtol": parts[1]} if len(parts) == 2 else {})}
+
+
 def collect(runner: Runner, feed: dict, batch: int = 64) -> dict[str, np.ndarray]:
+    """Run ``feed`` through ``runner`` in batches (cast to the runner's input dtypes), outputs concatenated."""
+    batch = min(batch, getattr(runner, "max_batch", None) or batch)
+    dtypes = {t.name: np.dtype(t.dtype) for t in runner.inputs}
     parts: dict[str, list] = {}
     for b in datasets.batches(feed, batch):
+        b = {k: v.astype(dtypes[k], copy=False) if v.dtype.kind == "f" else v for k, v in b.items()}
         for k, v in runner.infer(b).items():
             parts.setdefault(k, []).append(np.asarray(v, dtype=np.float32))
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
 def compare(reference: Runner, candidate: Runner, split: str = "test", tolerance: Tolerance | None = None,
-            reference_name: str | None = None, batch: int = 64) -> dict:
-    """Run both on the candidate's evaluation data and return the parity record (not raising)."""
+            reference_name: str | None = None, batch: int = 64, allow_weak: bool = False,
+            data: dict | None = None) -> dict:
+    """Run both on the evaluation data (``data`` or the candidate's) and return the parity record (not raising)."""
     man = candidate.manifest
-    feed, labels = datasets.load(man.data, split, man.inputs)
+    spec = data or man.data
+    feed, labels = datasets.load(spec, split, man.inputs)
     ref = collect(reference, feed, batch)
     cand = collect(candidate, feed, batch)
-    return record(ref, cand, labels, candidate, tolerance or default_tolerance(man.precision), reference_name)
+    return record(ref, cand, labels, candidate, tolerance or tolerance_of(man), reference_name, allow_weak, spec)
 
 
-def record(ref: dict, cand: dict, labels, candidate: Runner, tol: Tolerance, reference_name: str | None) -> dict:
-    man = candidate.manifest
-    per_output = {}
-    for name in cand:
-        if name in ref:
-            d = np.abs(ref[name] - cand[name])
-            per_output[name] = (float(d.max()), float(d.mean()))
+def _diffs(name: str, r: np.ndarray, c: np.ndarray, atol, rtol) -> dict:
+    d = np.abs(r.astype(np.float64) - c.astype(np.float64))
+    out = {"shape": list(r.shape), "max_abs_diff": float(d.max()) if d.size else 0.0,
+           "mean_abs_diff": float(d.mean()) if d.size else 0.0,
+           "p99_abs_diff": float(np.percentile(d, 99)) if d.size else 0.0, "atol": atol, "rtol": rtol}
+    if atol is not None:
+        bad = d > atol + rtol * np.abs(r)
+        out["violations"] = int(bad.sum())
+        if bad.any():
+            out["worst_excess"] = float((d - rtol * np.abs(r)).max())
+    return out
+
+
+def weak_reasons(ref: dict, man, tol: Tolerance, labels, spec: dict | None) -> list[str]:
+    """What the evaluation data could not tell about this candidate (empty when the judgement is sound)."""
+    reasons = []
     first = man.outputs[0].name
-    max_diff, mean_diff = per_output[first]
+    judged_by_difference = tol.max_abs_diff is not None
+    generated = datasets.is_generated(spec)
+    if man.is_classifier and first in ref:
+        logits = ref[first].reshape(len(ref[first]), -1)
+        if logits.shape[1] == 1:
+            reasons.append(f"output '{first}' has one column: its argmax is always 0, so labels and agreement say "
+                           "nothing; if this model is not a classifier, pass --task regression")
+        else:
+            top = logits.argmax(-1)
+            if not judged_by_difference or man.precision == "int8":  # the verdict rests on agreement / accuracy
+                if len(np.unique(top)) == 1:
+                    reasons.append(f"the reference predicts class {int(top[0])} for every one of the {len(top)} "
+                                   "samples, so agreement cannot fail; supply data that covers the classes (--data)")
+                if generated and labels is None:
+                    reasons.append("judged by agreement on generated inputs without labels; supply real data "
+                                   "with labels (--data FILE)")
+            atol, _ = tol.for_output(first)
+            srt = np.sort(logits, axis=-1)
+            margin = float(np.median(srt[:, -1] - srt[:, -2]))
+            if atol is not None and margin < atol:
+                reasons.append(f"output '{first}': the median top-1 logit margin {margin:.3g} is below the tolerance "
+                               f"{atol:g}, so a difference within tolerance can still flip labels; supply data the "
+                               "model separates (--data) or a tighter --max-abs-diff")
+    for t in man.outputs:
+        if t.name not in ref:
+            continue
+        atol, _ = tol.for_output(t.name)
+        if not man.is_classifier and atol is None:
+            reasons.append(f"output '{t.name}': this tolerance judges no output difference and the task "
+                           f"'{man.task}' has no labels to agree on, so nothing is judged; pass --max-abs-diff")
+        elif not man.is_classifier and atol is not None:
+            spread = float(np.std(ref[t.name]))
+            if spread < atol:
+                reasons.append(f"output '{t.name}': its spread over the data (std {spread:.3g}) is below the "
+                               f"tolerance {atol:g}, so any answer near the mean passes; pass a tighter "
+                               "--max-abs-diff or --output-tol")
+    return reasons
+
+
+def record(ref: dict, cand: dict, labels, candidate: Runner, tol: Tolerance, reference_name: str | None,
+           allow_weak: bool = False, spec: dict | None = None) -> dict:
+    man = candidate.manifest
+    spec = spec if spec is not None else man.data
+    expected = [t.name for t in man.outputs]
+    failures, per_output = [], {}
+    for name in expected + sorted((set(ref) | set(cand)) - set(expected)):
+        if name not in expected:
+            side = "candidate" if name in cand else "reference"
+            failures.append(f"output '{name}' from the {side} is not in the manifest ({', '.join(expected)})")
+            continue
+        missing = [side for side, outs in (("reference", ref), ("candidate", cand)) if name not in outs]
+        if missing:
+            failures.append(f"output '{name}' is missing from the {' and '.join(missing)}")
+            continue
+        if ref[name].shape != cand[name].shape:
+            failures.append(f"output '{name}': shape {list(cand[name].shape)}, reference {list(ref[name].shape)}")
+            continue
+        atol, rtol = tol.for_output(name)
+        po = per_output[name] = _diffs(name, ref[name], cand[name], atol, rtol)
+        if po.get("violations"):
+            bound = f"{atol:g}" + (f" + {rtol:g}·|ref|" if rtol else "")
+            failures.append(f"output '{name}' moved by max_abs_diff {po['max_abs_diff']:.3g} > {bound} "
+                            f"({po['violations']} of {ref[name].size} values)")
+    first = expected[0]
     agreement = acc = ref_acc = None
-    if man.is_classifier:
-        ref_top = ref[first].argmax(-1)
-        cand_top = cand[first].argmax(-1)
+    if man.is_classifier and first in per_output:
+        ref_top = ref[first].reshape(len(ref[first]), -1).argmax(-1)
+        cand_top = cand[first].reshape(len(cand[first]), -1).argmax(-1)
         agreement = float(np.mean(ref_top == cand_top))
         if labels is not None:
             acc = float(np.mean(cand_top == labels))
             ref_acc = float(np.mean(ref_top == labels))
-    failures = []
-    if tol.max_abs_diff is not None:
-        for name, (mx, _) in per_output.items():
-            if not mx <= tol.max_abs_diff:
-                failures.append(f"output '{name}' moved by max_abs_diff {mx:.3g} > {tol.max_abs_diff:g}")
     if tol.min_top1_agreement is not None and agreement is not None and agreement < tol.min_top1_agreement:
         failures.append(f"output '{first}' top-1 agreement {agreement:.4f} < {tol.min_top1_agreement:g}")
     if tol.max_accuracy_drop is not None and acc is not None and ref_acc - acc > tol.max_accuracy_drop + 1e-12:
         failures.append(f"accuracy dropped {ref_acc - acc:.4f} ({ref_acc:.4f} -> {acc:.4f}) > {tol.max_accuracy_drop:g}")
+    weak = weak_reasons(ref, man, tol, labels, spec)
+    if weak and not allow_weak:
+        failures.append("weak evidence: " + "; ".join(weak) + " (or accept it on purpose with --allow-weak-parity)")
+    head = per_output.get(first, {})
     return {
         "artifact": str(candidate.artifact.path), "backend": candidate.backend, "device": candidate.device,
-        "precision": man.precision, "reference": reference_name, "samples": int(len(cand[first])),
-        "max_abs_diff": max_diff, "mean_abs_diff": mean_diff, "top1_agreement": agreement,
+        "precision": man.precision, "task": man.task, "reference": reference_name,
+        "samples": int(len(next(iter(cand.values())))) if cand else 0,
+        "max_abs_diff": max((p["max_abs_diff"] for p in per_output.values()), default=None),
+        "mean_abs_diff": head.get("mean_abs_diff"), "top1_agreement": agreement,
         "accuracy": acc, "reference_accuracy": ref_acc, "tolerance": asdict(tol),
-        "per_output": {k: {"max_abs_diff": v[0], "mean_abs_diff": v[1]} for k, v in per_output.items()},
+        "per_output": per_output, "data": datasets.describe(spec), "weak": weak, "allow_weak": bool(allow_weak and weak),
         "failures": failures, "passed": not failures,
     }
 

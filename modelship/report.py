@@ -27,11 +27,15 @@ def _rows(arts: dict, results: dict, benches: dict) -> list[dict]:
             "size_mb": round(art.model_path.stat().st_size / 1e6, 3) if art.model_path.is_file() else None,
             "parameters": man.extra.get("parameters"),
             "parity_passed": par.get("passed", True if man.format == "torch" else None),
+            "reference": Path(par.get("reference") or lt.get("reference") or art.path).name,
+            "weak": par.get("weak") or [],
             "top1_agreement": par.get("top1_agreement"), "max_abs_diff": par.get("max_abs_diff"),
             "accuracy": acc, "reference_accuracy": par.get("reference_accuracy"),
             "served_p50_ms": lt.get("p50_ms"), "served_p95_ms": lt.get("p95_ms"), "served_p99_ms": lt.get("p99_ms"),
             "rps": lt.get("rps"), "requests": lt.get("requests"), "failures": lt.get("failures"),
-            "served_agreement": lt.get("top1_agreement"), "loadtest_passed": lt.get("passed"),
+            "served_agreement": lt.get("top1_agreement"), "served_max_abs_diff": lt.get("max_abs_diff"),
+            "served_p99_abs_diff": lt.get("p99_abs_diff"), "served_mismatches": lt.get("mismatches"),
+            "loadtest_passed": lt.get("passed"),
             "inproc_p50_ms_b1": b1.get("p50_ms"), "inproc_items_per_s_b32": b32.get("throughput_per_s"),
         })
     return rows
@@ -90,10 +94,11 @@ def fastest_within_budget(rows: list[dict], budget: float) -> dict | None:
 
 
 COLS = [("variant", "variant", None), ("precision", "precision", None), ("size_mb", "size MB", ".3f"),
-        ("parity_passed", "parity", None), ("top1_agreement", "agreement", ".4f"), ("accuracy", "accuracy", ".4f"),
+        ("reference", "judged against", None), ("parity_passed", "parity", None),
+        ("top1_agreement", "agreement", ".4f"), ("max_abs_diff", "max |Δ|", ".2g"), ("accuracy", "accuracy", ".4f"),
         ("served_p50_ms", "p50 ms", ".2f"), ("served_p95_ms", "p95 ms", ".2f"), ("served_p99_ms", "p99 ms", ".2f"),
         ("rps", "req/s", ".1f"), ("served_agreement", "served agreement", ".4f"),
-        ("inproc_p50_ms_b1", "in-process p50 ms (b=1)", ".3f")]
+        ("served_max_abs_diff", "served max |Δ|", ".2g"), ("inproc_p50_ms_b1", "in-process p50 ms (b=1)", ".3f")]
 
 
 def _cell(v, spec):

@@ -7,37 +7,67 @@ from pathlib import Path
 
 from .errors import ArtifactError
 from .manifest import MANIFEST, Artifact, write_artifact
-from .parity import compare, default_tolerance, enforce
+from .parity import compare, enforce, tolerance_of
 from .runners import open_runner
 
 
 def reference_of(art: Artifact):
-    """The PyTorch reference an artifact's parity is judged against (its manifest's ``reference``)."""
+    """The root PyTorch model of an artifact's lineage (its manifest's ``reference``; a student's is its
+    teacher), opened as (Artifact, module)."""
     from .models.checkpoints import open_source
 
     ref = art.resolve(art.manifest.reference)
     if ref is None and art.manifest.format == "torch":
-        ref = art.path  # a PyTorch artifact is its own reference
+        ref = art.path  # a PyTorch artifact with no reference is the root of its lineage
     if ref is None:
         raise ArtifactError(f"{art.path}: the manifest names no PyTorch reference; pass one explicitly")
     return open_source(ref, data=None)
 
 
+def is_root(art: Artifact) -> bool:
+    """A PyTorch source that is its own reference (trained here, or a user's checkpoint)."""
+    ref = art.resolve(art.manifest.reference)
+    return art.manifest.format == "torch" and (ref is None or ref == art.path)
+
+
+def _name(ref_art: Artifact) -> str:
+    return str(ref_art.path if (ref_art.path / MANIFEST).is_file() else ref_art.model_path)
+
+
 def parity_record(art: Artifact, reference=None, split: str = "test", provider=None, device: str = "cpu",
-                  overrides: dict | None = None, tolerance=None) -> dict:
+                  overrides: dict | None = None, tolerance=None, allow_weak: bool = False, data: dict | None = None,
+                  per_output: dict | None = None) -> dict:
     from .runners.torch_runner import TorchRunner
 
     ref_art, module = reference if reference is not None else reference_of(art)
     ref_runner = TorchRunner(ref_art, device="cpu", module=module)  # the reference as trained; the candidate on `device`
     cand = open_runner(art, provider=provider, device=device)
-    tol = (tolerance or default_tolerance(art.manifest.precision)).override(**(overrides or {}))
-    return compare(ref_runner, cand, split=split, tolerance=tol, reference_name=str(ref_art.model_path
-                   if not (ref_art.path / MANIFEST).is_file() else ref_art.path))
+    tol = (tolerance or tolerance_of(art.manifest)).override(**(overrides or {}))
+    if per_output:
+        tol = tol.override(per_output={**tol.per_output, **per_output})
+    return compare(ref_runner, cand, split=split, tolerance=tol, reference_name=_name(ref_art),
+                   allow_weak=allow_weak, data=data)
 
 
-def gate_parity(art: Artifact, reference=None, json_path: Path | None = None, **kw) -> dict:
-    """Record parity into the artifact's manifest and --json, then fail if it did not pass."""
+def gate_parity(art: Artifact, reference=None, json_path: Path | None = None, parent=None, data: dict | None = None,
+                **kw) -> dict:
+    """Judge ``art`` against the root PyTorch model of its lineage, record the result in its manifest and
+    --json, then fail if it did not pass. ``parent``: the PyTorch model it was converted from, when that is
+    not the root (a distilled student): the conversion itself is then also held to its precision's tolerance.
+    ``data``: the user's evaluation data, recorded in the manifest and used from then on."""
+    if data is not None:
+        art.manifest.data = data
     rec = parity_record(art, reference, **kw)
+    if parent is not None:
+        from .parity import default_tolerance
+
+        pkw = {k: v for k, v in kw.items() if k not in ("tolerance",)}
+        conv = parity_record(art, parent, tolerance=default_tolerance(art.manifest.precision), **pkw)
+        rec["conversion"] = {k: conv[k] for k in ("reference", "max_abs_diff", "top1_agreement", "per_output",
+                                                  "failures", "passed")}
+        if not conv["passed"]:
+            rec["failures"] = rec["failures"] + [f"conversion from {conv['reference']}: {f}" for f in conv["failures"]]
+            rec["passed"] = False
     art.manifest.parity = rec
     write_artifact(art.path, art.manifest)
     if json_path:

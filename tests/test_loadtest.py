@@ -12,16 +12,18 @@ from modelship.manifest import load_artifact, write_artifact
 pytestmark = pytest.mark.serve
 
 
-def test_correct_run_passes_gates(served, work, tmp_path):
+def test_correct_run_passes_gates(served, work, tmp_path, cnn):
     p = cli("loadtest", "--state", work / "state", "--model", "cnn-onnx", "--users", "4", "--duration", "6s",
             "--slo-p95-ms", "2000", "--out", tmp_path / "lt", "--json", tmp_path / "r.json", check=0)
     r = json.loads((tmp_path / "r.json").read_text())
     for key in ("requests", "failures", "rps", "p50_ms", "p95_ms", "p99_ms", "top1_agreement", "max_abs_diff", "slo",
-                "passed"):
+                "passed", "mismatches", "p99_abs_diff", "reference"):
         assert key in r
     assert r["passed"] and r["requests"] > 50 and r["failures"] == 0
     assert r["checked"] == r["requests"] and r["mismatches"] == 0 and r["top1_agreement"] == 1.0
-    assert r["max_abs_diff"] < 1e-5
+    assert r["max_abs_diff"] < 1e-5 and r["p99_abs_diff"] <= r["max_abs_diff"]
+    assert r["reference"] == str(cnn.path)  # judged against the root PyTorch model, not the served ONNX file
+    assert r["tolerance"]["min_top1_agreement"] == 1.0 and r["warmup_s"] == 0.6  # FP32: no label may differ
     assert (tmp_path / "lt" / "locust_u4_stats.csv").is_file() and (tmp_path / "lt" / "locust_u4.html").is_file()
     assert "users" in p.stdout
 
@@ -36,17 +38,10 @@ def test_too_tight_slo_fails_latency_gate(served, work, tmp_path):
 
 def test_wrong_model_fails_agreement_gate(served, work, tmp_path, cnn):
     """A served variant whose answers are shuffled: HTTP is fine, the agreement gate catches it."""
-    wrong = tmp_path / "wrong-ref"
-    shutil.copytree(cnn.path, wrong)
     import torch
 
-    state = torch.load(wrong / "model.pt")
-    last = [k for k in state if k.startswith("head.") and k.endswith("weight")][-1]
-    bias = last.replace("weight", "bias")
     perm = torch.roll(torch.arange(10), 3)
-    state[last], state[bias] = state[last][perm], state[bias][perm]  # labels shifted by 3
-    torch.save(state, wrong / "model.pt")
-    write_artifact(wrong, load_artifact(wrong, verify=False).manifest)
+    wrong = _reference_copy(cnn, tmp_path / "wrong-ref", lambda w, b: (w[perm], b[perm]))  # labels shifted by 3
     p = cli("loadtest", "--state", work / "state", "--model", "cnn-onnx", "--users", "2", "--duration", "3s",
             "--reference", wrong, "--out", tmp_path / "lt", "--json", tmp_path / "r.json")
     assert p.returncode == 1 and "agreement:" in p.stderr
@@ -57,13 +52,60 @@ def test_wrong_model_fails_agreement_gate(served, work, tmp_path, cnn):
 
 def test_distributed_totals_match_worker_sums(served, work, tmp_path):
     cli("loadtest", "--state", work / "state", "--model", "cnn-int8", "--users", "4", "--duration", "5s",
-        "--workers", "2", "--out", tmp_path / "lt", "--json", tmp_path / "r.json", check=0)
+        "--workers", "2", "--warmup", "0", "--out", tmp_path / "lt", "--json", tmp_path / "r.json", check=0)
     r = json.loads((tmp_path / "r.json").read_text())
     assert len(r["per_worker"]) == 2
     assert r["requests"] == sum(w["responses"] for w in r["per_worker"].values()) == r["locust_responses"]
     assert r["checked"] == sum(w["checked"] for w in r["per_worker"].values())
     assert all(w["responses"] > 0 for w in r["per_worker"].values())
     assert r["passed"]
+
+
+def _reference_copy(cnn, dst, change):
+    """A copy of the reference artifact whose classifier head is changed by ``change(weight, bias)``."""
+    import torch
+
+    shutil.copytree(cnn.path, dst)
+    state = torch.load(dst / "model.pt")
+    last = [k for k in state if k.startswith("head.") and k.endswith("weight")][-1]
+    bias = last.replace("weight", "bias")
+    state[last], state[bias] = change(state[last], state[bias])
+    torch.save(state, dst / "model.pt")
+    write_artifact(dst, load_artifact(dst, verify=False).manifest)
+    return dst
+
+
+def test_probabilities_are_judged_not_only_labels(served, work, tmp_path, cnn):
+    """Logits scaled by 1 %: every label still agrees, but the served probabilities moved beyond FP32's tolerance."""
+    ref = _reference_copy(cnn, tmp_path / "scaled", lambda w, b: (w * 1.01, b * 1.01))
+    p = cli("loadtest", "--state", work / "state", "--model", "cnn-onnx", "--users", "2", "--duration", "3s",
+            "--reference", ref, "--out", tmp_path / "lt", "--json", tmp_path / "r.json")
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["top1_agreement"] == 1.0 and r["label_mismatches"] == 0
+    assert p.returncode == 1 and "difference:" in p.stderr, p.stderr
+    assert r["out_of_tolerance"] > 0 and r["max_abs_diff"] > 1e-4 and not r["passed"]
+    # the same run passes when the user widens the served tolerance on purpose
+    p = cli("loadtest", "--state", work / "state", "--model", "cnn-onnx", "--users", "2", "--duration", "3s",
+            "--reference", ref, "--max-prob-diff", "0.05", "--out", tmp_path / "lt2", "--json", tmp_path / "r2.json",
+            check=0)
+
+
+def test_summary_counts_failures_in_latency_and_skips_warmup(tmp_path):
+    """Percentiles include failed and timed-out requests at their time to failure; the warm-up counts nowhere."""
+    from modelship.loadtests.runner import Gates, summarize
+
+    (tmp_path / "t_stats.csv").write_text("Type,Name\n")
+    ok = [True, True, 0.0]
+    samples = [[0.1, 5000.0, False, None]]  # a slow failure during the warm-up: left out
+    samples += [[1.0 + i / 100, 10.0, True, ok] for i in range(90)]
+    samples += [[2.0 + i / 100, 30000.0, False, None] for i in range(10)]  # time-outs after warm-up: counted
+    (tmp_path / "counts.json").write_text(json.dumps({"started": 101, "responses": 101, "samples": samples}))
+    spec = {"report": str(tmp_path / "counts.json"), "model": "m", "tolerance": {"min_top1_agreement": 1.0}}
+    r = summarize(tmp_path, "t", spec, users=4, duration_s=11.0, warmup_s=1.0)
+    assert r["requests"] == 100 and r["failures"] == 10 and r["checked"] == 90
+    assert r["p50_ms"] == 10.0 and r["p95_ms"] == 30000.0 and r["max_ms"] == 30000.0
+    assert r["rps"] == 10.0
+    assert Gates(slo_p95_ms=100, max_failure_ratio=0.2).judge(r) == ["latency: p95 30000.0 ms > SLO 100 ms"]
 
 
 def test_concurrency_sweep(served, work, tmp_path):

@@ -18,17 +18,17 @@ except ImportError:
 
 def test_profile_from_manifest(cnn_onnx, text_onnx):
     p = trt_export.derive_profile(cnn_onnx.manifest)
-    assert p == {"pixels": {"min": [1, 1, 8, 8], "opt": [8, 1, 8, 8], "max": [32, 1, 8, 8]}}
+    assert p == {"pixels": {"min": [1, 1, 8, 8], "opt": [8, 1, 8, 8], "max": [64, 1, 8, 8]}}  # covers parity's 64
     p = trt_export.derive_profile(cnn_onnx.manifest, {"batch": (2, 4, 64)})
     assert p["pixels"]["max"] == [64, 1, 8, 8] and p["pixels"]["min"] == [2, 1, 8, 8]
     t = trt_export.derive_profile(text_onnx.manifest, dict([trt_export.parse_dim_override("sequence=8:64:128")]))
-    assert t["input_ids"] == t["attention_mask"] == {"min": [1, 8], "opt": [8, 64], "max": [32, 128]}
+    assert t["input_ids"] == t["attention_mask"] == {"min": [1, 8], "opt": [8, 64], "max": [64, 128]}
 
 
 def test_profile_never_exceeds_model_positions(text_onnx):
     man = text_onnx.manifest
     man2 = type(man).from_dict({**man.to_dict(), "arch": {"name": "text", "config": {"max_position_embeddings": 64}}})
-    assert trt_export.derive_profile(man2)["input_ids"]["max"] == [32, 64]
+    assert trt_export.derive_profile(man2)["input_ids"]["max"] == [64, 64]
 
 
 @pytest.mark.parametrize("text", ["batch", "batch=1:2", "batch=4:2:8", "batch=0:1:2", "x=a:b:c"])

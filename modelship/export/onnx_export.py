@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ExportError
-from ..manifest import Artifact, Manifest, lineage, relpath, write_artifact
+from ..manifest import Artifact, Manifest, inherited_extra, lineage, relpath, write_artifact
 from ..models import data as datasets
 
 DEFAULT_OPSET = 17
@@ -72,7 +72,7 @@ def export(src: Artifact, module: torch.nn.Module, out_dir: str | Path, opset: i
     manifest.created_by = "modelship export"
     manifest.parity = None
     manifest.loader = None
-    manifest.extra = {"opset": opset, "exporter": "dynamo" if use_dynamo else "torchscript"}
+    manifest.extra = {**inherited_extra(man), "opset": opset, "exporter": "dynamo" if use_dynamo else "torchscript"}
     if man.loader == "hf":
         manifest.extra["model_type"] = "bert"  # lets the optimizer apply its attention/LayerNorm/GELU fusions
     for k, v in lineage(src, out).items():

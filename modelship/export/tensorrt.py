@@ -15,9 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ArtifactError, EngineMismatchError, ExportError, MissingDependencyError
-from ..manifest import Artifact, Manifest, lineage, write_artifact
+from ..manifest import Artifact, Manifest, inherited_extra, lineage, write_artifact
 
-DIM_DEFAULTS = {"batch": (1, 8, 32), "sequence": (1, 128, 512)}  # (min, opt, max) per named dim
+# (min, opt, max) per named dim. The batch max covers parity's batches (64) and the most samples one request may
+# carry by default (--max-items 64); the handler splits bigger served batches into runs of at most this many.
+PARITY_BATCH = 64
+DIM_DEFAULTS = {"batch": (1, 8, PARITY_BATCH), "sequence": (1, 128, 512)}
 OTHER_DIM = (1, 16, 64)
 INSTALL_HINT = ("install TensorRT 10 or newer on a machine with an NVIDIA GPU: pip install 'modelship[tensorrt]' "
                 "(the tensorrt wheels come from NVIDIA's package index)")
@@ -64,6 +67,25 @@ def derive_profile(man: Manifest, dims: dict | None = None) -> dict[str, dict[st
                 shapes[key].append(int(v))
         profile[t.name] = shapes
     return profile
+
+
+def max_batch(profile: dict | None) -> int | None:
+    """The most samples one call may carry under an engine's profile (its batch dim's max)."""
+    maxes = [shapes["max"][0] for shapes in (profile or {}).values() if shapes.get("max")]
+    return min(maxes) if maxes else None
+
+
+def check_shapes(profile: dict, feed: dict) -> None:
+    """Refuse a feed outside the engine's optimization profile, naming the input, dim and range (TensorRT
+    itself would only return False from set_input_shape)."""
+    from ..errors import InputError
+
+    for name, shapes in profile.items():
+        got = list(feed[name].shape)
+        for i, (g, lo, hi) in enumerate(zip(got, shapes["min"], shapes["max"])):
+            if not lo <= g <= hi:
+                raise InputError(f"input '{name}': dim {i} is {g}, outside the engine's profile {lo}..{hi}; "
+                                 f"rebuild with modelship compile --profile DIM={lo}:OPT:{max(g, hi)} or send less")
 
 
 def device_facts() -> dict:
@@ -125,7 +147,7 @@ def check_graph(path: Path) -> str:
     return "fp16" if fp16 else "fp32"
 
 
-def _require_tensorrt():
+def require_tensorrt():
     try:
         import tensorrt as trt
     except ImportError:
@@ -148,7 +170,7 @@ def build(art: Artifact, out_dir: str | Path, opts: BuildOptions | None = None) 
                           "(FP32, FP16, or static INT8 QDQ)")
     precision = check_graph(art.model_path)
     profile = derive_profile(art.manifest, opts.dims)
-    trt = _require_tensorrt()
+    trt = require_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
@@ -159,6 +181,8 @@ def build(art: Artifact, out_dir: str | Path, opts: BuildOptions | None = None) 
             f"node {e.node()} ({e.node_name() if hasattr(e, 'node_name') else ''}): {e.desc()}" for e in errors))
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, opts.workspace_bytes)
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)  # FP32 means FP32: TF32 tactics move logits by ~1e-3
     prof = builder.create_optimization_profile()
     for name, shapes in profile.items():
         prof.set_shape(name, shapes["min"], shapes["opt"], shapes["max"])
@@ -179,7 +203,7 @@ def build(art: Artifact, out_dir: str | Path, opts: BuildOptions | None = None) 
     man = copy.deepcopy(art.manifest)
     man.format, man.file, man.precision = "tensorrt", "model.engine", precision
     man.created_by, man.parity = "modelship compile", None
-    man.extra = {**{k: v for k, v in art.manifest.extra.items() if k in ("opset", "model_type")},
+    man.extra = {**inherited_extra(art.manifest),
                  "tensorrt": {**facts, "profile": profile, "workspace_bytes": opts.workspace_bytes,
                               "timing_cache": str(cache_file), "strongly_typed": True}}
     for k, v in lineage(art, out).items():

@@ -6,9 +6,11 @@ summed on the master from every worker's reports. Configured by the JSON spec na
 MODELSHIP_LOADTEST environment variable (written by ``modelship loadtest``).
 """
 
+import itertools
 import json
 import os
 import random
+import time
 from collections import defaultdict
 
 import numpy as np
@@ -23,8 +25,10 @@ HEADERS = {"Content-Type": "application/json", **({"Authorization": f"Bearer {SP
 
 
 def _fresh():
-    return {"started": 0, "responses": 0, "checked": 0, "mismatches": 0, "max_prob_diff": 0.0, "latencies_ms": [],
-            "examples": []}
+    # samples: one [seconds since the test started, latency ms, ok, verdict] per answered request, failed ones
+    # included (at their time to failure); verdict: None (not checked: HTTP error), or
+    # [label agreed (or None), within tolerance, max |diff|]
+    return {"started": 0, "responses": 0, "checked": 0, "mismatches": 0, "samples": [], "examples": []}
 
 
 LOCAL = _fresh()  # this process's counts since its last report
@@ -32,11 +36,19 @@ TOTAL = _fresh()  # master / local runner: everything
 PER_WORKER = defaultdict(_fresh)  # per worker: the counters (latencies are kept once, in TOTAL)
 
 
+T0 = {"t": time.time()}
+USERS = itertools.count()
+
+
+@events.test_start.add_listener
+def _start(**_):
+    T0["t"] = time.time()
+
+
 def _merge(into, part):
     for k in ("started", "responses", "checked", "mismatches"):
         into[k] += part[k]
-    into["max_prob_diff"] = max(into["max_prob_diff"], part["max_prob_diff"])
-    into["latencies_ms"].extend(part["latencies_ms"])
+    into["samples"].extend(part["samples"])
     into["examples"] = (into["examples"] + part["examples"])[:5]
 
 
@@ -46,36 +58,42 @@ class ModelUser(FastHttpUser):
     # a request unanswered this long is a failure (a hang shows up in the failure count, never unseen)
     network_timeout = connection_timeout = float(SPEC.get("timeout_s", 30))
 
-    def on_start(self):
-        self.i = random.randrange(max(1, len(BODIES)))
+    def on_start(self):  # seeded: the same users send the same samples in the same order on every run
+        worker = getattr(self.environment.runner, "worker_index", 0)
+        rng = random.Random(f"{SPEC.get('seed', 0)}-{worker}-{next(USERS)}")
+        self.i = rng.randrange(max(1, len(BODIES)))
 
     @task
     def predict(self):
         if SPEC.get("mode") == "ping":
             LOCAL["started"] += 1
-            self.client.get("/ping", headers=HEADERS, name="/ping")
+            sent, t = time.time() - T0["t"], time.perf_counter()
+            r = self.client.get("/ping", headers=HEADERS, name="/ping")
             LOCAL["responses"] += 1
+            LOCAL["samples"].append([round(sent, 3), (time.perf_counter() - t) * 1e3, r.status_code == 200, None])
             return
         i = self.i = (self.i + 1) % len(BODIES)
         LOCAL["started"] += 1
+        sent = time.time() - T0["t"]
         with self.client.post(SPEC["path"], data=BODIES[i], headers=HEADERS, catch_response=True,
                               name=SPEC["path"]) as r:
             LOCAL["responses"] += 1
+            sample = [round(sent, 3), r.request_meta["response_time"], False, None]
+            LOCAL["samples"].append(sample)
             if r.status_code != 200:
                 r.failure(f"HTTP {r.status_code}: {(r.text or '')[:200]}")
                 return
             try:
-                ok, diff, why = check(SPEC, GOLDEN, i, r.json())
+                v = check(SPEC, GOLDEN, i, r.json())
             except (ValueError, KeyError, TypeError) as e:
                 r.failure(f"malformed answer: {type(e).__name__}")
                 return
-            LOCAL["latencies_ms"].append(r.request_meta["response_time"])
+            sample[2], sample[3] = True, [v.label_ok, v.within, v.diff if v.diff != float("inf") else 1e30]
             LOCAL["checked"] += 1
-            LOCAL["max_prob_diff"] = max(LOCAL["max_prob_diff"], diff)
-            if not ok:
+            if not v.ok:
                 LOCAL["mismatches"] += 1
                 if len(LOCAL["examples"]) < 5:
-                    LOCAL["examples"].append(why)
+                    LOCAL["examples"].append(v.why)
             r.success()
 
 
@@ -91,7 +109,7 @@ def _from_worker(client_id, data, **_):
     part = data.get("modelship")
     if part:
         _merge(TOTAL, part)
-        _merge(PER_WORKER[client_id], {**part, "latencies_ms": []})
+        _merge(PER_WORKER[client_id], {**part, "samples": []})
 
 
 @events.quitting.add_listener

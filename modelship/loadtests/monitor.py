@@ -59,7 +59,7 @@ class Monitor(threading.Thread):
             except requests.RequestException:
                 r = None
             if r is not None and r.status_code == 200:
-                return check(self.spec, golden, 0, r.json())[0]
+                return check(self.spec, golden, 0, r.json()).ok
             time.sleep(0.05)
         return False
 

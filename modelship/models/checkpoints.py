@@ -13,6 +13,7 @@ import torch
 
 from ..errors import ArtifactError
 from ..manifest import MANIFEST, Artifact, Manifest, TensorSpec, is_artifact, load_artifact, sha256_path
+from . import data as datasets
 from . import zoo
 
 
@@ -86,10 +87,12 @@ def _hf_manifest(path: Path) -> Manifest:
     n = int(cfg.get("num_labels") or len(cfg.get("id2label") or {}) or 2)
     id2label = cfg.get("id2label") or {}
     labels = [str(id2label.get(str(i), id2label.get(i, i))) for i in range(n)]
+    # the checkpoint says its task: transformers treats problem_type "regression" (or one label) as regression
+    regression = cfg.get("problem_type") == "regression" or (n == 1 and not cfg.get("problem_type"))
     return Manifest(
-        name=path.name, task="classification", format="torch", precision="fp32", file=".", loader="hf",
+        name=path.name, task="regression" if regression else "classification", format="torch", precision="fp32", file=".", loader="hf",
         inputs=[TensorSpec(**t) for t in zoo.TEXT_IN],
-        outputs=[TensorSpec("logits", "float32", ["batch", n])], labels=labels,
+        outputs=[TensorSpec("logits", "float32", ["batch", n])], labels=None if regression else labels,
         data={"name": "tokens", "vocab_size": int(cfg.get("vocab_size", 30522)),
               "seq_len": min(32, int(cfg.get("max_position_embeddings", 512))), "samples": 128},
         sha256=sha256_path(path), created_by="modelship import (hf)")
@@ -111,17 +114,22 @@ def _pt2_manifest(path: Path) -> Manifest:
     inputs = [_spec(name, placeholders[name].meta["val"]) for name in ep.graph_signature.user_inputs]
     out_nodes = [n for n in ep.graph.nodes if n.op == "output"][0].args[0]
     outputs = [_spec("logits" if i == 0 else f"output{i}", node.meta["val"]) for i, node in enumerate(out_nodes)]
-    return Manifest(name=path.stem, task="classification" if len(outputs) == 1 and len(outputs[0].shape) == 2 else "regression",
+    return Manifest(name=path.stem, task="regression",  # a .pt2 does not say its task: --task or --data tells
                     format="torch", precision="fp32", file=path.name, loader="pt2", inputs=inputs, outputs=outputs,
                     data={"name": "random", "samples": 128}, sha256=sha256_path(path),
                     created_by="modelship import (pt2)")
 
 
-def open_source(path: str | Path, data: str | None = None) -> tuple[Artifact, torch.nn.Module]:
+TASKS = ("classification", "regression")
+
+
+def open_source(path: str | Path, data: str | None = None, task: str | None = None) -> tuple[Artifact, torch.nn.Module]:
     """Open an artifact dir, a ``.pt2`` file or a HF directory as (Artifact, eval-mode module).
 
-    Raw checkpoints become an in-memory artifact rooted at the checkpoint's folder. ``data`` names a
-    shipped dataset to evaluate on (``digits``) when the checkpoint brings none.
+    Raw checkpoints become an in-memory artifact rooted at the checkpoint's folder. ``data`` is a
+    shipped dataset's name (``digits``) or the user's ``.npz`` to evaluate on (recorded with its sha256).
+    ``task`` overrides what the checkpoint says (a ``.pt2`` says nothing: regression unless told, or
+    unless its data defines a classification task). The task never comes from the output shape.
     """
     p = Path(path)
     if not p.exists():
@@ -142,8 +150,18 @@ def open_source(path: str | Path, data: str | None = None) -> tuple[Artifact, to
     else:
         raise ArtifactError(f"{p}: not a checkpoint; expected an artifact directory, a torch.export .pt2 file "
                             "or a Hugging Face directory")
-    if data:
-        art.manifest.data = {"name": data}
-        if data == "digits":
+    if task is not None and task not in TASKS:
+        raise ArtifactError(f"unknown task '{task}'; expected one of {', '.join(TASKS)}")
+    spec = datasets.resolve(data)
+    if spec:
+        art.manifest.data = spec
+        shipped_task = datasets.SHIPPED.get(spec["name"])
+        if shipped_task and task is None and art.manifest.loader == "pt2":
+            art.manifest.task = shipped_task
+        if spec["name"] == "digits":
             art.manifest.labels = art.manifest.labels or zoo.DIGIT_LABELS
+    if task:
+        art.manifest.task = task
+    if art.manifest.task != "classification":
+        art.manifest.labels = None
     return art, load_module(art)

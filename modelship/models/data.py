@@ -3,7 +3,9 @@
 ``{"name": "digits"}``: scikit-learn's 1797 real 8x8 handwritten digits, fixed-seed split
 (train 1257 / val 180 / test 360). ``{"name": "tokens", "vocab_size": V, "seq_len": L}``: generated
 token batches with random lengths (no labelled text ships offline). ``{"name": "random"}``: inputs
-generated from the manifest signature (for checkpoints that bring no data).
+generated from the manifest signature (for checkpoints that bring no data). ``{"name": "npz", "path":
+P, "sha256": H}``: the user's own data (``--data FILE.npz``): one array per input name and optional
+integer ``labels``; every split reads the whole file, and a file changed since it was recorded is refused.
 """
 
 from __future__ import annotations
@@ -64,7 +66,86 @@ def random(spec: dict, split: str, inputs) -> tuple[dict, None]:
     return feed, None
 
 
-DATASETS = {"digits": digits, "tokens": tokens, "random": random}
+def npz(spec: dict, split: str, inputs) -> tuple[dict, np.ndarray | None]:
+    from pathlib import Path
+
+    from ..manifest import sha256_path
+
+    p = Path(spec["path"])
+    if not p.is_file():
+        raise ArtifactError(f"{p}: evaluation data not found; expected the .npz recorded in the manifest "
+                            "(pass --data FILE again)")
+    if spec.get("sha256") and sha256_path(p) != spec["sha256"]:
+        raise ArtifactError(f"{p}: sha256 differs from the one recorded with the artifact; the data changed since "
+                            "it was used (pass --data FILE again to record the new one)")
+    return read_npz(p, inputs)
+
+
+def read_npz(path, inputs) -> tuple[dict, np.ndarray | None]:
+    """One array per input name (cast to the input's dtype, same number of samples) and optional labels."""
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: not a readable .npz ({e}); expected one array per input name") from None
+    with z:
+        names = [t.name for t in inputs]
+        missing = [n for n in names if n not in z.files]
+        if missing:
+            raise ArtifactError(f"{path}: no array for input(s) {', '.join(missing)}; it has {', '.join(z.files) or 'none'}; "
+                                f"expected {', '.join(names)} (and optionally labels)")
+        feed = {}
+        for t in inputs:
+            a = z[t.name]
+            if a.ndim != len(t.shape) or any(isinstance(d, int) and a.shape[i] != d for i, d in enumerate(t.shape)):
+                raise ArtifactError(f"{path}: array '{t.name}' has shape {list(a.shape)}; expected {t.shape}")
+            if np.dtype(t.dtype).kind in "iu" and a.dtype.kind == "f":
+                raise ArtifactError(f"{path}: array '{t.name}' holds floats; expected whole numbers ({t.dtype})")
+            feed[t.name] = a.astype(t.dtype)
+        labels = z["labels"] if "labels" in z.files else None
+    counts = {len(v) for v in feed.values()} | ({len(labels)} if labels is not None else set())
+    if len(counts) != 1 or 0 in counts:
+        raise ArtifactError(f"{path}: arrays hold different or zero numbers of samples ({sorted(counts)}); expected "
+                            "the same first dimension in every array")
+    if labels is not None:
+        if labels.ndim != 1 or labels.dtype.kind not in "iu":
+            raise ArtifactError(f"{path}: 'labels' must be a 1-D array of class indices, got {labels.dtype}{list(labels.shape)}")
+        labels = labels.astype(np.int64)
+    return feed, labels
+
+
+def user_data(path) -> dict:
+    """The data spec for a user's .npz, with its sha256 (recorded in the manifest)."""
+    from pathlib import Path
+
+    from ..manifest import sha256_path
+
+    p = Path(path)
+    if not p.is_file():
+        raise ArtifactError(f"{p}: no such file; expected an .npz with one array per input name and optional labels")
+    return {"name": "npz", "path": str(p.resolve()), "sha256": sha256_path(p)}
+
+
+def resolve(data: str | None) -> dict | None:
+    """``--data``: a shipped dataset's name (digits) or a path to the user's .npz."""
+    if not data:
+        return None
+    if data in SHIPPED:
+        return {"name": data}
+    return user_data(data)
+
+
+def is_generated(spec: dict | None) -> bool:
+    """Inputs made up from the signature (no real samples, no labels)."""
+    return (spec or {"name": "random"}).get("name") in ("random", "tokens")
+
+
+def describe(spec: dict | None) -> dict:
+    spec = spec or {"name": "random"}
+    return {k: spec[k] for k in ("name", "path", "sha256") if k in spec}
+
+
+SHIPPED = {"digits": "classification"}  # shipped datasets and the task their labels define
+DATASETS = {"digits": digits, "tokens": tokens, "random": random, "npz": npz}
 
 
 def load(spec: dict | None, split: str, inputs) -> tuple[dict, np.ndarray | None]:

@@ -63,9 +63,9 @@ def distill(teacher_path: str | Path, out_dir: str | Path, student: str = "mlp-s
     man.file, man.loader, man.created_by = "model.pt", "zoo", "modelship distill"
     man.arch = {"name": student, "config": entry.config}
     man.parity = None
-    man.extra = {"distillation": report, "parameters": report["student"]["parameters"],
-                 "test_accuracy": report["student"]["accuracy"]}
-    for k, v in lineage(teacher_art, out).items():
+    for k, v in lineage(teacher_art, out).items():  # its reference is the teacher's root: what it replaces
         setattr(man, k, v)
-    man.reference = "."  # a student is its own PyTorch reference once trained; judged against the teacher here
+    man.extra = {"distillation": report, "parameters": report["student"]["parameters"],
+                 "test_accuracy": report["student"]["accuracy"],
+                 "distilled_from": {"name": tm.name, "sha256": tm.sha256}}
     return write_artifact(out, man), report

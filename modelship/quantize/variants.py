@@ -15,10 +15,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from ..errors import ArtifactError, QuantizeError
-from ..manifest import Artifact, lineage, write_artifact
+from ..manifest import Artifact, inherited_extra, lineage, write_artifact
 from ..models import data as datasets
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
@@ -70,16 +68,12 @@ def calibration_feed(art: Artifact, opts: QuantizeOptions) -> dict:
         if not p.is_file():
             raise QuantizeError(f"{p}: calibration data not found; expected a .npz with one array per input "
                                 f"({', '.join(t.name for t in man.inputs)})")
-        with np.load(p, allow_pickle=False) as z:
-            missing = [t.name for t in man.inputs if t.name not in z.files]
-            if missing:
-                raise QuantizeError(f"{p}: no array for input(s) {', '.join(missing)}; it has {', '.join(z.files)}")
-            feed = {t.name: z[t.name].astype(t.dtype) for t in man.inputs}
+        feed, _ = datasets.read_npz(p, man.inputs)
     else:
-        if not man.data or man.data.get("name") == "random":
+        if datasets.is_generated(man.data):
             raise QuantizeError(f"{art.path}: static quantization needs calibration data and this artifact has none "
-                                "(no shipped dataset in its manifest); pass --calibration-data FILE.npz with one "
-                                "array per input")
+                                "(no real data in its manifest); pass --data FILE.npz (or --calibration-data "
+                                "FILE.npz) with one array per input")
         feed, _ = datasets.load(man.data, "calib", man.inputs)
     return {k: v[: opts.calibration_samples] for k, v in feed.items()}
 
@@ -174,8 +168,13 @@ MODES = {
 }
 
 
-def make_variant(art: Artifact, mode: str, out_dir: str | Path, opts: QuantizeOptions | None = None) -> Artifact:
+def make_variant(art: Artifact, mode: str, out_dir: str | Path, opts: QuantizeOptions | None = None,
+                 data: dict | None = None) -> Artifact:
+    """``data``: the user's evaluation data spec (--data), recorded in the variant's manifest and used for
+    static calibration when no --calibration-data is given."""
     opts = opts or QuantizeOptions()
+    if data is not None:
+        art = Artifact(art.path, replace(art.manifest, data=data))
     if opts.calibration_data:  # builds run inside a temp dir: make user paths absolute first
         opts = replace(opts, calibration_data=str(Path(opts.calibration_data).resolve()))
     if mode not in MODES:
@@ -200,11 +199,27 @@ def make_variant(art: Artifact, mode: str, out_dir: str | Path, opts: QuantizeOp
     manifest.file = "model.onnx"
     manifest.created_by = f"modelship quantize --mode {mode}"
     manifest.parity = None
-    manifest.extra = {**{k: v for k, v in art.manifest.extra.items() if k in ("opset", "model_type")},
-                      "variant": mode, **facts, "options": asdict(opts)}
+    manifest.extra = {**inherited_extra(art.manifest), "variant": mode, **facts, "options": asdict(opts)}
+    _signature_from_graph(target, manifest)
     for k, v in lineage(art, out).items():
         setattr(manifest, k, v)
     return write_artifact(out, manifest)
+
+
+def _signature_from_graph(path: Path, manifest) -> None:
+    """The manifest's input/output dtypes as the built graph has them (``--fp16-io`` makes them float16)."""
+    import onnx
+
+    from ..manifest import DTYPES
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    types = {v.name: onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name
+             for v in list(graph.input) + list(graph.output)}
+    for spec in manifest.inputs + manifest.outputs:
+        dtype = types.get(spec.name, spec.dtype)
+        if dtype not in DTYPES:
+            raise QuantizeError(f"the variant's tensor '{spec.name}' is {dtype}; expected one of {', '.join(DTYPES)}")
+        spec.dtype = dtype
 
 
 @contextlib.contextmanager

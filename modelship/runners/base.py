@@ -10,6 +10,7 @@ from ..manifest import Artifact, TensorSpec
 
 class Runner:
     backend = "base"
+    max_batch: int | None = None  # the most samples one call takes (a TensorRT profile's max); None: any
 
     def __init__(self, art: Artifact):
         self.artifact = art

@@ -1,4 +1,4 @@
-"""ONNX Runtime runner. Providers by availability (TensorRT EP -> CUDA EP -> CPU) or by name."""
+"""ONNX Runtime runner. Providers by availability (CUDA EP -> CPU) or by name (cpu, cuda, tensorrt)."""
 
 from __future__ import annotations
 
@@ -6,21 +6,10 @@ from ..errors import ArtifactError, MissingDependencyError
 from ..manifest import Artifact
 from .base import Runner
 
-PREFERENCE = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+# "auto" never picks TensorRT's EP: it builds engines silently, with its own precision rules and caches.
+# Ask for it by name (--provider tensorrt), or build an engine with modelship compile.
+PREFERENCE = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 ALIASES = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
-
-
-def _tensorrt_libs() -> bool:
-    """onnxruntime-gpu lists the TensorRT EP even where TensorRT's libraries are missing."""
-    import ctypes
-
-    for name in ("libnvinfer.so.10", "libnvinfer.so.11", "libnvinfer.so"):
-        try:
-            ctypes.CDLL(name)
-            return True
-        except OSError:
-            continue
-    return False
 
 
 def choose_providers(provider: str | None = None) -> list[str]:
@@ -28,8 +17,7 @@ def choose_providers(provider: str | None = None) -> list[str]:
 
     available = ort.get_available_providers()
     if provider in (None, "auto"):
-        return [p for p in PREFERENCE if p in available
-                and (p != "TensorrtExecutionProvider" or _tensorrt_libs())]
+        return [p for p in PREFERENCE if p in available]
     name = ALIASES.get(provider.lower(), provider)
     if name not in available:
         raise MissingDependencyError(
@@ -58,12 +46,16 @@ class OnnxRuntimeRunner(Runner):
         except Exception as e:  # noqa: BLE001 — onnxruntime raises its own Fail/InvalidGraph types
             raise ArtifactError(f"{art.model_path}: onnxruntime cannot load this model ({str(e).splitlines()[0][:300]}); "
                                 "expected a valid ONNX file — re-export it") from None
-        self._out = [o.name for o in self.session.get_outputs()]
-        self._names_out = [t.name for t in self.outputs]
+        graph_out = [o.name for o in self.session.get_outputs()]
+        self._out = [t.name for t in self.outputs]  # outputs are fetched by name, never by position
+        missing = [n for n in self._out if n not in graph_out]
+        if missing:
+            raise ArtifactError(f"{art.model_path}: the graph has no output(s) {', '.join(missing)} named in the "
+                                f"manifest (graph outputs: {', '.join(graph_out)}); re-export the artifact")
 
     @property
     def device(self) -> str:
         return "cuda" if self.session.get_providers()[0] != "CPUExecutionProvider" else "cpu"
 
     def _infer(self, feed: dict) -> dict:
-        return dict(zip(self._names_out, self.session.run(self._out, feed)))
+        return dict(zip(self._out, self.session.run(self._out, feed)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import MissingDependencyError
+from ..errors import ArtifactError, MissingDependencyError
 from ..manifest import Artifact
 from .base import Runner
 
@@ -35,5 +35,8 @@ class TorchRunner(Runner):
             args = [torch.from_numpy(np.ascontiguousarray(feed[t.name])).to(self._device) for t in self.inputs]
             out = self.module(*args)
         outs = out if isinstance(out, (tuple, list)) else (out,)
+        if len(outs) != len(self._out):
+            raise ArtifactError(f"{self.artifact.path}: the model returned {len(outs)} output(s); the manifest names "
+                                f"{len(self._out)} ({', '.join(self._out)})")
         return {name: o.detach().float().cpu().numpy() if o.dtype == torch.bfloat16 else o.detach().cpu().numpy()
                 for name, o in zip(self._out, outs)}

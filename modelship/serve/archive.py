@@ -43,6 +43,21 @@ class ModelConfig:
                 "handler": handler}
 
 
+def check_gates(art: Artifact) -> None:
+    """Refuse an artifact whose manifest records a failed gate (any format: a student that failed its
+    distillation gate too), or a derived artifact with no parity record at all."""
+    man = art.manifest
+    rec = man.parity
+    from ..stages import is_root
+
+    if rec is None and is_root(art):
+        return  # a PyTorch model that is its own reference: nothing to be judged against
+    if not (rec or {}).get("passed"):
+        why = "; ".join((rec or {}).get("failures", [])[:2]) or "no parity record"
+        raise ArtifactError(f"{art.path}: {'failed' if rec else 'no'} passed parity record ({why}); only artifacts "
+                            "that passed parity are archived (run modelship parity, or pass --force)")
+
+
 def archiver() -> str:
     exe = shutil.which("torch-model-archiver") or str(Path(sys.executable).with_name("torch-model-archiver"))
     if not Path(exe).exists():
@@ -58,10 +73,16 @@ def archive(art: Artifact, store: str | Path, name: str | None = None, config: M
     if not NAME_RE.match(name):
         raise ArtifactError(f"model name '{name}': expected letters, digits, '-', '_' or '.' (at most 64)")
     man = art.manifest
-    if man.format != "torch" and not (man.parity or {}).get("passed") and not force:
-        state = "failed" if man.parity else "no"
-        raise ArtifactError(f"{art.path}: {state} passed parity record; only artifacts that passed parity are "
-                            "archived (run modelship parity, or pass --force)")
+    if not force:
+        check_gates(art)
+    if man.format == "tensorrt":  # one request must fit the engine's profile; bigger served batches are split
+        from ..export.tensorrt import max_batch
+
+        limit = max_batch((man.extra.get("tensorrt") or {}).get("profile"))
+        if limit and config.max_items > limit:
+            raise ArtifactError(f"{art.path}: --max-items {config.max_items} is more than the engine's profile takes "
+                                f"(batch up to {limit}); archive with --max-items {limit} or rebuild with "
+                                f"modelship compile --profile batch=1:8:{config.max_items}")
     store = Path(store)
     store.mkdir(parents=True, exist_ok=True)
     model_path = art.model_path  # refuses a 'file' that escapes the artifact directory

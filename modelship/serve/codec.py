@@ -180,12 +180,14 @@ class Codec:
 
     def simple_item(self, outputs: dict, i: int) -> dict:
         if self.manifest.is_classifier:
-            logits = outputs[self.manifest.outputs[0].name][i]
-            probs = softmax(logits)
+            first = self.manifest.outputs[0].name
+            probs = softmax(outputs[first][i])
             idx = int(np.argmax(probs))
             labels = self.manifest.labels or []
-            return {"label": labels[idx] if idx < len(labels) else str(idx), "index": idx,
+            item = {"label": labels[idx] if idx < len(labels) else str(idx), "index": idx,
                     "probabilities": [float(p) for p in probs]}
+            rest = {k: v[i].tolist() for k, v in outputs.items() if k != first}
+            return {**item, "outputs": rest} if rest else item  # every output the model has is answered
         return {"outputs": {k: v[i].tolist() for k, v in outputs.items()}}
 
 

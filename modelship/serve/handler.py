@@ -1,7 +1,8 @@
 """TorchServe handler for every modelship artifact: thin glue over the runners and the REST codec.
 
 TorchServe hands ``handle`` a batch of requests; requests whose tensors have the same shapes run as
-one batch through the runner, and each gets its own answer (400 with a message for a bad one).
+one batch through the runner, and each gets its own answer (400 with a message for a bad one). When
+a batched call fails, its requests are answered one by one, so only the faulty one gets its 500.
 """
 
 import json
@@ -48,18 +49,54 @@ class ModelshipHandler:
             except Exception as e:  # noqa: BLE001
                 answers[i] = self._error(context, i, e)
         for members in groups.values():
-            reqs = [r for _, r in members]
-            try:
-                out = self.runner.infer({k: np.concatenate([r.feed[k] for r in reqs]) for k in reqs[0].feed})
-                start = 0
-                for i, req in members:
-                    answers[i] = self._reply(context, i, self.codec.encode(
-                        req, {k: v[start:start + req.items] for k, v in out.items()}))
-                    start += req.items
-            except Exception as e:  # noqa: BLE001
-                for i, _ in members:
-                    answers[i] = self._error(context, i, e)
+            for chunk in self._chunks(members):
+                try:
+                    outs = self._run([r for _, r in chunk])
+                except Exception as e:  # noqa: BLE001 — isolate the faulty request: answer one by one
+                    if len(chunk) == 1:
+                        answers[chunk[0][0]] = self._error(context, chunk[0][0], e)
+                        continue
+                    log.warning("modelship: a batch of %d requests failed (%s: %s); answering them one by one",
+                                len(chunk), type(e).__name__, e)
+                    outs = [self._alone(context, answers, i, req) for i, req in chunk]
+                for (i, req), out in zip(chunk, outs):
+                    if out is not None:
+                        answers[i] = self._reply(context, i, self.codec.encode(req, out))
         return answers
+
+    def _alone(self, context, answers, i, req):
+        try:
+            return self._run([req])[0]
+        except Exception as e:  # noqa: BLE001
+            answers[i] = self._error(context, i, e)
+            return None
+
+    def _chunks(self, members):
+        """Runs of requests that fit one runner call (a TensorRT profile's max batch)."""
+        limit = self.runner.max_batch
+        run, size = [], 0
+        for m in members:
+            if run and limit and size + m[1].items > limit:
+                yield run
+                run, size = [], 0
+            run.append(m)
+            size += m[1].items
+        if run:
+            yield run
+
+    def _run(self, reqs) -> list[dict]:
+        """One runner call for ``reqs``; each request's rows of every output, checked to be batch-major."""
+        n = sum(r.items for r in reqs)
+        out = self.runner.infer({k: np.concatenate([r.feed[k] for r in reqs]) for k in reqs[0].feed})
+        for k, v in out.items():
+            if np.ndim(v) == 0 or len(v) != n:
+                raise ModelshipError(f"output '{k}' has shape {list(np.shape(v))}; expected its first dimension to "
+                                     f"be the {n} samples sent (a batch-major output)")
+        slices, start = [], 0
+        for r in reqs:
+            slices.append({k: v[start:start + r.items] for k, v in out.items()})
+            start += r.items
+        return slices
 
     def _error(self, context, idx, e: Exception):
         if isinstance(e, InputError):
