@@ -138,7 +138,7 @@ def _verdict(report) -> str:
 
 def _markdown(report, rows, plots) -> str:
     lines = [f"# modelship report — {report['model']}", "", _verdict(report), "",
-             "| " + " | ".join(h for _, h, _ in COLS) + " |", "|" + "---|" * len(COLS)]
+             "| " + " | ".join(h.replace("|", "\\|") for _, h, _ in COLS) + " |", "|" + "---|" * len(COLS)]
     lines += ["| " + " | ".join(_cell(r[k], f) for k, _, f in COLS) + " |" for r in rows]
     lines += ["", "## Steps", "", "| step | status | seconds | error |", "|---|---|---|---|"]
     lines += [f"| {s['name']} | {s['status']} | {s['seconds']} | {(s['error'] or '').replace('|', '/')[:300]} |"

@@ -91,15 +91,17 @@ def cnn_int8(work, cnn_onnx):
 
 
 @pytest.fixture(scope="session")
-def served(work, cnn, cnn_onnx, cnn_int8):
-    """One real TorchServe on 127.0.0.1 serving the digits CNN as torch, ONNX and static INT8 artifacts."""
+def served(work, cnn, cnn_onnx, cnn_int8, text_onnx):
+    """One real TorchServe on 127.0.0.1 serving the digits CNN as torch, ONNX and static INT8 artifacts, and
+    the text encoder as ONNX with a long batch delay (so concurrent requests share one batch)."""
     from modelship.serve import server
-    from modelship.serve.archive import archive
+    from modelship.serve.archive import ModelConfig, archive
 
     store = work / "store"
     archive(cnn, store, name="cnn-torch")
     archive(cnn_onnx, store, name="cnn-onnx")
     archive(cnn_int8, store, name="cnn-int8")
+    archive(text_onnx, store, name="text-onnx", config=ModelConfig(batch_size=8, max_batch_delay_ms=500))
     info = server.start(store, work / "state", server.ServeConfig(port=server.free_port()))
     yield info
     server.stop(work / "state")

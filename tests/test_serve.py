@@ -3,6 +3,7 @@ auth and management are locked down, and broken or tampered archives are refused
 
 import json
 import os
+import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
@@ -59,6 +60,25 @@ def test_open_inference_protocol_v2(served, cnn_onnx):
     assert body["id"] == "req-1" and body["outputs"][0]["name"] == "logits" and body["outputs"][0]["shape"] == [3, 10]
     np.testing.assert_allclose(np.array(body["outputs"][0]["data"]).reshape(3, 10),
                                open_runner(cnn_onnx).infer({"pixels": x})["logits"], atol=1e-5)
+
+
+def test_fault_in_one_request_of_a_batch_fails_only_that_request(served, text_onnx):
+    """Eight concurrent requests share one dynamic batch; one carries a token id beyond the vocabulary, which
+    makes ONNX Runtime's Gather raise inside the batched call. Only that request gets its 500."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 8000, size=(8, 16))
+    ids[5, 3] = 10**6  # out of the embedding table: a fault inside inference, not a malformed request
+    mask = np.ones_like(ids)
+    expected = open_runner(text_onnx).infer({"input_ids": np.delete(ids, 5, 0), "attention_mask": mask[:7]})["logits"]
+    body = lambda i: {"inputs": {"input_ids": ids[i].tolist(), "attention_mask": mask[i].tolist()}}  # noqa: E731
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda i: _post(served, "text-onnx", body(i)), range(8)))
+    assert [r.status_code for r in replies] == [200] * 5 + [500] + [200] * 2, [r.text[:200] for r in replies]
+    assert "internal error" in replies[5].json()["message"]
+    got = np.array([r.json()["probabilities"] for i, r in enumerate(replies) if i != 5])
+    np.testing.assert_allclose(got, softmax(expected), atol=1e-5)
+    log = open(os.path.join(served["state"], "logs", "model_log.log")).read()
+    assert re.search(r"a batch of [2-8] requests failed", log)  # it really shared a batch, answered one by one
 
 
 def test_simple_json_batch_of_samples(served):
