@@ -2,6 +2,8 @@
 
 import time
 
+import numpy as np
+
 import pytest
 
 from conftest import cli
@@ -99,3 +101,42 @@ def test_engine_artifact_without_tensorrt(tmp_path, cnn_onnx):
     write_artifact(art.path, art.manifest)
     with pytest.raises(MissingDependencyError, match="TensorRT is not installed"):
         open_runner(load_artifact(tmp_path / "e"))
+
+
+def test_profile_limits_are_checked_before_tensorrt_runs(cnn_onnx):
+    """A batch beyond the profile is refused with the dim, range and what to do (TensorRT only returns False)."""
+    from modelship.errors import InputError
+
+    profile = trt_export.derive_profile(cnn_onnx.manifest)
+    assert trt_export.max_batch(profile) == trt_export.PARITY_BATCH == 64
+    trt_export.check_shapes(profile, {"pixels": np.zeros((64, 1, 8, 8), np.float32)})
+    with pytest.raises(InputError, match=r"dim 0 is 65, outside the engine's profile 1..64.*--profile"):
+        trt_export.check_shapes(profile, {"pixels": np.zeros((65, 1, 8, 8), np.float32)})
+
+
+def test_archive_refuses_an_engine_smaller_than_a_request(tmp_path, cnn_onnx):
+    import shutil
+
+    from modelship.manifest import load_artifact, write_artifact
+    from modelship.serve.archive import ModelConfig, archive
+
+    shutil.copytree(cnn_onnx.path, tmp_path / "e")
+    (tmp_path / "e" / "model.engine").write_bytes(b"engine")
+    art = load_artifact(tmp_path / "e")
+    art.manifest.format, art.manifest.file = "tensorrt", "model.engine"
+    art.manifest.extra = {"tensorrt": {"profile": trt_export.derive_profile(art.manifest, {"batch": (1, 8, 16)})}}
+    write_artifact(art.path, art.manifest)
+    with pytest.raises(ArtifactError, match=r"--max-items 64 is more than the engine's profile takes \(batch up to 16\)"):
+        archive(load_artifact(tmp_path / "e"), tmp_path / "store", force=True)
+    assert archive(load_artifact(tmp_path / "e"), tmp_path / "store", config=ModelConfig(max_items=16), force=True)
+
+
+def test_auto_provider_never_picks_tensorrt_silently(monkeypatch):
+    import onnxruntime as ort
+
+    from modelship.runners.onnxrt import choose_providers
+
+    every = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: every)
+    assert choose_providers("auto") == choose_providers(None) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert choose_providers("tensorrt")[0] == "TensorrtExecutionProvider"  # only when asked by name
