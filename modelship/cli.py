@@ -122,7 +122,7 @@ def export(src: Path = typer.Argument(..., help="Artifact dir, torch.export .pt2
         raise ModelshipError(f"unknown exporter '{exporter}'; expected torchscript or dynamo")
     src_art, module = open_source(src, data=data, task=task)
     art = do_export(src_art, module, out, opset=opset, dynamo=None if exporter is None else exporter == "dynamo")
-    root = is_root(src_art) or not (src_art.path / "manifest.json").is_file()
+    root = is_root(src_art)  # else a student: judged against its teacher, the conversion against itself
     rec = gate_parity(art, reference=(src_art, module) if root else None, parent=None if root else (src_art, module),
                       provider=provider, json_path=json_path,
                       **judge_opts(max_abs_diff, min_agreement, max_accuracy_drop, rtol, output_tol, allow_weak))

@@ -140,3 +140,20 @@ def test_auto_provider_never_picks_tensorrt_silently(monkeypatch):
     monkeypatch.setattr(ort, "get_available_providers", lambda: every)
     assert choose_providers("auto") == choose_providers(None) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert choose_providers("tensorrt")[0] == "TensorrtExecutionProvider"  # only when asked by name
+
+
+def test_handler_splits_served_batches_to_the_engine_profile(cnn_onnx):
+    """TorchServe may hand the handler batch_size x max_items samples; runs never exceed the runner's max batch."""
+    from modelship.runners import open_runner
+    from modelship.serve.codec import Codec
+    from modelship.serve.handler import ModelshipHandler
+
+    h = ModelshipHandler()
+    h.runner, h.codec = open_runner(cnn_onnx), Codec(cnn_onnx.manifest)
+    h.runner.max_batch = 5  # as a TensorRT engine whose profile takes at most 5 samples
+    reqs = [(i, h.codec.decode({"inputs": np.zeros((n, 1, 8, 8)).tolist()})) for i, n in enumerate([2, 2, 3, 5, 1])]
+    runs = list(h._chunks(reqs))
+    assert [[i for i, _ in run] for run in runs] == [[0, 1], [2], [3], [4]]
+    assert all(sum(r.items for _, r in run) <= 5 for run in runs)
+    outs = h._run([r for _, r in runs[0]])
+    assert [o["logits"].shape for o in outs] == [(2, 10), (2, 10)]
