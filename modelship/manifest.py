@@ -1,4 +1,4 @@
-"""The artifact manifest: the one thing every stage agrees on.
+"""The artifact manifest (schema and I/O): the one thing every stage agrees on.
 
 An artifact directory holds one model file (or folder) and ``manifest.json`` with its input/output
 signature (named dynamic dims), labels, lineage (parent + hashes), evaluation data and parity record.
@@ -7,7 +7,6 @@ signature (named dynamic dims), labels, lineage (parent + hashes), evaluation da
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -15,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ArtifactError
+from .integrity import SIGNING_KEY_ENV, check_seal, seal  # noqa: F401 — re-exported: the manifest's seal
 
 MANIFEST = "manifest.json"
-SIGNING_KEY_ENV = "MODELSHIP_SIGNING_KEY"  # when set: manifests are signed on write and must be on load
 DTYPES = ("float32", "float16", "int64", "int32", "bool")
 
 
@@ -87,43 +86,6 @@ def sha256_path(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _canonical(d: dict) -> bytes:
-    return json.dumps({k: v for k, v in d.items() if k != "integrity"}, sort_keys=True,
-                      separators=(",", ":")).encode()
-
-
-def seal(d: dict) -> dict:
-    """The manifest dict with its integrity record: a sha256 of its canonical JSON, which catches any
-    edit made outside modelship, and an HMAC-SHA256 under $MODELSHIP_SIGNING_KEY when that is set, which
-    only a holder of the key can recompute."""
-    body = _canonical(d)
-    integrity = {"sha256": hashlib.sha256(body).hexdigest()}
-    key = os.environ.get(SIGNING_KEY_ENV)
-    if key:
-        integrity["hmac_sha256"] = hmac.new(key.encode(), body, hashlib.sha256).hexdigest()
-    return {**d, "integrity": integrity}
-
-
-def check_seal(d: dict, where: str) -> None:
-    """Refuse a manifest edited since modelship wrote it, or (with a signing key set) one not signed with it."""
-    body = _canonical(d)
-    integrity = d.get("integrity") or {}
-    if not isinstance(integrity, dict):
-        integrity = {"sha256": None}
-    if not hmac.compare_digest(str(integrity.get("sha256", "")), hashlib.sha256(body).hexdigest()):
-        state = "has no integrity record" if not integrity else "was modified after modelship wrote it"
-        raise ArtifactError(f"{where}: the manifest {state}; write the artifact again with the modelship "
-                            "stage that made it")
-    key = os.environ.get(SIGNING_KEY_ENV)
-    if key:
-        if "hmac_sha256" not in integrity:
-            raise ArtifactError(f"{where}: the manifest is not signed but {SIGNING_KEY_ENV} is set; write the "
-                                "artifact again with the key set")
-        if not hmac.compare_digest(str(integrity["hmac_sha256"]), hmac.new(key.encode(), body, hashlib.sha256).hexdigest()):
-            raise ArtifactError(f"{where}: the manifest signature does not match {SIGNING_KEY_ENV}: it was "
-                                "modified or signed with another key")
 
 
 def inside(base: Path, name: str) -> Path:

@@ -28,13 +28,15 @@ def cli(*args, check=None):
     return p
 
 
-def rewrite_mar(src, dst, edit=None, add=None):
-    """Copy a .mar, passing each member through ``edit(name, data) -> data`` and adding ``add`` members:
-    how tests tamper with archives."""
+def rewrite_mar(src, dst, edit=None, add=None, drop=None):
+    """Copy a .mar, passing each member through ``edit(name, data) -> data``, leaving out ``drop`` and adding
+    ``add`` members: how tests tamper with archives."""
     import zipfile
 
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
         for item in zin.infolist():
+            if item.filename == drop:
+                continue
             data = zin.read(item.filename)
             zout.writestr(item, edit(item.filename, data) if edit else data)
         for name, data in (add or {}).items():

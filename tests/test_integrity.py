@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from conftest import cli, rewrite_mar
-from modelship.errors import ArtifactError
+from modelship.errors import ArtifactError, ServeError
 from modelship.manifest import MANIFEST, SIGNING_KEY_ENV, load_artifact, seal, write_artifact
 from modelship.serve.archive import archive, read_mar
 
@@ -112,3 +112,59 @@ def test_tampered_or_escaping_archive_is_refused(tmp_path, cnn_onnx):
             read_mar(store / "cnn.mar")
         p = cli("serve", store, "--state", tmp_path / f"state-{case}", "--detach")  # refused before TorchServe starts
         assert p.returncode == 2 and want.split()[0] in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("case", ["handler", "config", "added", "archiver_manifest", "record_removed"])
+def test_every_member_of_the_archive_is_checked(tmp_path, cnn_onnx, case):
+    """A replaced handler.py, an edited model-config.yaml or MAR-INF/MANIFEST.json, an added member: serve names
+    the member and refuses the archive before TorchServe starts."""
+    from modelship.integrity import ARCHIVE_RECORD
+
+    mar = archive(cnn_onnx, tmp_path / "good", name="cnn")
+    edits = {
+        "handler": ({"edit": lambda n, d: b"class ModelshipHandler: pass\n" if n == "handler.py" else d}, "'handler.py'"),
+        "config": ({"edit": lambda n, d: d.replace(b"batchSize: 8", b"batchSize: 512") if n == "model-config.yaml" else d},
+                   "'model-config.yaml'"),
+        "archiver_manifest": ({"edit": lambda n, d: d.replace(b'"cnn"', b'"evil"') if n == "MAR-INF/MANIFEST.json" else d},
+                              "'MAR-INF/MANIFEST.json'"),
+        "added": ({"add": {"extra.py": b"import os\n"}}, "'extra.py' is not in the archive's integrity record"),
+        "record_removed": ({"edit": lambda n, d: d, "drop": ARCHIVE_RECORD}, f"no {ARCHIVE_RECORD} inside"),
+    }
+    kw, want = edits[case]
+    store = tmp_path / "store"
+    store.mkdir()
+    rewrite_mar(mar, store / "cnn.mar", **kw)
+    with pytest.raises(ArtifactError, match=want):
+        read_mar(store / "cnn.mar")
+    p = cli("serve", store, "--state", tmp_path / "state", "--detach")
+    assert p.returncode == 2 and want.strip("'") in p.stderr and len(p.stderr.splitlines()) == 1, p.stderr
+
+
+def test_archive_record_is_signed_with_the_key(tmp_path, cnn_onnx, monkeypatch):
+    from modelship.integrity import ARCHIVE_RECORD
+
+    monkeypatch.setenv(SIGNING_KEY_ENV, "k" * 32)
+    d = _copy(cnn_onnx, tmp_path / "a")
+    write_artifact(d, load_artifact(d, verify=False).manifest)
+    mar = archive(load_artifact(d), tmp_path / "good", name="cnn")
+    import zipfile
+    record = json.loads(zipfile.ZipFile(mar).read(ARCHIVE_RECORD))
+    assert "hmac_sha256" in record["integrity"] and "handler.py" in record["members"]
+    read_mar(mar)
+    monkeypatch.setenv(SIGNING_KEY_ENV, "another-key-" + "y" * 20)
+    with pytest.raises(ArtifactError, match="signature does not match"):
+        read_mar(mar)
+
+
+def test_handler_checks_the_archive_again_inside_torchserve(tmp_path, cnn_onnx, monkeypatch):
+    """Past serve's own check, the worker refuses an edited model config and startup fails fast."""
+    import modelship.serve.server as srv
+
+    store = tmp_path / "store"
+    store.mkdir()
+    mar = archive(cnn_onnx, tmp_path / "good", name="cnn")
+    rewrite_mar(mar, store / "cnn.mar",
+                edit=lambda n, d: d.replace(b"maxBatchDelay: 5", b"maxBatchDelay: 6") if n == "model-config.yaml" else d)
+    monkeypatch.setattr(srv, "read_mar", lambda p: type("M", (), {"name": "cnn"})())
+    with pytest.raises(ServeError, match="model-config.yaml"):
+        srv.start(store, tmp_path / "state", srv.ServeConfig(port=srv.free_port(), startup_timeout_s=60))

@@ -15,7 +15,8 @@ from pathlib import Path
 import yaml
 
 from ..errors import ArtifactError, ServeError
-from ..manifest import MANIFEST, Artifact, Manifest, check_seal, inside, seal, sha256_path
+from ..integrity import check_seal, seal, seal_archive, verify_archive
+from ..manifest import MANIFEST, Artifact, Manifest, inside, sha256_path
 
 HANDLER = Path(__file__).with_name("handler.py")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -105,11 +106,14 @@ def archive(art: Artifact, store: str | Path, name: str | None = None, config: M
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
             raise ServeError(f"torch-model-archiver failed: {(p.stderr or p.stdout).strip().splitlines()[-1:]}")
+    seal_archive(store / f"{name}.mar")  # the digest of every member: handler, config, manifest, model, ...
     return store / f"{name}.mar"
 
 
 def read_mar(path: str | Path) -> Manifest:
-    """Open a .mar and check it holds a manifest and a model file whose sha256 matches it."""
+    """Open a .mar and check it: no member escapes it, its integrity record names exactly its members with
+    their sha256 (the handler, model config and archiver manifest too), its manifest is sealed, and the
+    model file's sha256 matches the manifest."""
     path = Path(path)
     try:
         with zipfile.ZipFile(path) as z:
@@ -126,6 +130,7 @@ def read_mar(path: str | Path) -> Manifest:
                 for n in names:  # TorchServe unpacks every member: none may land outside its folder
                     if n.startswith(("/", "\\")) or not (Path(tmp) / n).resolve().is_relative_to(Path(tmp).resolve()):
                         raise ArtifactError(f"{path}: member '{n}' escapes the archive; refusing it")
+                verify_archive(z, str(path))
                 members = [n for n in names if n == man.file or n.startswith(man.file.rstrip("/") + "/")]
                 if not members:
                     raise ArtifactError(f"{path}: model file '{man.file}' named by the manifest is not inside")

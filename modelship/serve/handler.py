@@ -11,6 +11,7 @@ import logging
 import numpy as np
 
 from modelship.errors import InputError, ModelshipError
+from modelship.integrity import verify_folder
 from modelship.manifest import load_artifact
 from modelship.runners import open_runner
 from modelship.serve.codec import Codec, error_body
@@ -22,7 +23,8 @@ class ModelshipHandler:
     def initialize(self, context):
         opts = (getattr(context, "model_yaml_config", None) or {}).get("handler", {}) or {}
         model_dir = context.system_properties["model_dir"]
-        try:  # refuses a model file whose sha256 differs from the manifest's
+        try:  # refuses any member of the .mar changed since archive, and a model file not matching the manifest
+            verify_folder(model_dir)
             self.artifact = load_artifact(model_dir, verify=True)
             threads = int(opts.get("threads", 1))
             if self.artifact.manifest.format == "torch":
