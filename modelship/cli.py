@@ -313,6 +313,10 @@ def serve(store: Optional[Path] = typer.Argument(None, help="Model store with .m
           state: Path = typer.Option(..., "--state", help="Folder for config, logs and serve.json."),
           detach: bool = typer.Option(False, "--detach", help="Return once ready; the server keeps running."),
           stop: bool = typer.Option(False, "--stop", help="Stop the server recorded in STATE/serve.json."),
+          rotate_token: bool = typer.Option(False, "--rotate-token", help="Replace the running server's token(s) "
+                                                                          "and refresh STATE/serve.json."),
+          token_type: str = typer.Option("inference", "--token-type", help="With --rotate-token: inference, "
+                                                                           "management or both."),
           port: int = typer.Option(8080, "--port", help="Inference port; management, metrics, gRPC = PORT+1..PORT+4."),
           max_request_bytes: int = typer.Option(1 << 20, help="Bodies over this get HTTP 413."),
           job_queue_size: int = typer.Option(100, help="Queued requests per model before TorchServe answers 503."),
@@ -326,6 +330,14 @@ def serve(store: Optional[Path] = typer.Argument(None, help="Model store with .m
     if stop:
         was = server.stop(state)
         console.print("stopped" if was else "no server was running; state cleared")
+        write_json(json_path, {"stopped": was, "state": str(state)})
+        return
+    if rotate_token:
+        kinds = ("inference", "management") if token_type == "both" else (token_type,)
+        info = server.rotate_token(state, kinds)
+        console.print(f"rotated the {' and '.join(kinds)} token(s); new values in {Path(state) / server.STATE_FILE} "
+                      f"(inference token expires {info.get('token_expires')})")
+        write_json(json_path, {k: v for k, v in info.items() if "token" not in k or k.endswith("expires")})
         return
     if store is None:
         raise ModelshipError("serve needs a STORE folder of .mar files (or --stop)")

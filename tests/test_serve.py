@@ -118,11 +118,56 @@ def test_oversize_body_gets_413(served):
     assert _post(served, "cnn-onnx", _sample()).status_code == 200
 
 
+def _refused(r):
+    return r.status_code in (400, 401) and "InvalidKeyException" in r.text
+
+
 def test_token_required(served):
-    for token in (False, "wrong-token"):
+    """Inference, /ping and management each refuse a missing and a wrong token (and the other API's token)."""
+    for token in (False, "wrong-token", served["management_token"]):
         r = _post(served, "cnn-onnx", _sample(), token=token)
-        assert r.status_code in (400, 401) and "Token Authorization failed" in r.text
+        assert _refused(r) and "Token Authorization failed" in r.text
+    for token in (None, "wrong-token"):
+        hdr = {"Authorization": f"Bearer {token}"} if token else {}
+        assert _refused(requests.get(f"{served['inference_url']}/ping", headers=hdr, timeout=10))
+        assert _refused(requests.get(f"{served['management_url']}/models", headers=hdr, timeout=10))
+    assert _refused(requests.get(f"{served['management_url']}/models", timeout=10,
+                                 headers={"Authorization": f"Bearer {served['token']}"}))
+    assert requests.get(f"{served['inference_url']}/ping", timeout=10,
+                        headers={"Authorization": f"Bearer {served['token']}"}).status_code == 200
+    assert requests.get(f"{served['management_url']}/models", timeout=10,
+                        headers={"Authorization": f"Bearer {served['management_token']}"}).status_code == 200
     assert _post(served, "cnn-onnx", _sample()).status_code == 200
+
+
+def test_state_folder_and_key_files_are_owner_only(served):
+    import stat
+
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    assert mode(served["state"]) == 0o700
+    assert mode(os.path.join(served["state"], "serve.json")) == 0o600
+    assert mode(os.path.join(served["state"], "key_file.json")) == 0o600
+
+
+def test_rotate_token(served, work, tmp_path):
+    old = dict(served)
+    cli("serve", "--rotate-token", "--token-type", "both", "--state", work / "state", "--json", tmp_path / "r.json",
+        check=0)
+    new = server.read_state(work / "state")
+    served.update(new)  # the other tests read the shared fixture: hand them the new tokens
+    assert new["token"] != old["token"] and new["management_token"] != old["management_token"]
+    assert "token" not in json.loads((tmp_path / "r.json").read_text())  # --json never holds a secret
+    assert _refused(_post(old, "cnn-onnx", _sample()))  # clients holding the old token are refused ...
+    assert _post(new, "cnn-onnx", _sample()).status_code == 200  # ... and re-read serve.json to carry on
+    assert _refused(requests.get(f"{served['management_url']}/models", timeout=10,
+                                 headers={"Authorization": f"Bearer {old['management_token']}"}))
+    assert oct(os.stat(os.path.join(served["state"], "serve.json")).st_mode & 0o777) == "0o600"
+
+
+def test_state_inside_the_store_is_refused(tmp_path, cnn_onnx):
+    archive(cnn_onnx, tmp_path / "store", name="cnn")
+    p = cli("serve", tmp_path / "store", "--state", tmp_path / "store" / "state", "--detach")
+    assert p.returncode != 0 and "inside the model store" in p.stderr
 
 
 def test_management_registration_refused(served):
@@ -134,9 +179,17 @@ def test_management_registration_refused(served):
     assert _post(served, "cnn-onnx", _sample()).status_code == 200
 
 
-def test_all_addresses_are_loopback_and_metrics_exported(served):
-    for key in ("inference_url", "management_url", "metrics_url"):
-        assert served[key].startswith("http://127.0.0.1:")
+def test_every_listening_socket_is_loopback_and_metrics_exported(served):
+    """Read the real sockets of the server's process tree (frontend JVM and Python workers), not our own URLs."""
+    import psutil
+
+    root = psutil.Process(served["pid"])
+    listening = [c for p in [root, *root.children(recursive=True)] for c in p.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN]
+    ports = {c.laddr.port for c in listening}
+    base = int(served["inference_url"].rsplit(":", 1)[1])
+    assert set(range(base, base + 5)) <= ports  # inference, management, metrics, gRPC x2: all found
+    assert all(c.laddr.ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1") for c in listening), listening
     text = requests.get(f"{served['metrics_url']}/metrics", timeout=10).text
     assert "ts_inference_requests_total" in text or "# TYPE" in text
     cfg = (open(os.path.join(served["state"], "config.properties")).read())

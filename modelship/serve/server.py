@@ -143,7 +143,11 @@ def start(store: str | Path, state: str | Path, config: ServeConfig | None = Non
         if not port_free(p):
             raise ServeError(f"port {p} on 127.0.0.1 is already in use; pass --port with a free base port "
                              f"(it uses PORT to PORT+{PORTS - 1})")
+    if state == store or store in state.parents:
+        raise ServeError(f"{state}: the state folder is inside the model store {store}; TorchServe would try to load "
+                         "it as a model — pass a --state outside the store")
     state.mkdir(parents=True, exist_ok=True)
+    state.chmod(0o700)  # it holds the key file and serve.json: owner only
     if (state / "logs").is_dir():  # startup failures are read from these logs: start from clean ones
         shutil.rmtree(state / "logs.prev", ignore_errors=True)
         (state / "logs").rename(state / "logs.prev")
@@ -173,9 +177,61 @@ def start(store: str | Path, state: str | Path, config: ServeConfig | None = Non
     except BaseException:
         _kill_group(proc.pid)
         raise
+    _write_state(state, info)
+    return info
+
+
+def _write_state(state: Path, info: dict) -> None:
+    """serve.json (and TorchServe's key file beside it) readable by the owner only."""
     path = state / STATE_FILE
-    path.write_text(json.dumps(info, indent=2) + "\n")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(info, indent=2) + "\n")
     path.chmod(0o600)
+    if (state / "key_file.json").is_file():
+        (state / "key_file.json").chmod(0o600)
+
+
+def _keys(state: Path) -> dict:
+    try:
+        return json.loads((state / "key_file.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ServeError(f"{state / 'key_file.json'}: TorchServe's key file is unreadable ({e}); is the server "
+                         "running with token authorization?") from None
+
+
+TOKEN_TYPES = {"inference": ("token", "token_expires"), "management": ("management_token", "management_token_expires")}
+
+
+def rotate_token(state: str | Path, kinds=("inference",), timeout_s: float = 10.0) -> dict:
+    """Replace the running server's inference (and/or management) token through TorchServe's token API and
+    refresh serve.json; the old token is refused from then on. Clients re-read serve.json to pick it up."""
+    import requests
+
+    state = Path(state).resolve()
+    info = read_state(state)
+    if not _alive(info.get("pid")):
+        raise ServeError(f"no server from {state} is running; start one with modelship serve STORE --state {state}")
+    if not info.get("token"):
+        raise ServeError("this server runs without token authorization (--no-auth); there is no token to rotate")
+    for kind in kinds:
+        if kind not in TOKEN_TYPES:
+            raise ServeError(f"unknown token type '{kind}'; expected {' or '.join(TOKEN_TYPES)}")
+        before = _keys(state)[kind]["key"]
+        api = _keys(state)["API"]["key"]
+        r = requests.post(f"{info['management_url']}/token", params={"type": kind},
+                          headers={"Authorization": f"Bearer {api}"}, timeout=timeout_s)
+        if r.status_code != 200:
+            raise ServeError(f"TorchServe refused to rotate the {kind} token: HTTP {r.status_code} {r.text[:200]}")
+        deadline = time.monotonic() + timeout_s
+        while _keys(state)[kind]["key"] == before:
+            if time.monotonic() > deadline:
+                raise ServeError(f"TorchServe did not write a new {kind} token to {state / 'key_file.json'}")
+            time.sleep(0.05)
+    keys = _keys(state)
+    for kind, (field, expires) in TOKEN_TYPES.items():
+        info[field], info[expires] = keys[kind]["key"], keys[kind].get("expiration time")
+    _write_state(state, info)
     return info
 
 
@@ -196,8 +252,8 @@ def _wait_ready(proc, state: Path, info: dict, config: ServeConfig) -> None:
         if config.token_auth and info["token"] is None and (state / "key_file.json").is_file():
             try:
                 keys = json.loads((state / "key_file.json").read_text())
-                info["token"] = keys["inference"]["key"]
-                info["management_token"] = keys["management"]["key"]
+                for kind, (field, expires) in TOKEN_TYPES.items():
+                    info[field], info[expires] = keys[kind]["key"], keys[kind].get("expiration time")
             except (json.JSONDecodeError, KeyError):
                 pass
         if info["token"] or not config.token_auth:
