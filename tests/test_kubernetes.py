@@ -111,3 +111,16 @@ def test_service_and_autoscaler_point_at_the_deployment(k8s):
     assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
     for c in k8s["pod"]["containers"]:  # CPU utilization is relative to requests: every container needs them
         assert {"cpu", "memory"} <= c["resources"]["requests"].keys(), c["name"]
+
+
+def test_model_store_can_be_filled_and_shared(k8s):
+    """The loader pod mounts the same claim read-write; serving pods mount it read-only on any node (RWX)."""
+    pvc = k8s["docs"]["PersistentVolumeClaim", "modelship-model-store"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    loader = yaml.safe_load((DEPLOY / "tools" / "store-loader.yaml").read_text())
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in loader["spec"]["volumes"]}
+    mount = loader["spec"]["containers"][0]["volumeMounts"][0]
+    assert claims[mount["name"]] == pvc["metadata"]["name"] and not mount.get("readOnly")
+    served = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in k8s["pod"]["volumes"]}
+    assert pvc["metadata"]["name"] in served.values()
+    assert "runs/demo/model-store" in (DEPLOY / "model-store.yaml").read_text()  # where the pipeline writes

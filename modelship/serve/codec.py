@@ -1,4 +1,4 @@
-"""The REST format (DESIGN.md): simple JSON and Open Inference Protocol v2, in and out.
+"""The REST format (README, "REST format"): simple JSON and Open Inference Protocol v2, in and out.
 
 ``decode`` turns one request body into a feed with a leading batch dim (raising InputError with a
 message naming what was wrong and what was expected); ``encode`` turns that request's slice of the
