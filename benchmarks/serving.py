@@ -16,7 +16,8 @@ import numpy as np
 
 from modelship.bench import feed_for, measure
 from modelship.export.onnx_export import export
-from modelship.loadtests.runner import prepare, run_locust
+from modelship.loadtests.golden import prepare
+from modelship.loadtests.runner import run_locust
 from modelship.models.checkpoints import open_source
 from modelship.models.train import train_artifact
 from modelship.runners import open_runner

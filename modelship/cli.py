@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import GateError, ModelshipError, ParityError, ServeError
+from .export import DEFAULT_OPSET
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Take a trained PyTorch model to production and prove it still gives the same answers.")
@@ -105,7 +106,7 @@ def train(arch: str = typer.Argument(..., help="Zoo architecture: mlp, mlp-small
 @app.command()
 def export(src: Path = typer.Argument(..., help="Artifact dir, torch.export .pt2 file or Hugging Face directory."),
            out: Path = typer.Option(..., "--out"),
-           opset: int = typer.Option(17, "--opset", min=13, max=23),
+           opset: int = typer.Option(DEFAULT_OPSET, "--opset", min=13, max=23),
            exporter: Optional[str] = typer.Option(None, help="torchscript or dynamo (default: per source kind)."),
            data: Optional[str] = DataOpt,
            task: Optional[str] = typer.Option(None, "--task", help="classification or regression, when the checkpoint "
@@ -354,7 +355,7 @@ def serve(store: Optional[Path] = typer.Argument(None, help="Model store with .m
     import time as _time
 
     try:
-        while server._alive(info["pid"]):
+        while server.alive(info["pid"]):
             _time.sleep(1)
         raise ServeError(f"TorchServe exited; see {Path(state) / 'logs'}")
     except KeyboardInterrupt:
@@ -412,7 +413,9 @@ def loadtest(state: Path = typer.Option(..., "--state"), model: str = typer.Opti
              out: Optional[Path] = typer.Option(None, "--out", help="Where CSV/HTML reports go (default STATE/loadtest-MODEL)."),
              json_path: Optional[Path] = JsonOpt):
     """Locust load test of a served model: latency, and every answer checked against the reference."""
-    from .loadtests.runner import Gates, loadtest as run, parse_duration, served_tolerance
+    from .loadtests.golden import served_tolerance
+    from .loadtests.runner import loadtest as run, parse_duration
+    from .loadtests.summary import Gates
     from .models import data as datasets
 
     gates = Gates(slo_p95_ms, max_failure_ratio, min_agreement, max_recovery_s, max_memory_growth)
@@ -477,17 +480,15 @@ def pipeline(out: Path = typer.Option(Path("runs/demo"), "--out"),
             prog.update(task, advance=1)
 
         report = pl.run(out, cfg, progress=tick)
-    from .report import COLS, _cell
+    from .report import COLS, cell, verdict
 
     t = Table(title=f"pipeline {report['model']}")
     for _, h, _ in COLS:
         t.add_column(h, justify="right")
     for r in report["variants"]:
-        t.add_row(*[_cell(r[k], f) for k, _, f in COLS])
+        t.add_row(*[cell(r[k], f) for k, _, f in COLS])
     console.print(t)
-    from .report import _verdict
-
-    console.print(_verdict(report))
+    console.print(verdict(report))
     console.print(f"report: {Path(out).resolve() / 'report.html'} (and report.md, report.json)")
     write_json(json_path, report)
     if not report["passed"]:

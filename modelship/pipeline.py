@@ -8,6 +8,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .errors import ModelshipError
 
@@ -31,129 +32,184 @@ class Step:
     detail: dict = field(default_factory=dict)
 
 
-def run(out: str | Path, config: PipelineConfig | None = None, progress=None) -> dict:
-    from .bench import bench
-    from .export.onnx_export import export
-    from .loadtests.runner import Gates, loadtest
-    from .models.checkpoints import open_source
+@dataclass
+class Run:
+    """What the steps share: the artifacts made so far (by key), the served model names, the results."""
+
+    cfg: PipelineConfig
+    out: Path
+    arts: dict = field(default_factory=dict)
+    served: dict = field(default_factory=dict)  # variant key -> served model name
+    results: dict = field(default_factory=dict)  # variant key -> load-test result
+    benches: dict = field(default_factory=dict)  # variant key -> in-process bench rows
+
+    @property
+    def name(self) -> str:
+        return f"digits-{self.cfg.arch}"
+
+    @property
+    def state(self) -> Path:
+        return self.out / "serve-state"
+
+
+def _train(run: Run):
     from .models.train import train_artifact
-    from .parity import DEFAULT_TOLERANCES
-    from .quantize.distill import distill
-    from .quantize.variants import make_variant
-    from .runners import open_runner
-    from .serve import server
-    from .serve.archive import archive
+
+    run.arts["torch"] = train_artifact(run.cfg.arch, run.out / f"{run.name}-torch")
+
+
+def _export(run: Run):
+    from .export.onnx_export import export
+    from .models.checkpoints import open_source
     from .stages import gate_parity
 
-    cfg = config or PipelineConfig()
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    name = f"digits-{cfg.arch}"
-    arts: dict[str, object] = {}
-    steps: list[Step] = []
-    state = out / "serve-state"
+    src, module = open_source(run.arts["torch"].path)
+    art = export(src, module, run.out / f"{run.name}-onnx")
+    gate_parity(art, reference=(src, module))
+    run.arts["onnx"] = art
 
-    def step(label: str, fn, needs=()):
-        s = Step(label)
-        steps.append(s)
-        missing = [n for n in needs if n not in arts]
-        if missing:
-            s.status, s.error = "skipped", f"needs {', '.join(missing)}, which failed"
-        else:
-            t0 = time.perf_counter()
-            try:
-                s.detail = fn() or {}
-                s.status = "ok"
-            except ModelshipError as e:
-                s.status, s.error = "failed", str(e)
-            except Exception as e:  # noqa: BLE001 — recorded in the report, never hidden
-                s.status, s.error = "failed", f"{type(e).__name__}: {e}"
-                s.detail = {"traceback": traceback.format_exc(limit=5)}
-            s.seconds = round(time.perf_counter() - t0, 2)
-        if progress:
-            progress(s)
-        return s
 
-    def variant(key, src_key, mode):
-        def fn():
-            art = make_variant(arts[src_key], mode, out / f"{name}-{key}")
-            gate_parity(art)
-            arts[key] = art
-        return fn
+def _variant(key: str, src_key: str, mode: str):
+    def step(run: Run):
+        from .quantize.variants import make_variant
+        from .stages import gate_parity
 
-    def do_train():
-        arts["torch"] = train_artifact(cfg.arch, out / f"{name}-torch")
+        art = make_variant(run.arts[src_key], mode, run.out / f"{run.name}-{key}")
+        gate_parity(art)
+        run.arts[key] = art
+    return step
 
-    def do_export():
-        src, module = open_source(arts["torch"].path)
-        art = export(src, module, out / f"{name}-onnx")
-        gate_parity(art, reference=(src, module))
-        arts["onnx"] = art
 
-    def do_distill():
-        art, report = distill(arts["torch"].path, out / f"{name}-student-torch")
-        teacher = open_source(arts["torch"].path)
-        gate_parity(art, reference=teacher, tolerance=DEFAULT_TOLERANCES["student"])
-        src, module = open_source(art.path)
-        onnx_art = export(src, module, out / f"{name}-student-onnx")
-        gate_parity(onnx_art, parent=(src, module))  # judged against the teacher; the conversion against itself
-        arts["student"] = onnx_art
-        return {"distillation": report}
+def _distill(run: Run):
+    from .export.onnx_export import export
+    from .models.checkpoints import open_source
+    from .parity import DEFAULT_TOLERANCES
+    from .quantize.distill import distill
+    from .stages import gate_parity
 
-    served = {}
+    art, report = distill(run.arts["torch"].path, run.out / f"{run.name}-student-torch")
+    gate_parity(art, reference=open_source(run.arts["torch"].path), tolerance=DEFAULT_TOLERANCES["student"])
+    src, module = open_source(art.path)
+    onnx_art = export(src, module, run.out / f"{run.name}-student-onnx")
+    gate_parity(onnx_art, parent=(src, module))  # judged against the teacher; the conversion against itself
+    run.arts["student"] = onnx_art
+    return {"distillation": report}
 
-    def do_archive():
-        store = out / "model-store"
-        for key in ("torch", "onnx", "int8-dynamic", "int8-static", "fp16", "student"):
-            if key in arts:
-                archive(arts[key], store, name=f"{name}-{key}")
-                served[key] = f"{name}-{key}"
-        arts["store"] = store
-        return {"models": dict(served)}
 
-    def do_serve():
-        port = cfg.port or server.free_port()
-        arts["server"] = server.start(arts["store"], state, server.ServeConfig(port=port))
-        return {k: v for k, v in arts["server"].items() if "token" not in k}
+SERVED = ("torch", "onnx", "int8-dynamic", "int8-static", "fp16", "student")
 
-    results: dict[str, dict] = {}
 
-    def do_load(key):
-        def fn():
-            r = loadtest(state, served[key], out / "loadtests" / key, users=(cfg.users,),
-                         duration_s=cfg.loadtest_seconds, gates=Gates())
-            results[key] = r
-            if not r["passed"]:
-                raise ModelshipError("; ".join(r["gate_failures"]))
-            return {k: r[k] for k in ("requests", "failures", "rps", "p50_ms", "p95_ms", "p99_ms", "top1_agreement",
-                                      "max_abs_diff", "mismatches", "reference")}
-        return fn
+def _archive(run: Run):
+    from .serve.archive import archive
 
-    def do_stop():
-        server.stop(state)
+    store = run.out / "model-store"
+    for key in SERVED:
+        if key in run.arts:
+            archive(run.arts[key], store, name=f"{run.name}-{key}")
+            run.served[key] = f"{run.name}-{key}"
+    run.arts["store"] = store
+    return {"models": dict(run.served)}
 
-    benches: dict[str, list] = {}
 
-    def do_bench():
-        for key, art in arts.items():
-            if hasattr(art, "manifest"):
-                benches[key] = bench(open_runner(art), (1, 32), cfg.bench_seconds)
+def _serve(run: Run):
+    from .serve import server
 
-    step("train", do_train)
-    step("export", do_export, needs=("torch",))
-    step("quantize dynamic", variant("int8-dynamic", "onnx", "dynamic"), needs=("onnx",))
-    step("quantize static", variant("int8-static", "onnx", "static"), needs=("onnx",))
-    step("quantize fp16", variant("fp16", "onnx", "fp16"), needs=("onnx",))
-    step("distill", do_distill, needs=("torch",))
-    step("archive", do_archive, needs=("torch",))
-    step("serve", do_serve, needs=("store",))
-    try:
-        for key in list(served):
-            step(f"loadtest {key}", do_load(key), needs=("server",))
-    finally:
-        if "server" in arts:
-            step("stop", do_stop)
-    step("bench in-process", do_bench)
+    port = run.cfg.port or server.free_port()
+    run.arts["server"] = server.start(run.arts["store"], run.state, server.ServeConfig(port=port))
+    return {k: v for k, v in run.arts["server"].items() if "token" not in k}
+
+
+def _loadtest(run: Run, key: str):
+    from .loadtests.runner import loadtest
+    from .loadtests.summary import Gates
+
+    r = loadtest(run.state, run.served[key], run.out / "loadtests" / key, users=(run.cfg.users,),
+                 duration_s=run.cfg.loadtest_seconds, gates=Gates())
+    run.results[key] = r
+    if not r["passed"]:
+        raise ModelshipError("; ".join(r["gate_failures"]))
+    return {k: r[k] for k in ("requests", "failures", "rps", "p50_ms", "p95_ms", "p99_ms", "top1_agreement",
+                              "max_abs_diff", "mismatches", "reference")}
+
+
+def _stop(run: Run):
+    from .serve import server
+
+    server.stop(run.state)
+
+
+def _bench(run: Run):
+    from .bench import bench
+    from .runners import open_runner
+
+    for key, art in run.arts.items():
+        if hasattr(art, "manifest"):
+            run.benches[key] = bench(open_runner(art), (1, 32), run.cfg.bench_seconds)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    fn: Callable  # fn(run), or fn(run, key) for a per-variant stage
+    needs: tuple = ()  # keys of run.arts that earlier stages must have made
+    per_variant: bool = False  # one step per served variant, named "NAME KEY"
+    cleanup: bool = False  # runs even when the pipeline is interrupted (once its needs are met)
+
+
+STAGES = [
+    Stage("train", _train),
+    Stage("export", _export, ("torch",)),
+    Stage("quantize dynamic", _variant("int8-dynamic", "onnx", "dynamic"), ("onnx",)),
+    Stage("quantize static", _variant("int8-static", "onnx", "static"), ("onnx",)),
+    Stage("quantize fp16", _variant("fp16", "onnx", "fp16"), ("onnx",)),
+    Stage("distill", _distill, ("torch",)),
+    Stage("archive", _archive, ("torch",)),
+    Stage("serve", _serve, ("store",)),
+    Stage("loadtest", _loadtest, ("server",), per_variant=True),
+    Stage("stop", _stop, ("server",), cleanup=True),
+    Stage("bench in-process", _bench),
+]
+
+
+def _step(run: Run, steps: list, label: str, fn, needs, progress) -> None:
+    s = Step(label)
+    steps.append(s)
+    missing = [n for n in needs if n not in run.arts]
+    if missing:
+        s.status, s.error = "skipped", f"needs {', '.join(missing)}, which failed"
+    else:
+        t0 = time.perf_counter()
+        try:
+            s.detail = fn() or {}
+            s.status = "ok"
+        except ModelshipError as e:
+            s.status, s.error = "failed", str(e)
+        except Exception as e:  # noqa: BLE001 — recorded in the report, never hidden
+            s.status, s.error = "failed", f"{type(e).__name__}: {e}"
+            s.detail = {"traceback": traceback.format_exc(limit=5)}
+        s.seconds = round(time.perf_counter() - t0, 2)
+    if progress:
+        progress(s)
+
+
+def run(out: str | Path, config: PipelineConfig | None = None, progress=None) -> dict:
+    """Every stage in order; a cleanup stage (stop the server) also runs when the pipeline is interrupted."""
     from .report import build
 
-    return build(out, cfg, steps, arts, results, benches)
+    r = Run(config or PipelineConfig(), Path(out).resolve())
+    r.out.mkdir(parents=True, exist_ok=True)
+    steps: list[Step] = []
+    done = set()
+    try:
+        for st in STAGES:
+            if st.cleanup and not all(n in r.arts for n in st.needs):
+                continue  # nothing to clean up (as the stop step was before: only once a server ran)
+            for key in (list(r.served) if st.per_variant else [None]):
+                fn = (lambda st=st, key=key: st.fn(r, key)) if st.per_variant else (lambda st=st: st.fn(r))
+                _step(r, steps, f"{st.name} {key}" if key else st.name, fn, st.needs, progress)
+            done.add(st.name)
+    finally:
+        for st in STAGES:
+            if st.cleanup and st.name not in done and all(n in r.arts for n in st.needs):
+                st.fn(r)
+    return build(r.out, r.cfg, steps, r.arts, r.results, r.benches)

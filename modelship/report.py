@@ -101,7 +101,7 @@ COLS = [("variant", "variant", None), ("precision", "precision", None), ("size_m
         ("served_max_abs_diff", "served max |Δ|", ".2g"), ("inproc_p50_ms_b1", "in-process p50 ms (b=1)", ".3f")]
 
 
-def _cell(v, spec):
+def cell(v, spec):
     if v is None:
         return "—"
     if isinstance(v, bool):
@@ -128,7 +128,7 @@ def build(out: Path, cfg, steps, arts, results, benches) -> dict:
     return report
 
 
-def _verdict(report) -> str:
+def verdict(report) -> str:
     b = report["fastest_within_budget"]
     if not b:
         return "No variant passed its load test within the accuracy budget."
@@ -137,9 +137,9 @@ def _verdict(report) -> str:
 
 
 def _markdown(report, rows, plots) -> str:
-    lines = [f"# modelship report — {report['model']}", "", _verdict(report), "",
+    lines = [f"# modelship report — {report['model']}", "", verdict(report), "",
              "| " + " | ".join(h.replace("|", "\\|") for _, h, _ in COLS) + " |", "|" + "---|" * len(COLS)]
-    lines += ["| " + " | ".join(_cell(r[k], f) for k, _, f in COLS) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r[k], f) for k, _, f in COLS) + " |" for r in rows]
     lines += ["", "## Steps", "", "| step | status | seconds | error |", "|---|---|---|---|"]
     lines += [f"| {s['name']} | {s['status']} | {s['seconds']} | {(s['error'] or '').replace('|', '/')[:300]} |"
               for s in report["steps"]]
@@ -151,7 +151,7 @@ def _html(report, rows, plots) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in COLS)
     best = (report["fastest_within_budget"] or {}).get("variant")
     body = "".join("<tr" + (' class="best"' if r["variant"] == best else "") + ">" +
-                   "".join(f"<td class='{'bad' if _cell(r[k], f) == 'FAIL' else ''}'>{html.escape(_cell(r[k], f))}</td>"
+                   "".join(f"<td class='{'bad' if cell(r[k], f) == 'FAIL' else ''}'>{html.escape(cell(r[k], f))}</td>"
                            for k, _, f in COLS) + "</tr>" for r in rows)
     steps = "".join(f"<tr class='{s['status']}'><td>{html.escape(s['name'])}</td><td>{s['status']}</td>"
                     f"<td>{s['seconds']}</td><td>{html.escape((s['error'] or '')[:400])}</td></tr>"
@@ -165,7 +165,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right;font-size:14px}}th
 tr.best td{{background:#e6f6e6;font-weight:600}}td.bad,tr.failed td{{background:#fde8e8}}tr.skipped td{{color:#888}}
 figure{{display:inline-block;margin:0 1em 1em 0}}img{{max-width:640px;border:1px solid #ddd}}.verdict{{font-size:1.15em}}</style>
 </head><body><h1>modelship report — {html.escape(report['model'])}</h1>
-<p class="verdict">{html.escape(_verdict(report))}</p>
+<p class="verdict">{html.escape(verdict(report))}</p>
 <h2>Variants</h2><table><tr>{head}</tr>{body}</table>
 <h2>Plots</h2>{imgs}
 <h2>Steps</h2><table><tr><th>step</th><th>status</th><th>seconds</th><th>error</th></tr>{steps}</table>

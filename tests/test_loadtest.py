@@ -92,7 +92,7 @@ def test_probabilities_are_judged_not_only_labels(served, work, tmp_path, cnn):
 
 def test_summary_counts_failures_in_latency_and_skips_warmup(tmp_path):
     """Percentiles include failed and timed-out requests at their time to failure; the warm-up counts nowhere."""
-    from modelship.loadtests.runner import Gates, summarize
+    from modelship.loadtests.summary import Gates, summarize
 
     (tmp_path / "t_stats.csv").write_text("Type,Name\n")
     ok = [True, True, 0.0]

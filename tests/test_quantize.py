@@ -129,19 +129,21 @@ def test_distill_teacher_without_training_data(tmp_path, text):
     assert p.returncode != 0 and "no shipped training data" in p.stderr
 
 
-def test_distilled_student(tmp_path, cnn):
-    """Over three seeds: <= 0.25x the teacher's parameters, accuracy >= teacher - 1 point, and at least as
-    good on average as the same student trained without distillation."""
+@pytest.mark.parametrize("seeds", [(0,), pytest.param((0, 1, 2), marks=pytest.mark.slow)])
+def test_distilled_student(tmp_path, cnn, seeds):
+    """Over the seeds: <= 0.25x the teacher's parameters, accuracy >= teacher - 1 point, and at least as
+    good on average as the same student trained without distillation (three seeds in the slow run)."""
     from modelship.quantize.distill import distill
 
     kd, plain = [], []
-    for seed in (0, 1, 2):
+    for seed in seeds:
         art, rep = distill(cnn.path, tmp_path / f"s{seed}", seed=seed)
         assert rep["parameter_ratio"] <= 0.25
         assert rep["student"]["accuracy"] >= rep["teacher"]["accuracy"] - 0.01
         kd.append(rep["student"]["accuracy"])
         plain.append(rep["student_without_distillation"]["accuracy"])
-    assert np.mean(kd) >= np.mean(plain)
+    if len(seeds) > 1:  # one seed says nothing about "on average": the slow run compares three
+        assert np.mean(kd) >= np.mean(plain)
 
 
 def test_distill_cli_and_student_is_an_ordinary_artifact(tmp_path, cnn):

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from conftest import cli
-from modelship.loadtests.runner import Gates
+from modelship.loadtests.summary import Gates
 from modelship.models import data as datasets
 from modelship.runners.torch_runner import TorchRunner
 from modelship.serve import server
@@ -45,9 +45,10 @@ def _loadtest(info, tmp_path, *args):
     return p, json.loads((tmp_path / "r.json").read_text())
 
 
-def test_worker_killed_during_load_is_replaced_and_answers_stay_correct(sturdy, tmp_path):
-    p, r = _loadtest(sturdy, tmp_path, "--users", "4", "--duration", "20s", "--kill-worker-at", "6s",
-                     "--max-recovery-s", "15", "--max-failure-ratio", "0.01")
+@pytest.mark.parametrize("duration,kill_at", [("12s", "4s"), pytest.param("20s", "6s", marks=pytest.mark.slow)])
+def test_worker_killed_during_load_is_replaced_and_answers_stay_correct(sturdy, tmp_path, duration, kill_at):
+    p, r = _loadtest(sturdy, tmp_path, "--users", "4", "--duration", duration, "--kill-worker-at", kill_at,
+                     "--max-recovery-s", "15", "--max-failure-ratio", "0.01", "--warmup", "0")
     assert p.returncode == 0, p.stderr
     f = r["fault"]
     assert f["killed_pid"] not in f["workers_after"] and len(f["workers_after"]) == 1
@@ -57,10 +58,11 @@ def test_worker_killed_during_load_is_replaced_and_answers_stay_correct(sturdy, 
     assert "recovered in" in p.stdout
 
 
-def test_fixed_rate_soak_has_no_failures_and_flat_worker_memory(sturdy, tmp_path):
-    rate, seconds = 50, 60
+@pytest.mark.parametrize("seconds", [20, pytest.param(60, marks=pytest.mark.slow)])
+def test_fixed_rate_soak_has_no_failures_and_flat_worker_memory(sturdy, tmp_path, seconds):
+    rate = 50
     p, r = _loadtest(sturdy, tmp_path, "--users", "4", "--duration", f"{seconds}s", "--rate", str(rate),
-                     "--max-memory-growth", "0.10")
+                     "--max-memory-growth", "0.10", "--warmup", "0")
     assert p.returncode == 0, p.stderr
     assert r["failures"] == 0 and r["mismatches"] == 0 and r["max_ms"] < 1000
     assert abs(r["requests"] - rate * seconds) < 0.15 * rate * seconds  # it held the fixed rate

@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 
 from ..errors import ExportError
+from . import DEFAULT_OPSET
 from ..manifest import Artifact, Manifest, inherited_extra, lineage, relpath, write_artifact
 from ..models import data as datasets
 
-DEFAULT_OPSET = 17
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,25 @@
-"""The one comparison of a served answer with the golden outputs of the root PyTorch model, used by the
-Locust user for every request and by the fault monitor for its probe after a worker kill.
+"""Golden outputs of the root PyTorch model for a served model (``prepare``: request bodies and every output
+of the reference on the evaluation data) and the one comparison of a served answer with them (``check``),
+used by the Locust user for every request and by the fault monitor for its probe after a worker kill.
 
 Every part of the answer is judged: a classifier's label (agreement) and probabilities, and every other
 output it returns, matched by name, shape-checked, within the artifact's precision tolerance."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
+
+from ..errors import ArtifactError, ServeError
+from ..manifest import load_artifact
+from ..models import data as datasets
+from ..parity import Tolerance, collect, tolerance_of
+from ..serve.archive import read_mar
+from ..serve.codec import softmax
+from ..serve.server import read_state
 
 
 @dataclass
@@ -69,3 +80,59 @@ def check(spec: dict, golden, i: int, payload: dict) -> Verdict:
         problems.append(f"unexpected output(s) {', '.join(sorted(returned))}")
     within = not [p for p in problems if not p.startswith("label index")]
     return Verdict(label_ok, within, worst, f"sample {i}: " + "; ".join(problems) if problems else "")
+
+
+def served_tolerance(state, model: str, overrides: dict | None = None, per_output: dict | None = None) -> Tolerance:
+    """The served artifact's precision tolerance with the command line's overrides."""
+    info = read_state(state)
+    if model not in info["models"]:
+        raise ServeError(f"model '{model}' is not served from {state}; served: {', '.join(info['models'])}")
+    tol = tolerance_of(read_mar(Path(info["store"]) / f"{model}.mar")).override(**(overrides or {}))
+    return tol.override(per_output={**tol.per_output, **per_output}) if per_output else tol
+
+
+def prepare(state: str | Path, model: str, out_dir: Path, reference: str | Path | None = None,
+            samples: int | None = None, data: dict | None = None, tolerance: Tolerance | None = None) -> dict:
+    """Write the request bodies and the golden outputs of the root PyTorch model for one served model.
+    ``data``: the user's evaluation data (default: the served artifact's); ``tolerance``: overrides of the
+    served artifact's precision tolerance."""
+    from ..models.checkpoints import open_source
+    from ..runners.torch_runner import TorchRunner
+    from ..stages import reference_of
+
+    info = read_state(state)
+    if model not in info["models"]:
+        raise ServeError(f"model '{model}' is not served from {state}; served: {', '.join(info['models'])}")
+    served = read_mar(Path(info["store"]) / f"{model}.mar")
+    source = (served.extra.get("archive") or {}).get("source")
+    if reference:
+        ref_art, module = open_source(reference)
+    elif source and Path(source).is_dir():
+        ref_art, module = reference_of(load_artifact(source, verify=False))
+    else:
+        raise ArtifactError(f"cannot find the reference model of '{model}'; pass --reference PATH")
+    feed, _ = datasets.load(data or served.data, "test", served.inputs)
+    if samples:
+        feed = {k: v[:samples] for k, v in feed.items()}
+    ref = collect(TorchRunner(ref_art, module=module), feed)
+    n = len(next(iter(feed.values())))
+    names = [t.name for t in served.inputs]
+    outputs = [t.name for t in served.outputs]
+    missing = [o for o in outputs if o not in ref]
+    if missing:
+        raise ArtifactError(f"the reference {ref_art.path} has no output(s) {', '.join(missing)} that '{model}' answers")
+    bodies = [json.dumps({"inputs": feed[names[0]][i].tolist()} if len(names) == 1 else
+                         {"inputs": {k: feed[k][i].tolist() for k in names}}) for i in range(n)]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    golden = {f"out{j}": ref[o] for j, o in enumerate(outputs)}
+    if served.task == "classification":
+        probs = softmax(ref[outputs[0]])
+        golden.update(probabilities=probs, index=probs.argmax(-1))
+    np.savez(out_dir / "golden.npz", **golden)
+    (out_dir / "bodies.json").write_text(json.dumps(bodies))
+    tol = tolerance or tolerance_of(served)
+    return {"model": model, "path": f"/predictions/{model}", "token": info.get("token"), "task": served.task,
+            "precision": served.precision, "outputs": outputs, "tolerance": asdict(tol),
+            "golden": str(out_dir / "golden.npz"), "bodies": str(out_dir / "bodies.json"),
+            "report": str(out_dir / "parity_counts.json"), "host": info["inference_url"],
+            "reference": str(ref_art.path), "data": datasets.describe(data or served.data), "samples": n}

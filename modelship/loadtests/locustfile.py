@@ -17,11 +17,12 @@ import numpy as np
 from locust import FastHttpUser, constant, constant_throughput, events, task
 
 from modelship.loadtests.golden import check
+from modelship.serve.server import bearer
 
 SPEC = json.loads(open(os.environ["MODELSHIP_LOADTEST"]).read())
 GOLDEN = np.load(SPEC["golden"], allow_pickle=False) if SPEC.get("golden") else None
 BODIES = json.loads(open(SPEC["bodies"]).read()) if SPEC.get("bodies") else []
-HEADERS = {"Content-Type": "application/json", **({"Authorization": f"Bearer {SPEC['token']}"} if SPEC.get("token") else {})}
+HEADERS = {"Content-Type": "application/json", **bearer(SPEC.get("token"))}
 
 
 def _fresh():

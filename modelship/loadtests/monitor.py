@@ -12,6 +12,7 @@ import numpy as np
 import requests
 
 from ..serve import workers
+from ..serve.server import bearer
 from .golden import check
 
 
@@ -51,8 +52,7 @@ class Monitor(threading.Thread):
         """Send sample 0 until it is answered with 200; True if that answer matches the reference."""
         body = json.loads(open(self.spec["bodies"]).read())[0]
         golden = np.load(self.spec["golden"])
-        hdr = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self.spec['token']}"}
-                                                      if self.spec.get("token") else {})}
+        hdr = {"Content-Type": "application/json", **bearer(self.spec.get("token"))}
         while time.monotonic() < deadline:
             try:
                 r = requests.post(self.spec["host"] + self.spec["path"], data=body, headers=hdr, timeout=30)

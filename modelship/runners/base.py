@@ -40,11 +40,11 @@ class Runner:
             if a.dtype != dtype:
                 raise InputError(f"input '{spec.name}': dtype {a.dtype}, expected {spec.dtype}")
             if a.ndim != len(spec.shape):
-                raise InputError(f"input '{spec.name}': shape {list(a.shape)} has {a.ndim} dims, expected {_fmt(spec.shape)}")
+                raise InputError(f"input '{spec.name}': shape {list(a.shape)} has {a.ndim} dims, expected {fmt_shape(spec.shape)}")
             for got, want in zip(a.shape, spec.shape):
                 if isinstance(want, int):
                     if got != want:
-                        raise InputError(f"input '{spec.name}': shape {list(a.shape)}, expected {_fmt(spec.shape)}")
+                        raise InputError(f"input '{spec.name}': shape {list(a.shape)}, expected {fmt_shape(spec.shape)}")
                 elif dims.setdefault(want, got) != got:
                     raise InputError(f"input '{spec.name}': dim '{want}' is {got} but {dims[want]} in another input; "
                                      f"expected the same {want} for every input")
@@ -52,7 +52,7 @@ class Runner:
                     raise InputError(f"input '{spec.name}': dim '{want}' is 0; expected at least 1")
 
     def signature(self) -> str:
-        return ", ".join(f"{t.name}: {t.dtype}{_fmt(t.shape)}" for t in self.inputs)
+        return ", ".join(f"{t.name}: {t.dtype}{fmt_shape(t.shape)}" for t in self.inputs)
 
     def _infer(self, feed: dict) -> dict:
         raise NotImplementedError
@@ -68,5 +68,5 @@ def check_names(expected, given, wanted: str) -> None:
         raise InputError(f"{'; '.join(parts)}; expected {wanted}")
 
 
-def _fmt(shape) -> str:
+def fmt_shape(shape) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ArtifactError, ServeError
-from .server import read_state
+from .server import bearer, read_state
 
 
 def body_from_file(path: str | Path) -> bytes:
@@ -27,9 +27,7 @@ def post(state: str | Path, model: str, body: bytes, timeout: float = 30.0):
     info = read_state(state)
     if model not in info["models"]:
         raise ServeError(f"model '{model}' is not served from {state}; served: {', '.join(info['models'])}")
-    headers = {"Content-Type": "application/json"}
-    if info.get("token"):
-        headers["Authorization"] = f"Bearer {info['token']}"
+    headers = {"Content-Type": "application/json", **bearer(info.get("token"))}
     try:
         return requests.post(f"{info['inference_url']}/predictions/{model}", data=body, headers=headers, timeout=timeout)
     except requests.RequestException as e:

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..manifest import Manifest
-from ..runners.base import check_names
+from ..runners.base import check_names, fmt_shape
 
 V2_DTYPES = {"float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32", "bool": "BOOL"}
 V2_NUMPY = {v: k for k, v in V2_DTYPES.items()} | {"FP64": "float64"}
@@ -76,7 +76,7 @@ class Codec:
                 is_batch = True
             else:
                 raise InputError(f"input '{name}': got {arr.ndim} dims {list(arr.shape)}; expected one sample of shape "
-                                 f"{_fmt(spec.shape[1:])} or a list of them {_fmt(spec.shape)}")
+                                 f"{fmt_shape(spec.shape[1:])} or a list of them {fmt_shape(spec.shape)}")
             if batched is not None and batched != is_batch:
                 raise InputError("inputs mix single samples and lists of samples; send the same form for every input")
             batched = is_batch
@@ -108,7 +108,7 @@ class Codec:
                 raise InputError(f"input '{name}': {arr.size} values do not fill shape {shape}")
             arr = arr.reshape(shape)
             if arr.ndim != len(spec.shape):
-                raise InputError(f"input '{name}': shape {shape}, expected {_fmt(spec.shape)}")
+                raise InputError(f"input '{name}': shape {shape}, expected {fmt_shape(spec.shape)}")
             feed[name] = arr
         req = Request(feed, "v2", True, request_id if isinstance(request_id, str) else None)
         self._check_shapes(req)
@@ -151,7 +151,7 @@ class Codec:
                 if isinstance(want, int) and got != want:
                     shown = list(arr.shape if req.batched else arr.shape[1:])
                     expect = spec.shape if req.batched else spec.shape[1:]
-                    raise InputError(f"input '{name}': shape {shown}, expected {_fmt(expect)}")
+                    raise InputError(f"input '{name}': shape {shown}, expected {fmt_shape(expect)}")
                 if isinstance(want, str):
                     if got < 1:
                         raise InputError(f"input '{name}': dim '{want}' is {got}; expected at least 1")
@@ -163,8 +163,8 @@ class Codec:
     def example(self) -> str:
         if len(self.specs) == 1:
             spec = next(iter(self.specs.values()))
-            return f'{{"inputs": <one sample as a nested list of shape {_fmt(spec.shape[1:])}>}}'
-        return '{"inputs": {' + ", ".join(f'"{n}": <{_fmt(s.shape[1:])}>' for n, s in self.specs.items()) + "}}"
+            return f'{{"inputs": <one sample as a nested list of shape {fmt_shape(spec.shape[1:])}>}}'
+        return '{"inputs": {' + ", ".join(f'"{n}": <{fmt_shape(s.shape[1:])}>' for n, s in self.specs.items()) + "}}"
 
     # ---- encoding ----------------------------------------------------------------------------
     def encode(self, req: Request, outputs: dict) -> dict:
@@ -200,6 +200,3 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def error_body(code: int, message: str) -> dict:
     return {"code": code, "message": message}
 
-
-def _fmt(shape) -> str:
-    return "[" + ", ".join(str(d) for d in shape) + "]"

@@ -24,6 +24,11 @@ from ..errors import MissingDependencyError, ServeError
 from .archive import read_mar
 
 STATE_FILE = "serve.json"
+
+
+def bearer(token: str | None) -> dict:
+    """The Authorization header TorchServe's token check wants (none when auth is off)."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
 FATAL_LOG = re.compile(r"(modelship: refusing to load.*|ModuleNotFoundError.*|Load model failed.*|"
                        r"Failed to load model.*|ArtifactError.*|Backend worker process died.*)")
 
@@ -110,7 +115,7 @@ def read_state(state: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _alive(pid: int | None) -> bool:
+def alive(pid: int | None) -> bool:
     if not pid:
         return False
     try:
@@ -137,7 +142,7 @@ def start(store: str | Path, state: str | Path, config: ServeConfig | None = Non
         raise ServeError(f"{store}: no .mar files; create one with: modelship archive ARTIFACT --out {store}")
     models = {m.stem: read_mar(m).name for m in mars}  # a broken .mar fails here, in one line
     old = state / STATE_FILE
-    if old.is_file() and _alive(json.loads(old.read_text()).get("pid")):
+    if old.is_file() and alive(json.loads(old.read_text()).get("pid")):
         raise ServeError(f"a server from {state} is still running; stop it: modelship serve --stop --state {state}")
     for p in range(config.port, config.port + PORTS):
         if not port_free(p):
@@ -210,7 +215,7 @@ def rotate_token(state: str | Path, kinds=("inference",), timeout_s: float = 10.
 
     state = Path(state).resolve()
     info = read_state(state)
-    if not _alive(info.get("pid")):
+    if not alive(info.get("pid")):
         raise ServeError(f"no server from {state} is running; start one with modelship serve STORE --state {state}")
     if not info.get("token"):
         raise ServeError("this server runs without token authorization (--no-auth); there is no token to rotate")
@@ -220,7 +225,7 @@ def rotate_token(state: str | Path, kinds=("inference",), timeout_s: float = 10.
         before = _keys(state)[kind]["key"]
         api = _keys(state)["API"]["key"]
         r = requests.post(f"{info['management_url']}/token", params={"type": kind},
-                          headers={"Authorization": f"Bearer {api}"}, timeout=timeout_s)
+                          headers=bearer(api), timeout=timeout_s)
         if r.status_code != 200:
             raise ServeError(f"TorchServe refused to rotate the {kind} token: HTTP {r.status_code} {r.text[:200]}")
         deadline = time.monotonic() + timeout_s
@@ -317,7 +322,7 @@ def stop(state: str | Path) -> bool:
     """Stop the server recorded in STATE/serve.json; False if none was running."""
     info = read_state(state)
     pid = info.get("pid")
-    running = _alive(pid)
+    running = alive(pid)
     if pid:
         _kill_group(pid)
     (Path(state) / STATE_FILE).unlink(missing_ok=True)

@@ -12,11 +12,12 @@ import psutil
 import requests
 
 from ..errors import ServeError
+from .server import bearer
 
 
 def describe(info: dict, model: str, timeout_s: float = 5.0) -> list[dict]:
     """The model's workers as the management API reports them (id, pid, status)."""
-    hdr = {"Authorization": f"Bearer {info['management_token']}"} if info.get("management_token") else {}
+    hdr = bearer(info.get("management_token"))
     try:
         r = requests.get(f"{info['management_url']}/models/{model}", headers=hdr, timeout=timeout_s)
     except requests.RequestException as e:

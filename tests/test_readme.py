@@ -1,0 +1,52 @@
+"""The README's quick start runs as written (on CPU): every command of its first `$M ...` block, in order, in a
+fresh folder, with the files it names made here first. Two things are shortened for CI and said so: load-test
+durations (30s -> 2s) and the server's port (a free one instead of 8080)."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from modelship.models import data as datasets
+from modelship.models.checkpoints import open_source
+from modelship.serve import server
+
+pytestmark = pytest.mark.serve
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def quick_start() -> str:
+    blocks = re.findall(r"```sh\n(.*?)```", README.read_text(), re.S)
+    return next(b for b in blocks if b.startswith("M=.venv/bin/modelship"))
+
+
+def test_quick_start_block_runs_as_written(tmp_path, cnn):
+    script = quick_start()
+    assert script.count("\n$M ") >= 14  # every stage: train ... serve --stop
+    _, module = open_source(cnn.path)  # the files the block names
+    ep = torch.export.export(module, (torch.randn(4, 1, 8, 8),),
+                             dynamic_shapes={"pixels": {0: torch.export.Dim("batch", min=1)}})
+    torch.export.save(ep, tmp_path / "model.pt2")
+    feed, y = datasets.load({"name": "digits"}, "test", cnn.manifest.inputs)
+    np.savez(tmp_path / "mine.npz", pixels=feed["pixels"][:120], labels=y[:120])
+    np.save(tmp_path / "sample.npy", feed["pixels"][0])
+    from transformers import BertConfig, BertForSequenceClassification
+
+    BertForSequenceClassification(BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                             intermediate_size=64, num_labels=3)).save_pretrained(tmp_path / "my-hf-bert")
+    run = (script.replace("M=.venv/bin/modelship", f"M={Path(sys.executable).with_name('modelship')}")
+           .replace("--duration 30s", "--duration 2s")
+           .replace("--state runs/x/state --detach", f"--state runs/x/state --detach --port {server.free_port()}"))
+    try:
+        p = subprocess.run(["bash", "-euo", "pipefail", "-c", run], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=900)
+    finally:
+        if (tmp_path / "runs/x/state/serve.json").is_file():
+            server.stop(tmp_path / "runs/x/state")
+    assert p.returncode == 0, f"stdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}"
+    assert (tmp_path / "parity.json").is_file() and (tmp_path / "runs/x/store/cnn-int8.mar").is_file()
+    assert '"label"' in p.stdout and "loadtest cnn-int8" in p.stdout and "stopped" in p.stdout
