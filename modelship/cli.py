@@ -413,7 +413,6 @@ def loadtest(state: Path = typer.Option(..., "--state"), model: str = typer.Opti
              out: Optional[Path] = typer.Option(None, "--out", help="Where CSV/HTML reports go (default STATE/loadtest-MODEL)."),
              json_path: Optional[Path] = JsonOpt):
     """Locust load test of a served model: latency, and every answer checked against the reference."""
-    from .loadtests.golden import served_tolerance
     from .loadtests.runner import loadtest as run, parse_duration
     from .loadtests.summary import Gates
     from .models import data as datasets
@@ -423,12 +422,12 @@ def loadtest(state: Path = typer.Option(..., "--state"), model: str = typer.Opti
     secs = parse_duration(duration)
     kill_at = parse_duration(kill_worker_at) if kill_worker_at else None
     judge = judge_opts(max_abs_diff, min_agreement, None, rtol, output_tol, False)
-    tol = served_tolerance(state, model, {**judge["overrides"], "max_prob_diff": max_prob_diff}, judge["per_output"])
     with err.status(f"load-testing {model} ({', '.join(map(str, levels))} users, {duration} each)…"):
         result = run(state, model, out or Path(state) / f"loadtest-{model}", users=levels, spawn_rate=spawn_rate,
                      duration_s=secs, workers=workers, gates=gates, reference=reference, rate=rate,
                      kill_worker_at_s=kill_at, warmup_s=parse_duration(warmup) if warmup else None,
-                     data=datasets.resolve(data), tolerance=tol)
+                     data=datasets.resolve(data), overrides={**judge["overrides"], "max_prob_diff": max_prob_diff},
+                     per_output=judge["per_output"])
     t = Table(title=f"loadtest {model} vs {Path(result['reference']).name}"
               + (f" ({workers} Locust workers)" if workers else ""))
     for c in ("users", "requests", "failures", "rps", "p50 ms", "p95 ms", "p99 ms", "checked", "mismatches",

@@ -49,14 +49,10 @@ def parity_record(art: Artifact, reference=None, split: str = "test", provider=N
                    allow_weak=allow_weak, data=data)
 
 
-def gate_parity(art: Artifact, reference=None, json_path: Path | None = None, parent=None, data: dict | None = None,
-                **kw) -> dict:
+def gate_parity(art: Artifact, reference=None, json_path: Path | None = None, parent=None, **kw) -> dict:
     """Judge ``art`` against the root PyTorch model of its lineage, record the result in its manifest and
     --json, then fail if it did not pass. ``parent``: the PyTorch model it was converted from, when that is
-    not the root (a distilled student): the conversion itself is then also held to its precision's tolerance.
-    ``data``: the user's evaluation data, recorded in the manifest and used from then on."""
-    if data is not None:
-        art.manifest.data = data
+    not the root (a distilled student): the conversion itself is then also held to its precision's tolerance."""
     rec = parity_record(art, reference, **kw)
     if parent is not None:
         from .parity import default_tolerance

@@ -114,3 +114,18 @@ def test_concurrency_sweep(served, work, tmp_path):
     r = json.loads((tmp_path / "r.json").read_text())
     assert [lv["users"] for lv in r["levels"]] == [1, 4]
     assert all(lv["requests"] > 0 and lv["top1_agreement"] == 1.0 for lv in r["levels"])
+
+
+def test_agreement_gate_judges_what_the_run_can_show():
+    """INT8's floor 0.99: one known disagreement in 93 answers cannot show agreement below it; 95 % in 1000 can.
+    FP32's floor 1.0: a single differing label fails."""
+    from modelship.loadtests.summary import Gates, wilson_upper
+
+    def run(agree, n, floor):
+        r = {"requests": n, "failures": 0, "p95_ms": 1.0, "top1_agreement": agree / n, "label_mismatches": n - agree,
+             "agreement_upper_95": wilson_upper(agree, n), "tolerance": {"min_top1_agreement": floor}}
+        return Gates().judge(r)
+
+    assert run(92, 93, 0.99) == [] and run(1000, 1000, 1.0) == []
+    assert run(950, 1000, 0.99)[0].startswith("agreement: 0.9500 (95% upper bound 0.96")
+    assert run(999, 1000, 1.0)[0].startswith("agreement: 0.9990")

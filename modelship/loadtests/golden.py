@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import ArtifactError, ServeError
 from ..manifest import load_artifact
 from ..models import data as datasets
-from ..parity import Tolerance, collect, tolerance_of
+from ..parity import collect, tolerance_of
 from ..serve.archive import read_mar
 from ..serve.codec import softmax
 from ..serve.server import read_state
@@ -82,20 +82,12 @@ def check(spec: dict, golden, i: int, payload: dict) -> Verdict:
     return Verdict(label_ok, within, worst, f"sample {i}: " + "; ".join(problems) if problems else "")
 
 
-def served_tolerance(state, model: str, overrides: dict | None = None, per_output: dict | None = None) -> Tolerance:
-    """The served artifact's precision tolerance with the command line's overrides."""
-    info = read_state(state)
-    if model not in info["models"]:
-        raise ServeError(f"model '{model}' is not served from {state}; served: {', '.join(info['models'])}")
-    tol = tolerance_of(read_mar(Path(info["store"]) / f"{model}.mar")).override(**(overrides or {}))
-    return tol.override(per_output={**tol.per_output, **per_output}) if per_output else tol
-
-
 def prepare(state: str | Path, model: str, out_dir: Path, reference: str | Path | None = None,
-            samples: int | None = None, data: dict | None = None, tolerance: Tolerance | None = None) -> dict:
+            samples: int | None = None, data: dict | None = None, overrides: dict | None = None,
+            per_output: dict | None = None) -> dict:
     """Write the request bodies and the golden outputs of the root PyTorch model for one served model.
-    ``data``: the user's evaluation data (default: the served artifact's); ``tolerance``: overrides of the
-    served artifact's precision tolerance."""
+    ``data``: the user's evaluation data (default: the served artifact's); ``overrides`` / ``per_output``:
+    the command line's changes to the served artifact's precision tolerance."""
     from ..models.checkpoints import open_source
     from ..runners.torch_runner import TorchRunner
     from ..stages import reference_of
@@ -130,7 +122,9 @@ def prepare(state: str | Path, model: str, out_dir: Path, reference: str | Path 
         golden.update(probabilities=probs, index=probs.argmax(-1))
     np.savez(out_dir / "golden.npz", **golden)
     (out_dir / "bodies.json").write_text(json.dumps(bodies))
-    tol = tolerance or tolerance_of(served)
+    tol = tolerance_of(served).override(**(overrides or {}))
+    if per_output:
+        tol = tol.override(per_output={**tol.per_output, **per_output})
     return {"model": model, "path": f"/predictions/{model}", "token": info.get("token"), "task": served.task,
             "precision": served.precision, "outputs": outputs, "tolerance": asdict(tol),
             "golden": str(out_dir / "golden.npz"), "bodies": str(out_dir / "bodies.json"),

@@ -11,7 +11,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import ArtifactError, GateError
-from ..parity import Tolerance
 from ..serve.server import free_port, read_state
 from .golden import prepare
 from .monitor import Monitor
@@ -75,7 +74,8 @@ def default_warmup(duration_s: float) -> float:
 
 def loadtest(state, model, out_dir, users=(4,), spawn_rate=None, duration_s=30.0, workers=0, gates: Gates | None = None,
              reference=None, samples=None, rate: float | None = None, kill_worker_at_s: float | None = None,
-             warmup_s: float | None = None, data: dict | None = None, tolerance: Tolerance | None = None) -> dict:
+             warmup_s: float | None = None, data: dict | None = None, overrides: dict | None = None,
+             per_output: dict | None = None) -> dict:
     """Load-test one served model at each user level. ``rate``: fixed total requests/s (soak);
     ``kill_worker_at_s``: kill one of its TorchServe workers that many seconds into each level."""
     gates = gates or Gates()
@@ -83,7 +83,8 @@ def loadtest(state, model, out_dir, users=(4,), spawn_rate=None, duration_s=30.0
     warmup_s = default_warmup(duration_s) if warmup_s is None else warmup_s
     if not 0 <= warmup_s < duration_s:
         raise ArtifactError(f"--warmup {warmup_s:g} s: expected 0 or more and less than the run ({duration_s:g} s)")
-    spec = prepare(state, model, out_dir, reference=reference, samples=samples, data=data, tolerance=tolerance)
+    spec = prepare(state, model, out_dir, reference=reference, samples=samples, data=data, overrides=overrides,
+                   per_output=per_output)
     info = read_state(state)
     if kill_worker_at_s is not None and not 0 < kill_worker_at_s < duration_s:
         raise ArtifactError(f"--kill-worker-at {kill_worker_at_s:g} s: expected a time inside the run (0 to {duration_s:g} s)")
