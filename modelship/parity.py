@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from .errors import ParityError
+from .errors import ModelshipError, ParityError
 from .models import data as datasets
 from .runners import Runner
 
@@ -29,6 +29,11 @@ class Tolerance:
 
     def override(self, **kw) -> "Tolerance":
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+    def adjusted(self, overrides: dict | None = None, per_output: dict | None = None) -> "Tolerance":
+        """This tolerance with the command line's overrides and per-output bounds (added to its own)."""
+        tol = self.override(**(overrides or {}))
+        return replace(tol, per_output={**tol.per_output, **per_output}) if per_output else tol
 
     def for_output(self, name: str) -> tuple[float | None, float]:
         own = self.per_output.get(name, {})
@@ -60,8 +65,6 @@ def tolerance_of(man) -> Tolerance:
 
 def parse_output_tolerance(text: str) -> tuple[str, dict]:
     """``logits=1e-3`` or ``logits=1e-3:0.01`` -> ("logits", {"atol": 1e-3, "rtol": 0.01})."""
-    from .errors import ModelshipError
-
     try:
         name, vals = text.split("=")
         parts = [float(x) for x in vals.split(":")]
@@ -96,13 +99,22 @@ def compare(reference: Runner, candidate: Runner, split: str = "test", tolerance
     return record(ref, cand, labels, candidate, tolerance or tolerance_of(man), reference_name, allow_weak, spec)
 
 
-def _diffs(name: str, r: np.ndarray, c: np.ndarray, atol, rtol) -> dict:
+def beyond(ref: np.ndarray, d: np.ndarray, atol: float, rtol: float) -> np.ndarray:
+    """Which values of |ref - cand| = ``d`` break the elementwise bound atol + rtol * |ref|."""
+    return d > atol + rtol * np.abs(ref)
+
+
+def bound_text(atol: float, rtol: float) -> str:
+    return f"{atol:g}" + (f" + {rtol:g}·|ref|" if rtol else "")
+
+
+def _diffs(r: np.ndarray, c: np.ndarray, atol, rtol) -> dict:
     d = np.abs(r.astype(np.float64) - c.astype(np.float64))
     out = {"shape": list(r.shape), "max_abs_diff": float(d.max()) if d.size else 0.0,
            "mean_abs_diff": float(d.mean()) if d.size else 0.0,
            "p99_abs_diff": float(np.percentile(d, 99)) if d.size else 0.0, "atol": atol, "rtol": rtol}
     if atol is not None:
-        bad = d > atol + rtol * np.abs(r)
+        bad = beyond(r, d, atol, rtol)
         out["violations"] = int(bad.sum())
         if bad.any():
             out["worst_excess"] = float((d - rtol * np.abs(r)).max())
@@ -171,10 +183,9 @@ def record(ref: dict, cand: dict, labels, candidate: Runner, tol: Tolerance, ref
             failures.append(f"output '{name}': shape {list(cand[name].shape)}, reference {list(ref[name].shape)}")
             continue
         atol, rtol = tol.for_output(name)
-        po = per_output[name] = _diffs(name, ref[name], cand[name], atol, rtol)
+        po = per_output[name] = _diffs(ref[name], cand[name], atol, rtol)
         if po.get("violations"):
-            bound = f"{atol:g}" + (f" + {rtol:g}·|ref|" if rtol else "")
-            failures.append(f"output '{name}' moved by max_abs_diff {po['max_abs_diff']:.3g} > {bound} "
+            failures.append(f"output '{name}' moved by max_abs_diff {po['max_abs_diff']:.3g} > {bound_text(atol, rtol)} "
                             f"({po['violations']} of {ref[name].size} values)")
     first = expected[0]
     agreement = acc = ref_acc = None

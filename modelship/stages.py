@@ -42,9 +42,7 @@ def parity_record(art: Artifact, reference=None, split: str = "test", provider=N
     ref_art, module = reference if reference is not None else reference_of(art)
     ref_runner = TorchRunner(ref_art, device="cpu", module=module)  # the reference as trained; the candidate on `device`
     cand = open_runner(art, provider=provider, device=device)
-    tol = (tolerance or tolerance_of(art.manifest)).override(**(overrides or {}))
-    if per_output:
-        tol = tol.override(per_output={**tol.per_output, **per_output})
+    tol = (tolerance or tolerance_of(art.manifest)).adjusted(overrides, per_output)
     return compare(ref_runner, cand, split=split, tolerance=tol, reference_name=_name(ref_art),
                    allow_weak=allow_weak, data=data)
 

@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import ArtifactError, ServeError
 from ..manifest import load_artifact
 from ..models import data as datasets
-from ..parity import collect, tolerance_of
+from ..parity import Tolerance, beyond, bound_text, collect, tolerance_of
 from ..serve.archive import read_mar
 from ..serve.codec import softmax
 from ..serve.server import read_state
@@ -40,19 +40,15 @@ def _judge(name: str, got, want: np.ndarray, atol, rtol) -> tuple[bool, float, s
         return False, float("inf"), f"output '{name}' has shape {list(got.shape)}, reference {list(want.shape)}"
     d = np.abs(got - want)
     diff = float(d.max()) if d.size else 0.0
-    if atol is not None and np.any(d > atol + rtol * np.abs(want)):
-        bound = f"{atol:g}" + (f" + {rtol:g}·|ref|" if rtol else "")
-        return False, diff, f"output '{name}' |diff| {diff:.3g} > {bound}"
+    if atol is not None and np.any(beyond(want, d, atol, rtol)):
+        return False, diff, f"output '{name}' |diff| {diff:.3g} > {bound_text(atol, rtol)}"
     return True, diff, ""
 
 
 def check(spec: dict, golden, i: int, payload: dict) -> Verdict:
     """The verdict on the answer to sample ``i``; ``golden`` is the loaded golden.npz."""
-    tol = spec["tolerance"]
-    per = tol.get("per_output") or {}
-    bounds = {n: (per.get(n, {}).get("atol", tol["max_abs_diff"]), per.get(n, {}).get("rtol", tol["rtol"]))
-              for n in spec["outputs"]}
-    problems, worst, label_ok = [], 0.0, None
+    tol = Tolerance.from_dict(spec["tolerance"])
+    problems, worst, label_ok, within = [], 0.0, None, True
     expected = list(spec["outputs"])
     returned = dict(payload.get("outputs") or {})
     if spec["task"] == "classification":
@@ -61,24 +57,22 @@ def check(spec: dict, golden, i: int, payload: dict) -> Verdict:
         if not label_ok:
             problems.append(f"label index {payload['index']}, reference {int(golden['index'][i])}")
         ok, diff, why = _judge("probabilities", payload["probabilities"], golden["probabilities"][i],
-                               tol.get("max_prob_diff"), 0.0)
-        worst = max(worst, diff)
-        if not ok:
-            problems.append(why)
+                               tol.max_prob_diff, 0.0)
+        worst, within = max(worst, diff), within and ok
+        problems += [why] if why else []
         returned.pop(first, None)
     for name in expected:
         if name not in returned:
             problems.append(f"output '{name}' is missing from the answer")
-            worst = float("inf")
+            worst, within = float("inf"), False
             continue
         key = f"out{spec['outputs'].index(name)}"  # golden arrays are stored by output position
-        ok, diff, why = _judge(name, returned.pop(name), golden[key][i], *bounds[name])
-        worst = max(worst, diff)
-        if not ok:
-            problems.append(why)
+        ok, diff, why = _judge(name, returned.pop(name), golden[key][i], *tol.for_output(name))
+        worst, within = max(worst, diff), within and ok
+        problems += [why] if why else []
     if returned:
         problems.append(f"unexpected output(s) {', '.join(sorted(returned))}")
-    within = not [p for p in problems if not p.startswith("label index")]
+        within = False
     return Verdict(label_ok, within, worst, f"sample {i}: " + "; ".join(problems) if problems else "")
 
 
@@ -122,9 +116,7 @@ def prepare(state: str | Path, model: str, out_dir: Path, reference: str | Path 
         golden.update(probabilities=probs, index=probs.argmax(-1))
     np.savez(out_dir / "golden.npz", **golden)
     (out_dir / "bodies.json").write_text(json.dumps(bodies))
-    tol = tolerance_of(served).override(**(overrides or {}))
-    if per_output:
-        tol = tol.override(per_output={**tol.per_output, **per_output})
+    tol = tolerance_of(served).adjusted(overrides, per_output)
     return {"model": model, "path": f"/predictions/{model}", "token": info.get("token"), "task": served.task,
             "precision": served.precision, "outputs": outputs, "tolerance": asdict(tol),
             "golden": str(out_dir / "golden.npz"), "bodies": str(out_dir / "bodies.json"),
