@@ -10,9 +10,12 @@ integer ``labels``; every split reads the whole file, and a file changed since i
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from ..errors import ArtifactError
+from ..manifest import sha256_path
 
 SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2, "calib": 3}
 
@@ -67,10 +70,6 @@ def random(spec: dict, split: str, inputs) -> tuple[dict, None]:
 
 
 def npz(spec: dict, split: str, inputs) -> tuple[dict, np.ndarray | None]:
-    from pathlib import Path
-
-    from ..manifest import sha256_path
-
     p = Path(spec["path"])
     if not p.is_file():
         raise ArtifactError(f"{p}: evaluation data not found; expected the .npz recorded in the manifest "
@@ -115,10 +114,6 @@ def read_npz(path, inputs) -> tuple[dict, np.ndarray | None]:
 
 def user_data(path) -> dict:
     """The data spec for a user's .npz, with its sha256 (recorded in the manifest)."""
-    from pathlib import Path
-
-    from ..manifest import sha256_path
-
     p = Path(path)
     if not p.is_file():
         raise ArtifactError(f"{p}: no such file; expected an .npz with one array per input name and optional labels")
