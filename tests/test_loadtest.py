@@ -86,7 +86,7 @@ def test_probabilities_are_judged_not_only_labels(served, work, tmp_path, cnn):
     assert r["out_of_tolerance"] > 0 and r["max_abs_diff"] > 1e-4 and not r["passed"]
     # the same run passes when the user widens the served tolerance on purpose
     p = cli("loadtest", "--state", work / "state", "--model", "cnn-onnx", "--users", "2", "--duration", "3s",
-            "--reference", ref, "--max-prob-diff", "0.05", "--out", tmp_path / "lt2", "--json", tmp_path / "r2.json",
+            "--reference", ref, "--max-prob-diff", "0.5", "--out", tmp_path / "lt2", "--json", tmp_path / "r2.json",
             check=0)
 
 
