@@ -55,16 +55,13 @@ def parity_table(records: list[dict], title: str = "parity") -> Table:
     return t
 
 
-def tolerance_opts(max_abs_diff, min_agreement, max_accuracy_drop, rtol=None) -> dict:
-    return {"max_abs_diff": max_abs_diff, "min_top1_agreement": min_agreement, "max_accuracy_drop": max_accuracy_drop,
-            "rtol": rtol}
-
-
 def judge_opts(max_abs_diff, min_agreement, max_accuracy_drop, rtol, output_tol, allow_weak) -> dict:
     """The keyword arguments every parity gate takes from the command line."""
     from .parity import parse_output_tolerance
 
-    return {"overrides": tolerance_opts(max_abs_diff, min_agreement, max_accuracy_drop, rtol),
+    overrides = {"max_abs_diff": max_abs_diff, "min_top1_agreement": min_agreement,
+                 "max_accuracy_drop": max_accuracy_drop, "rtol": rtol}
+    return {"overrides": overrides,
             "per_output": dict(parse_output_tolerance(t) for t in output_tol or []), "allow_weak": allow_weak}
 
 

@@ -47,10 +47,9 @@ class ModelConfig:
 def check_gates(art: Artifact) -> None:
     """Refuse an artifact whose manifest records a failed gate (any format: a student that failed its
     distillation gate too), or a derived artifact with no parity record at all."""
-    man = art.manifest
-    rec = man.parity
     from ..stages import is_root
 
+    rec = art.manifest.parity
     if rec is None and is_root(art):
         return  # a PyTorch model that is its own reference: nothing to be judged against
     if not (rec or {}).get("passed"):
