@@ -27,7 +27,7 @@ demo: setup
 	$(BIN)/modelship pipeline --out $(DEMO_OUT)
 
 test: setup
-	$(BIN)/pytest -q -ra
+	$(BIN)/pytest -q -ra -n 3 --dist loadgroup   # three workers; the tests sharing one TorchServe run on one
 
 clean:
 	rm -rf runs .pytest_cache

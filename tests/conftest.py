@@ -7,6 +7,10 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
+SERVERS = {"served", "sturdy"}  # fixtures that start a TorchServe: their tests share one worker
+FIRST = ("test_readme.py", "test_pipeline.py")  # the longest runs start first, so no worker waits on them at the end
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch
@@ -14,13 +18,42 @@ def pytest_collection_modifyitems(config, items):
     except Exception:  # noqa: BLE001
         has_cuda = False
     skip = pytest.mark.skip(reason="needs an NVIDIA GPU with CUDA")
+    items.sort(key=lambda item: item.path.name not in FIRST)
     for item in items:
         if "gpu" in item.keywords and not has_cuda:
             item.add_marker(skip)
+        for fixture in SERVERS.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group(fixture))  # under xdist --dist loadgroup: one worker, one server
 
 
 def cli(*args, check=None):
-    """Run the real console entry point; returns CompletedProcess (text)."""
+    """Run the real CLI (``modelship.cli.main``, what the console script calls) with these arguments, in this
+    process: the same code path without a fresh interpreter's ~4 s of imports per call. Returns a
+    CompletedProcess (text). The README test and the pipeline test run the console script itself."""
+    import contextlib
+    import io
+
+    from modelship import cli as entry
+
+    out, err = io.StringIO(), io.StringIO()
+    argv, sys.argv = sys.argv, ["modelship", *map(str, args)]
+    entry.STATE["debug"] = False
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            entry.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = argv
+    p = subprocess.CompletedProcess(sys.argv[:1] + list(map(str, args)), code, out.getvalue(), err.getvalue())
+    if check is not None:
+        assert p.returncode == check, f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
+    return p
+
+
+def cli_process(*args, check=None):
+    """The console entry point in a fresh interpreter (``python -m modelship``)."""
     p = subprocess.run([sys.executable, "-m", "modelship", *map(str, args)], capture_output=True, text=True,
                        timeout=600)
     if check is not None:
@@ -49,9 +82,34 @@ def work(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def cnn(work):
+def shared(tmp_path_factory):
+    """``shared(name, make)``: the artifact (or folder) ``make(dir)`` builds, made once per test session and used read-only by
+    every xdist worker (the first to ask builds it under a file lock; the others open what it wrote)."""
+    import shutil
+
+    from filelock import FileLock
+
+    from modelship.manifest import load_artifact
+
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared-zoo"
+    root.mkdir(exist_ok=True)
+
+    def get(name, make):
+        out, done = root / name, root / f"{name}.done"
+        with FileLock(str(root / f"{name}.lock")):
+            if not done.exists():
+                shutil.rmtree(out, ignore_errors=True)  # a build that failed half-way is made again
+                make(out)
+                done.touch()
+        return load_artifact(out) if (out / "manifest.json").is_file() else out
+    return get
+
+
+@pytest.fixture(scope="session")
+def cnn(shared):
     from modelship.models.train import train_artifact
-    return train_artifact("cnn", work / "cnn")
+    return shared("cnn", lambda out: train_artifact("cnn", out))
 
 
 def _exported(src, out):
@@ -67,29 +125,29 @@ def _exported(src, out):
 
 
 @pytest.fixture(scope="session")
-def cnn_onnx(work, cnn):
-    return _exported(cnn, work / "cnn-onnx")
+def cnn_onnx(shared, cnn):
+    return shared("cnn-onnx", lambda out: _exported(cnn, out))
 
 
 @pytest.fixture(scope="session")
-def text(work):
+def text(shared):
     from modelship.models.train import train_artifact
-    return train_artifact("text", work / "text")
+    return shared("text", lambda out: train_artifact("text", out))
 
 
 @pytest.fixture(scope="session")
-def text_onnx(work, text):
-    return _exported(text, work / "text-onnx")
+def text_onnx(shared, text):
+    return shared("text-onnx", lambda out: _exported(text, out))
 
 
 @pytest.fixture(scope="session")
-def cnn_int8(work, cnn_onnx):
-    from modelship.quantize.variants import make_variant
-    from modelship.stages import gate_parity
+def cnn_int8(shared, cnn_onnx):
+    def make(out):
+        from modelship.quantize.variants import make_variant
+        from modelship.stages import gate_parity
 
-    art = make_variant(cnn_onnx, "static", work / "cnn-int8")
-    gate_parity(art)
-    return art
+        gate_parity(make_variant(cnn_onnx, "static", out))
+    return shared("cnn-int8", make)
 
 
 @pytest.fixture(scope="session")
@@ -107,3 +165,13 @@ def served(work, cnn, cnn_onnx, cnn_int8, text_onnx):
     info = server.start(store, work / "state", server.ServeConfig(port=server.free_port()))
     yield info
     server.stop(work / "state")
+
+
+@pytest.fixture(scope="session")
+def student(shared, cnn):
+    """The digits CNN distilled into the default student by the real CLI (its --json beside it as distill.json)."""
+    def make(out):
+        out.mkdir(parents=True)
+        cli("distill", cnn.path, "--out", out / "s", "--json", out / "distill.json", check=0)
+    from modelship.manifest import load_artifact
+    return load_artifact(shared("student", make) / "s")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import cli
+from conftest import cli_process as cli
 
 pytestmark = pytest.mark.serve
 

@@ -23,18 +23,23 @@ def fit(model: torch.nn.Module, entry: ZooEntry, seed: int = 0, epochs: int | No
     opt = torch.optim.AdamW(model.parameters(), lr=entry.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=entry.lr, total_steps=epochs * ((len(x) + 63) // 64))
     gen = torch.Generator().manual_seed(seed)
+    soft_targets = {}  # the teacher's soft targets for the whole train set, per shift: computed once, not per batch
     model.train()
     for epoch in range(epochs):
         for idx in torch.randperm(len(x), generator=gen).split(64):
             xb = x[idx]
+            shift = (0, 0)
             if augment:  # light augmentation: random one-pixel shifts
-                shift = torch.randint(-1, 2, (2,), generator=gen).tolist()
+                shift = tuple(torch.randint(-1, 2, (2,), generator=gen).tolist())
                 xb = torch.roll(xb, shifts=shift, dims=(2, 3))
             logits = model(xb)
             loss = F.cross_entropy(logits, y[idx])
             if teacher is not None:  # soft targets on the same (augmented) batch the student sees
-                with torch.no_grad():
-                    soft = F.log_softmax(teacher(xb) / temperature, dim=1)
+                if shift not in soft_targets:
+                    with torch.no_grad():
+                        shifted = torch.roll(x, shifts=shift, dims=(2, 3)) if augment else x
+                        soft_targets[shift] = F.log_softmax(teacher(shifted) / temperature, dim=1)
+                soft = soft_targets[shift][idx]
                 kd = F.kl_div(F.log_softmax(logits / temperature, dim=1), soft, log_target=True,
                               reduction="batchmean")
                 loss = alpha * temperature ** 2 * kd + (1 - alpha) * loss
