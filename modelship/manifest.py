@@ -50,6 +50,7 @@ class Manifest:
     loader: str | None = None  # torch artifacts: zoo | pt2 | hf
     arch: dict | None = None  # zoo architecture name + config
     data: dict | None = None  # evaluation / calibration data spec (see modelship.models.data)
+    preprocess: dict | None = None  # raw text / image -> inputs (see modelship.preprocess); files in preprocess/
     extra: dict = field(default_factory=dict)  # stage-specific facts (quantization settings, TensorRT build info)
     integrity: dict | None = None  # sha256 (and HMAC with a signing key) of everything above: see seal()
 
@@ -168,10 +169,14 @@ def inherited_extra(man: Manifest) -> dict:
 
 
 def lineage(src: Artifact, out_dir: str | os.PathLike) -> dict[str, Any]:
-    """Fields a derived artifact in ``out_dir`` takes from its parent ``src``."""
+    """Fields a derived artifact in ``out_dir`` takes from its parent ``src`` (its preprocessing files are
+    copied beside it)."""
+    from .preprocess import carry
+
     ref = src.resolve(src.manifest.reference) if src.manifest.reference else src.path
     return {
         "parent": relpath(src.path, out_dir),
         "parent_sha256": src.manifest.sha256,
         "reference": relpath(ref, out_dir),
+        "preprocess": carry(src, out_dir),
     }

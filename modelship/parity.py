@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from .errors import ModelshipError, ParityError
+from .errors import ArtifactError, ModelshipError, ParityError
 from .models import data as datasets
 from .runners import Runner
 
@@ -87,15 +87,35 @@ def collect(runner: Runner, feed: dict, batch: int = 64) -> dict[str, np.ndarray
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
+def evaluation_feeds(ref_art, cand_art, spec: dict | None, split: str):
+    """(reference feed, candidate feed, labels): the same tensors for both, or, for a candidate with its own
+    preprocessing and raw data, raw samples preprocessed two ways: the original way for the reference, the
+    recorded way (what serving does) for the candidate."""
+    from .preprocess import open_preprocessor, reference_preprocessor
+
+    prep = open_preprocessor(cand_art)
+    if prep is None or not datasets.has_raw(spec):
+        feed, labels = datasets.load(spec, split, cand_art.manifest.inputs)
+        return feed, feed, labels
+    raw, labels = datasets.load_raw(spec, split)
+    original = reference_preprocessor(ref_art)
+    if original is None:
+        raise ArtifactError(f"{ref_art.path}: the reference records no preprocessing, but {cand_art.path} does; "
+                            "compare on tensors (--data FILE.npz) or give the reference its preprocessing")
+    return original(raw), prep(raw)[0], labels
+
+
 def compare(reference: Runner, candidate: Runner, split: str = "test", tolerance: Tolerance | None = None,
             reference_name: str | None = None, batch: int = 64, allow_weak: bool = False,
             data: dict | None = None) -> dict:
-    """Run both on the evaluation data (``data`` or the candidate's) and return the parity record (not raising)."""
+    """Run both on the evaluation data (``data`` or the candidate's) and return the parity record (not raising).
+    A candidate that carries its preprocessing is fed raw samples through it, and the reference the same raw
+    samples preprocessed the original way (``modelship.preprocess``)."""
     man = candidate.manifest
     spec = data or man.data
-    feed, labels = datasets.load(spec, split, man.inputs)
-    ref = collect(reference, feed, batch)
-    cand = collect(candidate, feed, batch)
+    ref_feed, cand_feed, labels = evaluation_feeds(reference.artifact, candidate.artifact, spec, split)
+    ref = collect(reference, ref_feed, batch)
+    cand = collect(candidate, cand_feed, batch)
     return record(ref, cand, labels, candidate, tolerance or tolerance_of(man), reference_name, allow_weak, spec)
 
 

@@ -131,13 +131,27 @@ def cnn_onnx(shared, cnn):
 
 @pytest.fixture(scope="session")
 def text(shared):
-    from modelship.models.train import train_artifact
-    return shared("text", lambda out: train_artifact("text", out))
+    """A small randomly initialised BERT sequence classifier (3 labels) with its WordPiece tokenizer, as a
+    Hugging Face save_pretrained folder, and reviews.csv (48 real drug reviews with labels) beside it."""
+    import hf_models
+
+    def make(out):
+        hf_models.text_classifier(out / "hf", "bert")
+        hf_models.write_reviews_csv(out / "reviews.csv")
+    return shared("text", make) / "hf"
 
 
 @pytest.fixture(scope="session")
 def text_onnx(shared, text):
-    return shared("text-onnx", lambda out: _exported(text, out))
+    """The text classifier exported to ONNX, its tokenizer with it, judged on the raw reviews."""
+    def make(out):
+        from modelship.export.onnx_export import export
+        from modelship.models.checkpoints import open_source
+        from modelship.stages import gate_parity
+
+        art, module = open_source(text, data=str(text.parent / "reviews.csv"))
+        gate_parity(export(art, module, out), reference=(art, module))
+    return shared("text-onnx", make)
 
 
 @pytest.fixture(scope="session")

@@ -69,17 +69,18 @@ def test_text_encoder_dynamic_int8(tmp_path, text_onnx):
 
     opt = make_variant(text_onnx, "optimize", tmp_path / "opt")
     fused = opt.manifest.extra["fused_operators"]
-    assert fused.get("Attention") == 4 and fused.get("SkipLayerNormalization", 0) >= 4
+    assert fused.get("Attention") == 2 and fused.get("SkipLayerNormalization", 0) >= 2  # two layers, fused
     assert gate_parity(opt)["max_abs_diff"] <= 1e-4
     q = make_variant(opt, "dynamic", tmp_path / "q")
-    # the built-in text model is untrained and judged on generated tokens: the gate says so and refuses
-    with pytest.raises(ParityError, match="weak evidence: the reference predicts class .* for every one"):
+    # the test's text model is untrained: on real reviews it says one class for all, or by hair-thin margins;
+    # an INT8 judged by agreement on that is weak evidence: the gate says so and refuses
+    with pytest.raises(ParityError, match="weak evidence: "):
         gate_parity(q)
     assert load_artifact(q.path).manifest.parity["passed"] is False
     rec = gate_parity(q, allow_weak=True)  # accepted on purpose, and recorded
     assert rec["allow_weak"] and rec["weak"] and load_artifact(q.path).manifest.parity["allow_weak"]
-    assert rec["top1_agreement"] >= 0.99 and rec["samples"] == 256
-    assert q.model_path.stat().st_size <= 0.3 * text_onnx.model_path.stat().st_size
+    assert rec["top1_agreement"] >= 0.99 and rec["samples"] == 48
+    assert q.model_path.stat().st_size <= 0.5 * text_onnx.model_path.stat().st_size  # a tiny model: graph overhead
 
 
 def test_broken_tolerance_exits_nonzero_and_names_output(tmp_path, cnn_onnx):
@@ -125,7 +126,7 @@ def test_static_with_user_calibration_npz(tmp_path, cnn_onnx):
 
 
 def test_distill_teacher_without_training_data(tmp_path, text):
-    p = cli("distill", text.path, "--out", tmp_path / "s")
+    p = cli("distill", text, "--out", tmp_path / "s")
     assert p.returncode != 0 and "no shipped training data" in p.stderr
 
 

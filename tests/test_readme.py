@@ -1,6 +1,7 @@
 """The README's quick start runs as written (on CPU): every command of its first `$M ...` block, in order, in a
-fresh folder, with the files it names made here first. Two things are shortened for CI and said so: load-test
-durations (30s -> 2s) and the server's port (a free one instead of 8080)."""
+fresh folder, with the files it names made here first. Three things are shortened for CI and said so: load-test
+durations (30s -> 2s), the teacher's training (8 epochs instead of the recipe's 25) and the server's port (a free
+one instead of 8080)."""
 
 import re
 import subprocess
@@ -40,7 +41,9 @@ def test_quick_start_block_runs_as_written(tmp_path, cnn):
                                              intermediate_size=64, num_labels=3)).save_pretrained(tmp_path / "my-hf-bert")
     run = (script.replace("M=.venv/bin/modelship", f"M={Path(sys.executable).with_name('modelship')}")
            .replace("--duration 30s", "--duration 2s")
+           .replace("$M train cnn --out runs/x/cnn", "$M train cnn --out runs/x/cnn --epochs 8")
            .replace("--state runs/x/state --detach", f"--state runs/x/state --detach --port {server.free_port()}"))
+    assert "--epochs 8" in run and "--duration 2s" in run
     try:
         p = subprocess.run(["bash", "-euo", "pipefail", "-c", run], cwd=tmp_path, capture_output=True, text=True,
                            timeout=900)

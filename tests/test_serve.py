@@ -66,7 +66,7 @@ def test_fault_in_one_request_of_a_batch_fails_only_that_request(served, text_on
     """Eight concurrent requests share one dynamic batch; one carries a token id beyond the vocabulary, which
     makes ONNX Runtime's Gather raise inside the batched call. Only that request gets its 500."""
     rng = np.random.default_rng(0)
-    ids = rng.integers(3, 8000, size=(8, 16))
+    ids = rng.integers(3, 400, size=(8, 16))
     ids[5, 3] = 10**6  # out of the embedding table: a fault inside inference, not a malformed request
     mask = np.ones_like(ids)
     expected = open_runner(text_onnx).infer({"input_ids": np.delete(ids, 5, 0), "attention_mask": mask[:7]})["logits"]

@@ -32,7 +32,18 @@ EXPORT_CONFIGS = {
 }
 
 
-def example_feed(man: Manifest, batch: int = 2) -> dict:
+# onnxruntime's transformer optimizer fusions by Hugging Face model_type (others: generic graph optimization)
+OPTIMIZER_TYPES = {"bert": "bert", "roberta": "bert", "distilbert": "bert", "xlm-roberta": "bert",
+                   "electra": "bert", "vit": "vit"}
+
+
+def example_feed(src: Artifact, batch: int = 2) -> dict:
+    man = src.manifest
+    if datasets.has_raw(man.data) and man.preprocess:  # raw samples, preprocessed the source's own way
+        from ..preprocess import reference_preprocessor
+
+        raw, _ = datasets.load_raw(man.data, "test")
+        return reference_preprocessor(src)(raw[:batch])
     feed, _ = datasets.load(man.data, "test", man.inputs)
     return {k: v[:batch] for k, v in feed.items()}
 
@@ -44,7 +55,7 @@ def export(src: Artifact, module: torch.nn.Module, out_dir: str | Path, opset: i
     man = src.manifest
     cfg = EXPORT_CONFIGS.get(man.loader or "zoo", EXPORT_CONFIGS["zoo"])
     use_dynamo = cfg.dynamo if dynamo is None else dynamo
-    feed = example_feed(man)
+    feed = example_feed(src)
     args = tuple(torch.from_numpy(feed[t.name]) for t in man.inputs)
     in_names = [t.name for t in man.inputs]
     out_names = [t.name for t in man.outputs]
@@ -73,8 +84,10 @@ def export(src: Artifact, module: torch.nn.Module, out_dir: str | Path, opset: i
     manifest.parity = None
     manifest.loader = None
     manifest.extra = {**inherited_extra(man), "opset": opset, "exporter": "dynamo" if use_dynamo else "torchscript"}
-    if man.loader == "hf":
-        manifest.extra["model_type"] = "bert"  # lets the optimizer apply its attention/LayerNorm/GELU fusions
+    if OPTIMIZER_TYPES.get(man.extra.get("model_type")):  # lets the optimizer apply its transformer fusions
+        manifest.extra["model_type"] = OPTIMIZER_TYPES[man.extra["model_type"]]
+    else:
+        manifest.extra.pop("model_type", None)
     for k, v in lineage(src, out).items():
         setattr(manifest, k, v)
     if not (src.path / "manifest.json").is_file():  # a raw checkpoint: point at the file itself

@@ -48,9 +48,10 @@ def parse_dim_override(text: str) -> tuple[str, tuple[int, int, int]]:
 def derive_profile(man: Manifest, dims: dict | None = None) -> dict[str, dict[str, list[int]]]:
     """{input name: {"min": shape, "opt": shape, "max": shape}} from the manifest's named dims."""
     dims = {**DIM_DEFAULTS, **(dims or {})}
-    data = man.data or {}
-    if "sequence" not in (dims.keys() - DIM_DEFAULTS.keys()) and data.get("name") == "tokens":
-        cfg_max = ((man.arch or {}).get("config") or {}).get("max_position_embeddings")
+    if "sequence" not in (dims.keys() - DIM_DEFAULTS.keys()):
+        limits = [((man.arch or {}).get("config") or {}).get("max_position_embeddings"),
+                  (man.preprocess or {}).get("max_length")]  # the tokenizer never makes longer sequences
+        cfg_max = min((int(x) for x in limits if x), default=None)
         if cfg_max:  # never ask for more positions than the model has
             lo, opt, hi = dims["sequence"]
             dims["sequence"] = (lo, min(opt, cfg_max), min(hi, cfg_max))

@@ -97,18 +97,34 @@ def prepare(state: str | Path, model: str, out_dir: Path, reference: str | Path 
         ref_art, module = reference_of(load_artifact(source, verify=False))
     else:
         raise ArtifactError(f"cannot find the reference model of '{model}'; pass --reference PATH")
-    feed, _ = datasets.load(data or served.data, "test", served.inputs)
-    if samples:
-        feed = {k: v[:samples] for k, v in feed.items()}
-    ref = collect(TorchRunner(ref_art, module=module), feed)
-    n = len(next(iter(feed.values())))
+    spec = data or served.data
     names = [t.name for t in served.inputs]
     outputs = [t.name for t in served.outputs]
+    content_type, binary = "application/json", False
+    if served.preprocess and datasets.has_raw(spec):  # what users send: raw texts, encoded images
+        from ..preprocess import reference_preprocessor
+
+        raw, _ = datasets.load_raw(spec, "test")
+        raw = raw[:samples] if samples else raw
+        feed = reference_preprocessor(ref_art)(raw)  # the reference: the same raw input, preprocessed the original way
+        if served.preprocess["kind"] == "text":
+            bodies = [json.dumps({"inputs": t}) for t in raw]
+        else:
+            import base64
+
+            bodies = [base64.b64encode(b).decode() for b in raw]
+            content_type, binary = _image_type(raw[0]), True
+    else:
+        feed, _ = datasets.load(spec, "test", served.inputs)
+        if samples:
+            feed = {k: v[:samples] for k, v in feed.items()}
+        bodies = [json.dumps({"inputs": feed[names[0]][i].tolist()} if len(names) == 1 else
+                             {"inputs": {k: feed[k][i].tolist() for k in names}}) for i in range(len(feed[names[0]]))]
+    ref = collect(TorchRunner(ref_art, module=module), feed)
+    n = len(bodies)
     missing = [o for o in outputs if o not in ref]
     if missing:
         raise ArtifactError(f"the reference {ref_art.path} has no output(s) {', '.join(missing)} that '{model}' answers")
-    bodies = [json.dumps({"inputs": feed[names[0]][i].tolist()} if len(names) == 1 else
-                         {"inputs": {k: feed[k][i].tolist() for k in names}}) for i in range(n)]
     out_dir.mkdir(parents=True, exist_ok=True)
     golden = {f"out{j}": ref[o] for j, o in enumerate(outputs)}
     if served.task == "classification":
@@ -121,4 +137,23 @@ def prepare(state: str | Path, model: str, out_dir: Path, reference: str | Path 
             "precision": served.precision, "outputs": outputs, "tolerance": asdict(tol),
             "golden": str(out_dir / "golden.npz"), "bodies": str(out_dir / "bodies.json"),
             "report": str(out_dir / "parity_counts.json"), "host": info["inference_url"],
-            "reference": str(ref_art.path), "data": datasets.describe(data or served.data), "samples": n}
+            "reference": str(ref_art.path), "data": datasets.describe(spec), "samples": n,
+            "content_type": content_type, "binary": binary}
+
+
+def request_bodies(spec: dict) -> list:
+    """The request bodies ``prepare`` wrote: JSON texts, or the bytes of encoded images."""
+    import base64
+
+    bodies = json.loads(Path(spec["bodies"]).read_text()) if spec.get("bodies") else []
+    return [base64.b64decode(b) for b in bodies] if spec.get("binary") else bodies
+
+
+def request_headers(spec: dict) -> dict:
+    from ..serve.server import bearer
+
+    return {"Content-Type": spec.get("content_type", "application/json"), **bearer(spec.get("token"))}
+
+
+def _image_type(data: bytes) -> str:
+    return "image/jpeg" if data[:3] == b"\xff\xd8\xff" else "image/png"

@@ -16,13 +16,12 @@ from collections import defaultdict
 import numpy as np
 from locust import FastHttpUser, constant, constant_throughput, events, task
 
-from modelship.loadtests.golden import check
-from modelship.serve.server import bearer
+from modelship.loadtests.golden import check, request_bodies, request_headers
 
 SPEC = json.loads(open(os.environ["MODELSHIP_LOADTEST"]).read())
 GOLDEN = np.load(SPEC["golden"], allow_pickle=False) if SPEC.get("golden") else None
-BODIES = json.loads(open(SPEC["bodies"]).read()) if SPEC.get("bodies") else []
-HEADERS = {"Content-Type": "application/json", **bearer(SPEC.get("token"))}
+BODIES = request_bodies(SPEC)  # JSON, or the bytes of encoded images sent with their content type
+HEADERS = request_headers(SPEC)
 
 
 def _fresh():

@@ -4,7 +4,6 @@ replaced it and a correct answer comes back."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 
@@ -12,8 +11,7 @@ import numpy as np
 import requests
 
 from ..serve import workers
-from ..serve.server import bearer
-from .golden import check
+from .golden import check, request_bodies, request_headers
 
 
 class Monitor(threading.Thread):
@@ -50,9 +48,9 @@ class Monitor(threading.Thread):
 
     def _probe(self, deadline: float) -> bool:
         """Send sample 0 until it is answered with 200; True if that answer matches the reference."""
-        body = json.loads(open(self.spec["bodies"]).read())[0]
+        body = request_bodies(self.spec)[0]
         golden = np.load(self.spec["golden"])
-        hdr = {"Content-Type": "application/json", **bearer(self.spec.get("token"))}
+        hdr = request_headers(self.spec)
         while time.monotonic() < deadline:
             try:
                 r = requests.post(self.spec["host"] + self.spec["path"], data=body, headers=hdr, timeout=30)

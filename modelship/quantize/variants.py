@@ -135,15 +135,16 @@ def _fp16(art: Artifact, out: Path, opts: QuantizeOptions, tmp: Path) -> dict:
 
 def _optimize(art: Artifact, out: Path, opts: QuantizeOptions, tmp: Path) -> dict:
     man = art.manifest
-    if man.extra.get("model_type") == "bert":
+    kind = man.extra.get("model_type")
+    if kind in ("bert", "vit"):
         from onnxruntime.transformers.optimizer import optimize_model
 
         cfg = (man.arch or {}).get("config", {})
-        opt = optimize_model(str(art.model_path), model_type="bert", num_heads=int(cfg.get("num_attention_heads", 0)),
+        opt = optimize_model(str(art.model_path), model_type=kind, num_heads=int(cfg.get("num_attention_heads", 0)),
                              hidden_size=int(cfg.get("hidden_size", 0)), opt_level=1, use_gpu=False)
         opt.save_model_to_file(str(out))
         stats = {k: int(v) for k, v in opt.get_fused_operator_statistics().items() if v}
-        return {"optimizer": "onnxruntime.transformers (bert)", "fused_operators": stats}
+        return {"optimizer": f"onnxruntime.transformers ({kind})", "fused_operators": stats}
     import onnxruntime as ort
 
     so = ort.SessionOptions()

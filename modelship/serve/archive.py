@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ import yaml
 from ..errors import ArtifactError, ServeError
 from ..integrity import check_seal, seal, seal_archive, verify_archive
 from ..manifest import MANIFEST, Artifact, Manifest, inside, sha256_path
+from ..preprocess import FOLDER as PREPROCESS
 
 HANDLER = Path(__file__).with_name("handler.py")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -99,10 +101,15 @@ def archive(art: Artifact, store: str | Path, name: str | None = None, config: M
             serialized = []
         else:
             serialized = ["--serialized-file", str(model_path)]
+        if man.preprocess and (art.path / PREPROCESS).is_dir():  # the tokenizer travels with the model
+            shutil.copytree(art.path / PREPROCESS, tmp / "folders" / PREPROCESS)  # the archiver copies a folder's
+            extra.append(str(tmp / "folders"))  # contents: its sub-folders keep their names
+
         cmd = [archiver(), "--model-name", name, "--version", "1.0", "--handler", str(HANDLER),
                *serialized, "--extra-files", ",".join(extra), "--config-file", str(tmp / "model-config.yaml"),
                "--export-path", str(store), "--force"]
-        p = subprocess.run(cmd, capture_output=True, text=True)
+        # the archiver stages files in TMPDIR/NAME: a folder of our own, so two archives of one name never collide
+        p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TMPDIR": str(tmp)})
         if p.returncode != 0:
             raise ServeError(f"torch-model-archiver failed: {(p.stderr or p.stdout).strip().splitlines()[-1:]}")
     seal_archive(store / f"{name}.mar")  # the digest of every member: handler, config, manifest, model, ...

@@ -27,6 +27,8 @@ class Request:
     protocol: str  # "simple" | "v2"
     batched: bool  # simple JSON: the client sent a list of samples
     request_id: str | None = None
+    notes: list | None = None  # raw inputs: one dict per sample added to its answer ({"truncated": true})
+    raw_name: str = "text"  # OIP v2: the name of the BYTES input the client sent
 
     @property
     def items(self) -> int:
@@ -34,13 +36,26 @@ class Request:
 
 
 class Codec:
-    def __init__(self, manifest: Manifest, max_items: int = 64):
+    def __init__(self, manifest: Manifest, max_items: int = 64, prep=None):
         self.manifest = manifest
         self.max_items = max_items
         self.specs = {t.name: t for t in manifest.inputs}
+        self.prep = prep  # the artifact's preprocessing (modelship.preprocess), or None: tensors only
 
     # ---- decoding ----------------------------------------------------------------------------
-    def decode(self, body) -> Request:
+    def decode(self, body, content_type: str | None = None) -> Request:
+        ct = (content_type or "").split(";")[0].strip().lower()
+        kind = self.prep.kind if self.prep else None
+        if ct.startswith("image/") or ct.startswith("text/") and ct != "text/json":
+            want = "image" if ct.startswith("image/") else "text"
+            if kind != want:
+                raise InputError(f"a {ct} body, but this model takes {kind or 'tensors'}; expected "
+                                 f"{self.example()}")
+            if want == "text":
+                body = _utf8(body)
+            return self._raw([bytes(body) if want == "image" else body], "simple", False)
+        if kind == "image" and isinstance(body, (bytes, bytearray)) and not bytes(body[:64]).lstrip().startswith(b"{"):
+            return self._raw([bytes(body)], "simple", False)  # an image sent without its content type
         if isinstance(body, (bytes, bytearray, str)):
             try:
                 body = json.loads(body.decode("utf-8") if isinstance(body, (bytes, bytearray)) else body)
@@ -56,6 +71,9 @@ class Codec:
         inputs = body["inputs"]
         if isinstance(inputs, list) and inputs and all(isinstance(x, dict) and "datatype" in x for x in inputs):
             return self._decode_v2(inputs, body.get("id"))
+        raw = self._raw_simple(inputs) if self.prep else None
+        if raw is not None:
+            return raw
         if isinstance(inputs, dict):
             return self._decode_simple(inputs)
         if len(self.specs) != 1:
@@ -63,7 +81,30 @@ class Codec:
                              f"with {', '.join(self.specs)}")
         return self._decode_simple({next(iter(self.specs)): inputs})
 
+    # ---- raw inputs (models that carry their preprocessing) --------------------------------------
+    def _raw_simple(self, inputs):
+        """``"text"`` / ``["text", ...]`` for text models, ``{"image_b64": ...}`` (or a list of them) for image
+        models; None when ``inputs`` holds tensors."""
+        if self.prep.kind == "text":
+            if isinstance(inputs, str):
+                return self._raw([inputs], "simple", False)
+            if isinstance(inputs, list) and inputs and all(isinstance(x, str) for x in inputs):
+                return self._raw(inputs, "simple", True)
+            return None
+        if isinstance(inputs, dict) and "image_b64" in inputs:
+            return self._raw([_b64(inputs["image_b64"])], "simple", False)
+        if isinstance(inputs, list) and inputs and all(isinstance(x, dict) and "image_b64" in x for x in inputs):
+            return self._raw([_b64(x["image_b64"]) for x in inputs], "simple", True)
+        return None
+
+    def _raw(self, samples: list, protocol: str, batched: bool, request_id=None, name="text") -> Request:
+        if len(samples) > self.max_items:
+            raise InputError(f"{len(samples)} items in one request; expected at most {self.max_items}")
+        feed, notes = self.prep(samples)
+        return Request(feed, protocol, batched, request_id, notes, name)
+
     def _decode_simple(self, inputs: dict) -> Request:
+        inputs = self._drop_token_types(inputs)
         self._check_names(inputs)
         feed, batched = {}, None
         for name, value in inputs.items():
@@ -93,6 +134,10 @@ class Codec:
             if not isinstance(t["name"], str):
                 raise InputError(f"input 'name' must be a string, got {json.dumps(t['name'])[:40]}")
             by_name[t["name"]] = t
+        if len(by_name) == 1 and next(iter(by_name.values()))["datatype"] == "BYTES":
+            name, t = next(iter(by_name.items()))
+            return self._decode_v2_bytes(name, t, request_id)
+        by_name = self._drop_token_types(by_name, lambda t: t["data"])
         self._check_names(by_name)
         feed = {}
         for name, t in by_name.items():
@@ -113,6 +158,32 @@ class Codec:
         req = Request(feed, "v2", True, request_id if isinstance(request_id, str) else None)
         self._check_shapes(req)
         return req
+
+    def _decode_v2_bytes(self, name: str, t: dict, request_id) -> Request:
+        """Open Inference Protocol v2 BYTES: texts as strings, images as base64 strings."""
+        if not self.prep:
+            raise InputError(f"input '{name}': BYTES, but this model takes tensors ({', '.join(self.specs)})")
+        data = t["data"]
+        if not isinstance(data, list) or not data or not all(isinstance(x, str) for x in data):
+            raise InputError(f"input '{name}': BYTES data must be a non-empty list of strings")
+        if t["shape"] not in ([len(data)], [len(data), 1]):
+            raise InputError(f"input '{name}': shape {t['shape']} for {len(data)} strings; expected [{len(data)}]")
+        samples = data if self.prep.kind == "text" else [_b64(x) for x in data]
+        return self._raw(samples, "v2", True, request_id if isinstance(request_id, str) else None, name)
+
+    def _drop_token_types(self, inputs: dict, values=lambda v: v) -> dict:
+        """A tokenizer's full output is accepted: token_type_ids the model does not take are dropped when they
+        are all zeros (one segment), which is what they mean to a model without segment embeddings."""
+        if "token_type_ids" not in inputs or "token_type_ids" in self.specs or "input_ids" not in self.specs:
+            return inputs
+        try:
+            zeros = not np.any(np.asarray(values(inputs["token_type_ids"]), dtype=np.int64))
+        except (ValueError, TypeError):
+            zeros = False
+        if not zeros:
+            raise InputError("input 'token_type_ids': this model takes one segment (no token_type_ids); send them "
+                             "all zeros or leave them out")
+        return {k: v for k, v in inputs.items() if k != "token_type_ids"}
 
     def _check_names(self, inputs: dict) -> None:
         check_names(self.specs, inputs, ", ".join(self.specs))
@@ -161,6 +232,11 @@ class Codec:
             raise InputError(f"{req.items} items in one request; expected at most {self.max_items}")
 
     def example(self) -> str:
+        if self.prep and self.prep.kind == "text":
+            return '{"inputs": "some text"} or {"inputs": ["text", ...]} (or the token tensors)'
+        if self.prep and self.prep.kind == "image":
+            return ('a PNG/JPEG body (Content-Type: image/png), {"inputs": {"image_b64": "<base64>"}} '
+                    '(or the pixel tensor)')
         if len(self.specs) == 1:
             spec = next(iter(self.specs.values()))
             return f'{{"inputs": <one sample as a nested list of shape {fmt_shape(spec.shape[1:])}>}}'
@@ -174,8 +250,10 @@ class Codec:
                  "data": v.reshape(-1).tolist()} for k, v in outputs.items()]}
             if req.request_id is not None:
                 resp["id"] = req.request_id
+            if req.notes and any(req.notes):
+                resp["parameters"] = {"truncated": [bool(n.get("truncated")) for n in req.notes]}
             return resp
-        items = [self.simple_item(outputs, i) for i in range(req.items)]
+        items = [{**self.simple_item(outputs, i), **(req.notes[i] if req.notes else {})} for i in range(req.items)]
         return {"predictions": items} if req.batched else items[0]
 
     def simple_item(self, outputs: dict, i: int) -> dict:
@@ -189,6 +267,27 @@ class Codec:
             rest = {k: v[i].tolist() for k, v in outputs.items() if k != first}
             return {**item, "outputs": rest} if rest else item  # every output the model has is answered
         return {"outputs": {k: v[i].tolist() for k, v in outputs.items()}}
+
+
+def _utf8(body) -> str:
+    if isinstance(body, str):
+        return body
+    try:
+        return bytes(body).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"body is not UTF-8 text ({e.reason} at byte {e.start}); expected UTF-8") from None
+
+
+def _b64(value) -> bytes:
+    import base64
+    import binascii
+
+    if not isinstance(value, str) or not value:
+        raise InputError("image_b64 must be a non-empty base64 string of a PNG or JPEG file")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InputError("image_b64 is not valid base64; expected the base64 of a PNG or JPEG file") from None
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ import numpy as np
 from modelship.errors import InputError, ModelshipError
 from modelship.integrity import verify_folder
 from modelship.manifest import load_artifact
+from modelship.preprocess import open_preprocessor
 from modelship.runners import open_runner
 from modelship.serve.codec import Codec, error_body
 
@@ -32,10 +33,11 @@ class ModelshipHandler:
                 torch.set_num_threads(threads)
             self.runner = open_runner(self.artifact, provider=opts.get("provider"), device=opts.get("device", "cpu"),
                                       threads=threads)
+            prep = open_preprocessor(self.artifact)  # the tokenizer / image transform recorded with the model
         except ModelshipError as e:
             log.error("modelship: refusing to load %s: %s", model_dir, e)
             raise
-        self.codec = Codec(self.artifact.manifest, max_items=int(opts.get("max_items", 64)))
+        self.codec = Codec(self.artifact.manifest, max_items=int(opts.get("max_items", 64)), prep=prep)
         self.initialized = True
 
     def handle(self, data, context):
@@ -46,7 +48,7 @@ class ModelshipHandler:
         for i, row in enumerate(data):
             body = row.get("body") if row.get("body") is not None else row.get("data")
             try:
-                req = self.codec.decode(body)
+                req = self.codec.decode(body, _content_type(context, i))
                 groups.setdefault(tuple((k, v.shape[1:]) for k, v in sorted(req.feed.items())), []).append((i, req))
             except Exception as e:  # noqa: BLE001
                 answers[i] = self._error(context, i, e)
@@ -113,3 +115,10 @@ class ModelshipHandler:
         if code != 200:
             context.set_response_status(code, phrase, idx)
         return json.dumps(payload)
+
+
+def _content_type(context, idx) -> str | None:
+    try:
+        return context.get_request_header(idx, "Content-Type") or context.get_request_header(idx, "content-type")
+    except Exception:  # noqa: BLE001 — a context without headers (tests, the in-process path)
+        return None

@@ -1,0 +1,276 @@
+"""Preprocessing that travels with a model: raw text or an encoded image in, the model's input tensors out.
+
+``manifest.preprocess`` says how (a ``TextSpec`` or an ``ImageSpec``); a tokenizer's files sit in the artifact's
+``preprocess/`` folder, hashed in the spec, copied into every derived artifact and into the ``.mar``.
+``open_preprocessor(artifact)`` is the one implementation that the handler, parity and the load test use.
+``reference_preprocessor(source)`` does the same job the original way: the source checkpoint's own tokenizer
+or image processor through transformers, or the zoo model's declared transform, so a preprocessing recorded
+wrong (a normalization constant, a length, a tokenizer file) fails parity against the PyTorch model.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ArtifactError, InputError
+
+FOLDER = "preprocess"
+TRUNCATION = ("truncate", "refuse")
+RESAMPLE = ("nearest", "bilinear", "bicubic", "box", "lanczos")
+
+
+@dataclass
+class TextSpec:
+    """Tokenize with ``preprocess/tokenizer.json``; at most ``max_length`` tokens per text, longer texts cut
+    (``truncate``: the answer says ``"truncated": true``) or refused with a 400 (``refuse``)."""
+
+    max_length: int
+    truncation: str = "truncate"
+    max_chars: int = 100_000  # a text longer than this is refused before it is tokenized
+    sha256: str = ""  # of the preprocess/ folder
+    kind: str = "text"
+
+
+@dataclass
+class ImageSpec:
+    """Decode (PNG, JPEG, ...) → ``mode`` (L: one channel, RGB: three) → resize to ``resize`` ([h, w]; with
+    ``crop``, then a center crop) → × ``scale`` → (x − mean) / std per channel → channels first."""
+
+    size: list  # [h, w] the model takes
+    mode: str = "RGB"
+    resize: list | None = None  # [h, w] before a center crop to ``size``; None: straight to ``size``
+    resample: str = "bilinear"
+    scale: float = 1 / 255
+    mean: list = field(default_factory=lambda: [0.0])
+    std: list = field(default_factory=lambda: [1.0])
+    max_pixels: int = 40_000_000  # decompression bombs: an image claiming more pixels is refused before decoding
+    kind: str = "image"
+
+
+def spec_from_dict(d: dict | None):
+    if not d:
+        return None
+    kinds = {"text": TextSpec, "image": ImageSpec}
+    if d.get("kind") not in kinds:
+        raise ArtifactError(f"preprocess kind '{d.get('kind')}'; expected one of {', '.join(kinds)}")
+    cls = kinds[d["kind"]]
+    try:
+        spec = cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+    except TypeError as e:
+        raise ArtifactError(f"preprocess spec is malformed ({e})") from None
+    if isinstance(spec, TextSpec) and spec.truncation not in TRUNCATION:
+        raise ArtifactError(f"preprocess truncation '{spec.truncation}'; expected one of {', '.join(TRUNCATION)}")
+    if isinstance(spec, ImageSpec) and spec.resample not in RESAMPLE:
+        raise ArtifactError(f"preprocess resample '{spec.resample}'; expected one of {', '.join(RESAMPLE)}")
+    return spec
+
+
+# ---- the serving implementation ---------------------------------------------------------------------------
+
+class TextPreprocessor:
+    kind = "text"
+
+    def __init__(self, spec: TextSpec, folder: Path, inputs):
+        from tokenizers import Tokenizer
+
+        self.spec, self.inputs = spec, [t.name for t in inputs]
+        try:
+            self.tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # noqa: BLE001 — the tokenizers library raises its own types
+            raise ArtifactError(f"{folder}/tokenizer.json: not a readable tokenizer ({e})") from None
+        pad = self.tok.padding or {}
+        self.pad_id = pad.get("pad_id", self.tok.token_to_id("[PAD]") or self.tok.token_to_id("<pad>") or 0)
+        self.tok.no_padding()
+        self.tok.enable_truncation(spec.max_length)
+
+    def __call__(self, texts: list) -> tuple[dict, list[dict]]:
+        """Token ids, attention mask (and token type ids when the model takes them), padded to the longest text;
+        with one note per text (``{"truncated": True}`` for a cut one)."""
+        for t in texts:
+            if not isinstance(t, str):
+                raise InputError(f"expected text, got {type(t).__name__}")
+            if not t.strip():
+                raise InputError("empty text; expected at least one word")
+            if len(t) > self.spec.max_chars:
+                raise InputError(f"text of {len(t)} characters; this model takes at most {self.spec.max_chars}")
+        encs = self.tok.encode_batch(texts)
+        notes = []
+        for t, e in zip(texts, encs):
+            cut = bool(e.overflowing)
+            if cut and self.spec.truncation == "refuse":
+                raise InputError(f"text of more than {self.spec.max_length} tokens ({len(t)} characters); this "
+                                 f"model takes at most {self.spec.max_length} (send a shorter text)")
+            notes.append({"truncated": True} if cut else {})
+        n = max(len(e.ids) for e in encs)
+        ids = np.full((len(encs), n), self.pad_id, np.int64)
+        mask = np.zeros((len(encs), n), np.int64)
+        types = np.zeros((len(encs), n), np.int64)
+        for i, e in enumerate(encs):
+            ids[i, :len(e.ids)], mask[i, :len(e.ids)], types[i, :len(e.ids)] = e.ids, 1, e.type_ids
+        return _select({"input_ids": ids, "attention_mask": mask, "token_type_ids": types}, self.inputs), notes
+
+
+class ImagePreprocessor:
+    kind = "image"
+
+    def __init__(self, spec: ImageSpec, folder: Path | None, inputs):
+        self.spec, self.input = spec, inputs[0].name
+
+    def __call__(self, images: list) -> tuple[dict, list[dict]]:
+        return {self.input: np.stack([image_array(decode_image(b, self.spec.max_pixels), self.spec)
+                                      for b in images])}, [{} for _ in images]
+
+
+def decode_image(data, max_pixels: int):
+    """Bytes of an encoded image → a PIL image, refusing what is not an image, a corrupt one, and one over the
+    pixel cap (checked from the header, before the pixels are decoded)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not isinstance(data, (bytes, bytearray)) or not data:
+        raise InputError("empty image; expected the bytes of a PNG or JPEG image")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise InputError("not an image; expected the bytes of a PNG or JPEG image (Content-Type: image/png or "
+                         "image/jpeg, or base64 in JSON as {\"inputs\": {\"image_b64\": ...}})") from None
+    except Image.DecompressionBombError as e:
+        raise InputError(f"image too large ({e})") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise InputError(f"image of {w}x{h} = {w * h:,} pixels; this model takes at most {max_pixels:,}")
+    try:
+        img.load()
+    except Exception as e:  # noqa: BLE001 — PIL raises OSError, SyntaxError, ValueError for damaged files
+        raise InputError(f"corrupt {img.format or ''} image ({str(e)[:200]}); expected a complete image file") from None
+    return img
+
+
+def image_array(img, spec: ImageSpec) -> np.ndarray:
+    """One decoded image → a float32 [C, H, W] array, as ``spec`` says."""
+    from PIL import Image
+
+    resample = getattr(Image.Resampling, spec.resample.upper())
+    img = img.convert(spec.mode)
+    h, w = spec.size
+    if spec.resize:
+        rh, rw = spec.resize
+        img = img.resize((rw, rh), resample)
+        top, left = (rh - h) // 2, (rw - w) // 2
+        img = img.crop((left, top, left + w, top + h))
+    elif img.size != (w, h):
+        img = img.resize((w, h), resample)
+    x = np.asarray(img, dtype=np.float32) * np.float32(spec.scale)
+    x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
+    mean = np.asarray(spec.mean, np.float32).reshape(-1, 1, 1)
+    std = np.asarray(spec.std, np.float32).reshape(-1, 1, 1)
+    return ((x - mean) / std).astype(np.float32)
+
+
+def _select(feed: dict, names: list) -> dict:
+    missing = [n for n in names if n not in feed]
+    if missing:
+        raise ArtifactError(f"the tokenizer makes {', '.join(feed)}; the model also takes {', '.join(missing)}")
+    return {n: feed[n] for n in names}
+
+
+PREPROCESSORS = {"text": TextPreprocessor, "image": ImagePreprocessor}
+
+
+def open_preprocessor(art):
+    """The artifact's recorded preprocessing (None when it has none); its files must match their hash."""
+    from .manifest import sha256_path
+
+    spec = spec_from_dict(art.manifest.preprocess)
+    if spec is None:
+        return None
+    folder = art.path / FOLDER
+    if isinstance(spec, TextSpec):
+        if not (folder / "tokenizer.json").is_file():
+            raise ArtifactError(f"{art.path}: the manifest records a tokenizer but {FOLDER}/tokenizer.json is missing")
+        if sha256_path(folder) != spec.sha256:
+            raise ArtifactError(f"{folder}: sha256 does not match the manifest; the tokenizer files were modified "
+                                "after the artifact was written — rebuild it")
+    return PREPROCESSORS[spec.kind](spec, folder, art.manifest.inputs)
+
+
+def carry(src, out_dir) -> dict | None:
+    """Copy ``src``'s preprocessing files into ``out_dir`` and return its spec (for a derived artifact). A raw
+    Hugging Face checkpoint's tokenizer is saved from the checkpoint folder itself."""
+    import shutil
+
+    spec = spec_from_dict(src.manifest.preprocess)
+    if spec is None:
+        return None
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    if (src.path / FOLDER).is_dir():
+        shutil.copytree(src.path / FOLDER, Path(out_dir) / FOLDER, dirs_exist_ok=True)
+    elif isinstance(spec, TextSpec):  # a raw checkpoint: its tokenizer lives in the checkpoint folder
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(src.model_path), local_files_only=True)
+        return record_tokenizer(tok, out_dir, spec.max_length, spec.truncation)
+    return asdict(spec)
+
+
+def record_tokenizer(tokenizer, out_dir: Path, max_length: int, truncation: str = "truncate") -> dict:
+    """Save a transformers fast tokenizer into ``out_dir/preprocess`` and return the manifest's spec."""
+    from .manifest import sha256_path
+
+    if not getattr(tokenizer, "is_fast", False):
+        raise ArtifactError("the checkpoint's tokenizer has no fast (tokenizer.json) form; modelship serves fast "
+                            "tokenizers only")
+    folder = Path(out_dir) / FOLDER
+    tokenizer.save_pretrained(str(folder))
+    for extra in folder.iterdir():  # only the files the serving side reads, so the hash covers what is used
+        if extra.name not in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            extra.unlink()
+    return asdict(TextSpec(max_length=max_length, truncation=truncation, sha256=sha256_path(folder)))
+
+
+# ---- the original way (the reference) ------------------------------------------------------------------------
+
+def reference_preprocessor(ref_art):
+    """Raw samples → the reference model's feed, done the way the source checkpoint does it (None when it has
+    no preprocessing): transformers' AutoTokenizer / AutoImageProcessor for a Hugging Face folder, the zoo
+    entry's declared transform for a zoo model."""
+    spec = spec_from_dict(ref_art.manifest.preprocess)
+    if spec is None:
+        return None
+    names = [t.name for t in ref_art.manifest.inputs]
+    if ref_art.manifest.loader == "hf":
+        src = ref_art.model_path
+        if isinstance(spec, TextSpec):
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+
+            def text(texts):
+                enc = tok(list(texts), padding=True, truncation=True, max_length=spec.max_length, return_tensors="np")
+                feed = {k: np.asarray(v, np.int64) for k, v in enc.items()}
+                feed.setdefault("token_type_ids", np.zeros_like(feed["input_ids"]))  # RoBERTa, DistilBERT: none
+                return _select(feed, names)
+            return text
+        from PIL import Image
+        from transformers import AutoImageProcessor
+
+        proc = AutoImageProcessor.from_pretrained(str(src), local_files_only=True)
+        return lambda images: {names[0]: np.asarray(proc([Image.open(io.BytesIO(b)).convert("RGB") for b in images],
+                                                         return_tensors="np")["pixel_values"], np.float32)}
+    from .models import zoo
+
+    declared = spec_from_dict((zoo.entry((ref_art.manifest.arch or {}).get("name")).preprocess or {}))
+    if declared is None:
+        raise ArtifactError(f"{ref_art.path}: the zoo model declares no preprocessing, but its manifest records one")
+    if isinstance(declared, TextSpec):  # the encoder's own tokenizer, as the model was trained with it
+        from .models import text
+
+        tok = text.tokenizer()
+        return lambda texts: _select({k: np.asarray(v, np.int64) for k, v in tok(
+            list(texts), padding=True, truncation=True, max_length=declared.max_length, return_tensors="np").items()},
+            names)
+    return lambda images: {names[0]: np.stack([image_array(decode_image(b, declared.max_pixels), declared)
+                                               for b in images])}
