@@ -17,7 +17,13 @@ def feed_for(runner: Runner, batch: int, seq_len: int | None = None) -> dict:
         spec["seq_len"] = seq_len
     if spec.get("name") in ("tokens", "random"):
         spec["samples"] = max(batch, 8)
-    feed, _ = datasets.load(spec, "test", man.inputs)
+    if spec.get("name") not in datasets.DATASETS:  # raw texts / images: through the recorded preprocessing
+        from .preprocess import open_preprocessor
+
+        raw, _ = datasets.load_raw(spec, "test")
+        feed = open_preprocessor(runner.artifact)(raw[:max(batch, 8)])[0]
+    else:
+        feed, _ = datasets.load(spec, "test", man.inputs)
     n = len(next(iter(feed.values())))
     idx = np.arange(batch) % n
     return {k: np.ascontiguousarray(v[idx]) for k, v in feed.items()}

@@ -458,13 +458,15 @@ def pipeline(out: Path = typer.Option(Path("runs/demo"), "--out"),
              loadtest_seconds: float = typer.Option(10.0, help="Load-test duration per served variant."),
              users: int = typer.Option(4, help="Concurrent Locust users per load test."),
              accuracy_budget: float = typer.Option(0.01, help="Accuracy drop allowed when picking the fastest variant."),
+             text: bool = typer.Option(True, "--text/--no-text",
+                                       help="Also the built-in text model, served and load-tested with raw text."),
              json_path: Optional[Path] = JsonOpt):
-    """The whole flow on the built-in digits CNN, ending in report.json / report.md / report.html."""
+    """The whole flow on the built-in digits CNN and text model, ending in report.json / report.md / report.html."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from . import pipeline as pl
 
-    cfg = pl.PipelineConfig(loadtest_seconds=loadtest_seconds, users=users, accuracy_budget=accuracy_budget)
+    cfg = pl.PipelineConfig(loadtest_seconds=loadtest_seconds, users=users, accuracy_budget=accuracy_budget, text=text)
     colors = {"ok": "green", "failed": "red", "skipped": "yellow"}
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed} steps"),
                   TimeElapsedColumn(), console=err) as prog:

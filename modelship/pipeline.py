@@ -1,5 +1,6 @@
-"""``modelship pipeline``: train → export → quantize (dynamic, static, fp16) → distill → archive all →
-serve → load-test each served variant → stop, then a report. A failed step is recorded, not hidden:
+"""``modelship pipeline``: train → export → quantize (dynamic, static, fp16) → distill, and the built-in text
+model (train, export) → archive all → serve → load-test each served variant (digit PNGs, raw review texts) →
+stop, then a report. A failed step is recorded, not hidden:
 steps that need its output are skipped and the report says why."""
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class PipelineConfig:
     accuracy_budget: float = 0.01  # "fastest variant within this accuracy drop of the reference"
     bench_seconds: float = 0.5
     port: int | None = None
+    text: bool = True  # also the built-in text model (MiniLM + drug reviews), served and load-tested with raw text
 
 
 @dataclass
@@ -46,6 +48,9 @@ class Run:
     @property
     def name(self) -> str:
         return f"digits-{self.cfg.arch}"
+
+    def served_name(self, key: str) -> str:
+        return f"drugreview-{key}" if key.startswith("text") else f"{self.name}-{key}"
 
     @property
     def state(self) -> Path:
@@ -96,7 +101,25 @@ def _distill(run: Run):
     return {"distillation": report}
 
 
-SERVED = ("torch", "onnx", "int8-dynamic", "int8-static", "fp16", "student")
+def _train_text(run: Run):
+    from .models.train import train_artifact
+
+    run.arts["text-torch"] = train_artifact("text", run.out / "drugreview-text-torch")
+    return {k: run.arts["text-torch"].manifest.extra[k] for k in ("test_accuracy", "majority_baseline", "test_samples")}
+
+
+def _export_text(run: Run):
+    from .export.onnx_export import export
+    from .models.checkpoints import open_source
+    from .stages import gate_parity
+
+    src, module = open_source(run.arts["text-torch"].path)
+    art = export(src, module, run.out / "drugreview-text-onnx")
+    gate_parity(art, reference=(src, module))  # on the 379 held-out reviews, as raw text through both tokenizers
+    run.arts["text-onnx"] = art
+
+
+SERVED = ("torch", "onnx", "int8-dynamic", "int8-static", "fp16", "student", "text-onnx")
 
 
 def _archive(run: Run):
@@ -105,8 +128,8 @@ def _archive(run: Run):
     store = run.out / "model-store"
     for key in SERVED:
         if key in run.arts:
-            archive(run.arts[key], store, name=f"{run.name}-{key}")
-            run.served[key] = f"{run.name}-{key}"
+            archive(run.arts[key], store, name=run.served_name(key))
+            run.served[key] = run.served_name(key)
     run.arts["store"] = store
     return {"models": dict(run.served)}
 
@@ -154,6 +177,7 @@ class Stage:
     needs: tuple = ()  # keys of run.arts that earlier stages must have made
     per_variant: bool = False  # one step per served variant, named "NAME KEY"
     cleanup: bool = False  # runs even when the pipeline is interrupted (once its needs are met)
+    text: bool = False  # the built-in text model's stage (left out with --no-text)
 
 
 STAGES = [
@@ -163,6 +187,8 @@ STAGES = [
     Stage("quantize static", _variant("int8-static", "onnx", "static"), ("onnx",)),
     Stage("quantize fp16", _variant("fp16", "onnx", "fp16"), ("onnx",)),
     Stage("distill", _distill, ("torch",)),
+    Stage("train text", _train_text, text=True),
+    Stage("export text", _export_text, ("text-torch",), text=True),
     Stage("archive", _archive, ("torch",)),
     Stage("serve", _serve, ("store",)),
     Stage("loadtest", _loadtest, ("server",), per_variant=True),
@@ -202,6 +228,8 @@ def run(out: str | Path, config: PipelineConfig | None = None, progress=None) ->
     done = set()
     try:
         for st in STAGES:
+            if st.text and not r.cfg.text:
+                continue
             if st.cleanup and not all(n in r.arts for n in st.needs):
                 continue  # nothing to clean up (as the stop step was before: only once a server ran)
             for key in (list(r.served) if st.per_variant else [None]):

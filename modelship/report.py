@@ -23,7 +23,7 @@ def _rows(arts: dict, results: dict, benches: dict) -> list[dict]:
         b1 = next((b for b in benches.get(key, []) if b["batch"] == 1), {})
         b32 = next((b for b in benches.get(key, []) if b["batch"] == 32), {})
         rows.append({
-            "variant": key, "artifact": str(art.path), "format": man.format, "precision": man.precision,
+            "variant": key, "model": "text" if key.startswith("text") else "digits", "artifact": str(art.path), "format": man.format, "precision": man.precision,
             "size_mb": round(art.model_path.stat().st_size / 1e6, 3) if art.model_path.is_file() else None,
             "parameters": man.extra.get("parameters"),
             "parity_passed": par.get("passed", True if man.format == "torch" else None),
@@ -37,18 +37,20 @@ def _rows(arts: dict, results: dict, benches: dict) -> list[dict]:
             "served_p99_abs_diff": lt.get("p99_abs_diff"), "served_mismatches": lt.get("mismatches"),
             "loadtest_passed": lt.get("passed"),
             "inproc_p50_ms_b1": b1.get("p50_ms"), "inproc_items_per_s_b32": b32.get("throughput_per_s"),
+            "majority_baseline": man.extra.get("majority_baseline"),
         })
     return rows
 
 
 def _plots(out: Path, rows: list[dict], results: dict) -> dict[str, Path]:
+    """The digits variants' latency against accuracy, and every served variant's latency distribution."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     files = {}
-    pts = [r for r in rows if r["served_p50_ms"] is not None and r["accuracy"] is not None]
+    pts = [r for r in rows if r["served_p50_ms"] is not None and r["accuracy"] is not None and r["model"] == "digits"]
     if pts:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         sizes = np.array([r["size_mb"] or 0.01 for r in pts])
@@ -87,8 +89,9 @@ def _plots(out: Path, rows: list[dict], results: dict) -> dict[str, Path]:
 
 
 def fastest_within_budget(rows: list[dict], budget: float) -> dict | None:
+    """Among the digits variants: the lowest served p50 within ``budget`` of the PyTorch model's accuracy."""
     ref = next((r["accuracy"] for r in rows if r["variant"] == "torch"), None)
-    ok = [r for r in rows if r["served_p50_ms"] is not None and r["accuracy"] is not None and r["loadtest_passed"]
+    ok = [r for r in rows if r["model"] == "digits" and r["served_p50_ms"] is not None and r["accuracy"] is not None and r["loadtest_passed"]
           and (ref is None or r["accuracy"] >= ref - budget)]
     return min(ok, key=lambda r: r["served_p50_ms"]) if ok else None
 
@@ -136,8 +139,22 @@ def verdict(report) -> str:
             f"{b['variant']} (served p50 {b['served_p50_ms']:.2f} ms, accuracy {b['accuracy'] * 100:.2f}%).")
 
 
+def text_summary(rows: list[dict]) -> str:
+    """One line on the text model: held-out accuracy on real labels, and what serving raw text did."""
+    t = {r["variant"]: r for r in rows if r["model"] == "text"}
+    if not t:
+        return ""
+    torch_row, served = t.get("text-torch", {}), t.get("text-onnx", {})
+    line = (f"Text model (all-MiniLM-L6-v2 + drug-review head): held-out accuracy {cell(torch_row.get('accuracy'), '.4f')} "
+            f"on real labels (majority baseline {cell(torch_row.get('majority_baseline'), '.4f')}).")
+    if served.get("served_agreement") is not None:
+        line += (f" Served as ONNX with raw text in: agreement {served['served_agreement']:.4f} with the PyTorch model "
+                 f"over {served['requests']} answers, max |Δ| probabilities {cell(served['served_max_abs_diff'], '.2g')}.")
+    return line
+
+
 def _markdown(report, rows, plots) -> str:
-    lines = [f"# modelship report — {report['model']}", "", verdict(report), "",
+    lines = [f"# modelship report — {report['model']}", "", verdict(report), "", text_summary(rows), "",
              "| " + " | ".join(h.replace("|", "\\|") for _, h, _ in COLS) + " |", "|" + "---|" * len(COLS)]
     lines += ["| " + " | ".join(cell(r[k], f) for k, _, f in COLS) + " |" for r in rows]
     lines += ["", "## Steps", "", "| step | status | seconds | error |", "|---|---|---|---|"]
@@ -165,7 +182,7 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right;font-size:14px}}th
 tr.best td{{background:#e6f6e6;font-weight:600}}td.bad,tr.failed td{{background:#fde8e8}}tr.skipped td{{color:#888}}
 figure{{display:inline-block;margin:0 1em 1em 0}}img{{max-width:640px;border:1px solid #ddd}}.verdict{{font-size:1.15em}}</style>
 </head><body><h1>modelship report — {html.escape(report['model'])}</h1>
-<p class="verdict">{html.escape(verdict(report))}</p>
+<p class="verdict">{html.escape(verdict(report))}</p><p>{html.escape(text_summary(rows))}</p>
 <h2>Variants</h2><table><tr>{head}</tr>{body}</table>
 <h2>Plots</h2>{imgs}
 <h2>Steps</h2><table><tr><th>step</th><th>status</th><th>seconds</th><th>error</th></tr>{steps}</table>

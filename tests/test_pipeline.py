@@ -10,7 +10,7 @@ pytestmark = pytest.mark.serve
 
 
 def test_pipeline_report(tmp_path):
-    cli("pipeline", "--out", tmp_path / "demo", "--loadtest-seconds", "2", "--json", tmp_path / "p.json", check=0)
+    cli("pipeline", "--out", tmp_path / "demo", "--loadtest-seconds", "2", "--no-text", "--json", tmp_path / "p.json", check=0)
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert report["passed"] and not report["failed_steps"]
     variants = {r["variant"]: r for r in report["variants"]}
@@ -30,3 +30,15 @@ def test_pipeline_report(tmp_path):
     md = (tmp_path / "demo" / "report.md").read_text()
     assert "| variant |" in md and "latency_vs_accuracy.png" in md and "served max \\|Δ\\|" in md
     assert (tmp_path / "demo" / "latency_histograms.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow  # trains the built-in text model (embeds ~860 reviews) and load-tests it: about 3 more minutes
+def test_pipeline_serves_the_text_model_with_raw_text(tmp_path):
+    cli("pipeline", "--out", tmp_path / "demo", "--loadtest-seconds", "3", check=0)
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    rows = {r["variant"]: r for r in report["variants"]}
+    text = rows["text-onnx"]
+    assert text["reference"] == "drugreview-text-torch" and text["loadtest_passed"] and text["served_agreement"] == 1.0
+    assert rows["text-torch"]["accuracy"] > rows["text-torch"]["majority_baseline"]
+    assert report["loadtests"]["text-onnx"]["data"]["name"] == "drugreview"  # raw reviews were sent
+    assert "Text model" in (tmp_path / "demo" / "report.md").read_text()

@@ -28,7 +28,6 @@ class Request:
     batched: bool  # simple JSON: the client sent a list of samples
     request_id: str | None = None
     notes: list | None = None  # raw inputs: one dict per sample added to its answer ({"truncated": true})
-    raw_name: str = "text"  # OIP v2: the name of the BYTES input the client sent
 
     @property
     def items(self) -> int:
@@ -97,11 +96,11 @@ class Codec:
             return self._raw([_b64(x["image_b64"]) for x in inputs], "simple", True)
         return None
 
-    def _raw(self, samples: list, protocol: str, batched: bool, request_id=None, name="text") -> Request:
+    def _raw(self, samples: list, protocol: str, batched: bool, request_id=None) -> Request:
         if len(samples) > self.max_items:
             raise InputError(f"{len(samples)} items in one request; expected at most {self.max_items}")
         feed, notes = self.prep(samples)
-        return Request(feed, protocol, batched, request_id, notes, name)
+        return Request(feed, protocol, batched, request_id, notes)
 
     def _decode_simple(self, inputs: dict) -> Request:
         inputs = self._drop_token_types(inputs)
@@ -169,7 +168,7 @@ class Codec:
         if t["shape"] not in ([len(data)], [len(data), 1]):
             raise InputError(f"input '{name}': shape {t['shape']} for {len(data)} strings; expected [{len(data)}]")
         samples = data if self.prep.kind == "text" else [_b64(x) for x in data]
-        return self._raw(samples, "v2", True, request_id if isinstance(request_id, str) else None, name)
+        return self._raw(samples, "v2", True, request_id if isinstance(request_id, str) else None)
 
     def _drop_token_types(self, inputs: dict, values=lambda v: v) -> dict:
         """A tokenizer's full output is accepted: token_type_ids the model does not take are dropped when they
