@@ -2,12 +2,15 @@
 
 1. served p50 - in-process p50 at concurrency 1 (digits CNN, ONNX, batching off);
 2. requests/s at concurrency 16 with dynamic batching on (batch 8, 5 ms delay) vs off (batch 1);
-3. the load generator's own ceiling: Locust against TorchServe's trivial /ping.
+3. the load generator's own ceiling: Locust against TorchServe's trivial /ping;
+4. with --text (instead of 1-3): the built-in text model served as ONNX, p50 at concurrency 1 of a raw-text
+   request ({"inputs": "review"}) against the same review sent as its token ids: the tokenizer's cost.
 Runs are interleaved (off, on, off, on, ...) and medians reported. Usage:
-  python benchmarks/serving.py [--rounds 3] [--seconds 10] [--users 16] [--locust-workers 0]
+  python benchmarks/serving.py [--rounds 3] [--seconds 10] [--users 16] [--locust-workers 0] [--text]
 """
 
 import argparse
+import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -32,8 +35,11 @@ def main():
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--users", type=int, default=16)
     ap.add_argument("--locust-workers", type=int, default=0)
+    ap.add_argument("--text", action="store_true", help="also raw text vs token ids on the built-in text model")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
+    if args.text:
+        return text_vs_ids(tmp, args.rounds, args.seconds)
     src, module = open_source(train_artifact("cnn", tmp / "cnn").path)
     onnx_art = export(src, module, tmp / "onnx")
     gate_parity(onnx_art, reference=(src, module))
@@ -70,6 +76,40 @@ def main():
     print(f"ratio dynamic batching on / off at concurrency {args.users}: {ratio:.2f} (goal >= 1.3)")
     print(f"load generator ceiling (Locust -> /ping, {args.users} users, {args.locust_workers} workers): "
           f"{ping['rps']:.0f} req/s, p50 {ping['p50_ms']} ms")
+
+
+def text_vs_ids(tmp: Path, rounds: int, seconds: float) -> None:
+    """Served p50 at concurrency 1: raw review texts vs the same reviews as token ids (each tokenized alone,
+    as a client would), both judged against the same golden outputs."""
+    from modelship.models import text as text_model
+
+    src, module = open_source(train_artifact("text", tmp / "text").path)
+    art = export(src, module, tmp / "text-onnx")
+    gate_parity(art, reference=(src, module))
+    archive(art, tmp / "text-store", name="text", config=ModelConfig(batch_size=1, max_batch_delay_ms=0))
+    state = tmp / "text-state"
+    server.start(tmp / "text-store", state, server.ServeConfig(port=server.free_port()))
+    try:
+        raw = prepare(state, "text", tmp / "lt-raw")
+        texts = [json.loads(b)["inputs"] for b in json.loads(Path(raw["bodies"]).read_text())]
+        tok = text_model.tokenizer()
+        max_length = art.manifest.preprocess["max_length"]
+        ids = [{"inputs": {k: v for k, v in tok(t, truncation=True, max_length=max_length).items()
+                           if k in ("input_ids", "attention_mask")}} for t in texts]
+        (tmp / "lt-ids").mkdir(exist_ok=True)
+        (tmp / "lt-ids" / "bodies.json").write_text(json.dumps([json.dumps(b) for b in ids]))
+        specs = {"raw text": raw, "token ids": {**raw, "bodies": str(tmp / "lt-ids" / "bodies.json")}}
+        p50 = {k: [] for k in specs}
+        for r in range(rounds):
+            for k, spec in specs.items():
+                res = run_locust(spec, tmp / "text-c1", 1, 1, seconds, tag=f"text_{k.replace(' ', '_')}_{r}")
+                assert res["mismatches"] == 0 and res["failures"] == 0, res
+                p50[k].append(res["p50_ms"])
+    finally:
+        server.stop(state)
+    a, b = statistics.median(p50["raw text"]), statistics.median(p50["token ids"])
+    print(f"text model, concurrency 1: raw text p50 {a:.2f} ms, token ids p50 {b:.2f} ms, tokenizer cost "
+          f"{a - b:.2f} ms ({a / b:.3f}x) (rounds: {', '.join(f'{x:.1f}/{y:.1f}' for x, y in zip(p50['raw text'], p50['token ids']))})")
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ class TextPreprocessor:
                 raise InputError("empty text; expected at least one word")
             if len(t) > self.spec.max_chars:
                 raise InputError(f"text of {len(t)} characters; this model takes at most {self.spec.max_chars}")
-        encs = self.tok.encode_batch(texts)
+        encs = [self.tok.encode(t) for t in texts]  # not encode_batch: its thread pool spins beside the runner's
         notes = []
         for t, e in zip(texts, encs):
             cut = bool(e.overflowing)
