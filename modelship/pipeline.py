@@ -57,21 +57,28 @@ class Run:
         return self.out / "serve-state"
 
 
-def _train(run: Run):
-    from .models.train import train_artifact
+def _train(key: str):
+    """Train the digits model (key "torch") or the built-in text model ("text-torch")."""
+    def step(run: Run):
+        from .models.train import train_artifact
 
-    run.arts["torch"] = train_artifact(run.cfg.arch, run.out / f"{run.name}-torch")
+        arch = "text" if key.startswith("text") else run.cfg.arch
+        art = run.arts[key] = train_artifact(arch, run.out / run.served_name(key))
+        return {k: v for k, v in art.manifest.extra.items() if k in ("test_accuracy", "majority_baseline", "test_samples")}
+    return step
 
 
-def _export(run: Run):
-    from .export.onnx_export import export
-    from .models.checkpoints import open_source
-    from .stages import gate_parity
+def _export(key: str, src_key: str):
+    def step(run: Run):
+        from .export.onnx_export import export
+        from .models.checkpoints import open_source
+        from .stages import gate_parity
 
-    src, module = open_source(run.arts["torch"].path)
-    art = export(src, module, run.out / f"{run.name}-onnx")
-    gate_parity(art, reference=(src, module))
-    run.arts["onnx"] = art
+        src, module = open_source(run.arts[src_key].path)
+        art = export(src, module, run.out / run.served_name(key))
+        gate_parity(art, reference=(src, module))  # on the evaluation data: digit PNGs, raw review texts
+        run.arts[key] = art
+    return step
 
 
 def _variant(key: str, src_key: str, mode: str):
@@ -99,24 +106,6 @@ def _distill(run: Run):
     gate_parity(onnx_art, parent=(src, module))  # judged against the teacher; the conversion against itself
     run.arts["student"] = onnx_art
     return {"distillation": report}
-
-
-def _train_text(run: Run):
-    from .models.train import train_artifact
-
-    run.arts["text-torch"] = train_artifact("text", run.out / "drugreview-text-torch")
-    return {k: run.arts["text-torch"].manifest.extra[k] for k in ("test_accuracy", "majority_baseline", "test_samples")}
-
-
-def _export_text(run: Run):
-    from .export.onnx_export import export
-    from .models.checkpoints import open_source
-    from .stages import gate_parity
-
-    src, module = open_source(run.arts["text-torch"].path)
-    art = export(src, module, run.out / "drugreview-text-onnx")
-    gate_parity(art, reference=(src, module))  # on the 379 held-out reviews, as raw text through both tokenizers
-    run.arts["text-onnx"] = art
 
 
 SERVED = ("torch", "onnx", "int8-dynamic", "int8-static", "fp16", "student", "text-onnx")
@@ -181,14 +170,14 @@ class Stage:
 
 
 STAGES = [
-    Stage("train", _train),
-    Stage("export", _export, ("torch",)),
+    Stage("train", _train("torch")),
+    Stage("export", _export("onnx", "torch"), ("torch",)),
     Stage("quantize dynamic", _variant("int8-dynamic", "onnx", "dynamic"), ("onnx",)),
     Stage("quantize static", _variant("int8-static", "onnx", "static"), ("onnx",)),
     Stage("quantize fp16", _variant("fp16", "onnx", "fp16"), ("onnx",)),
     Stage("distill", _distill, ("torch",)),
-    Stage("train text", _train_text, text=True),
-    Stage("export text", _export_text, ("text-torch",), text=True),
+    Stage("train text", _train("text-torch"), text=True),
+    Stage("export text", _export("text-onnx", "text-torch"), ("text-torch",), text=True),
     Stage("archive", _archive, ("torch",)),
     Stage("serve", _serve, ("store",)),
     Stage("loadtest", _loadtest, ("server",), per_variant=True),

@@ -17,7 +17,6 @@ from modelship.manifest import load_artifact, write_artifact
 from modelship.models import data as datasets
 from modelship.models.checkpoints import open_source
 from modelship.preprocess import open_preprocessor, reference_preprocessor
-from modelship.runners import open_runner
 from modelship.runners.torch_runner import TorchRunner
 from modelship.serve.codec import Codec, softmax
 

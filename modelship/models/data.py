@@ -172,7 +172,7 @@ def _drugreview_rows(file: str) -> list[dict]:
 
 
 def drugreview_raw(spec: dict, split: str) -> tuple[list, np.ndarray]:
-    """Drug reviews with their sentiment (negative: rating 1-4, neutral 5-6, positive 7-10): the package's test
+    """Drug reviews with their sentiment (the package's grouping of the 1-10 ratings): the package's test
     file (379) is the test split; its train file (600) is split, fixed seed, into train 480 / val = calib 120.
     ``spec["limit"]`` keeps the first N of a split (tests use a slice)."""
     if split == "test":
