@@ -1,7 +1,8 @@
 """The README's quick start runs as written (on CPU): every command of its first `$M ...` block, in order, in a
-fresh folder, with the files it names made here first. Three things are shortened for CI and said so: load-test
-durations (30s -> 2s), the teacher's training (8 epochs instead of the recipe's 25) and the server's port (a free
-one instead of 8080)."""
+fresh folder, with the files it names made here first. Four things are changed for CI and said so: load-test
+durations (30s -> 2s), the teacher's training (8 epochs instead of the recipe's 25), the load test's p95 SLO
+(50 ms -> 2000 ms: other test workers share the two cores, so a latency target says nothing here) and the
+server's port (a free one instead of 8080)."""
 
 import re
 import subprocess
@@ -40,10 +41,10 @@ def test_quick_start_block_runs_as_written(tmp_path, cnn):
     BertForSequenceClassification(BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                              intermediate_size=64, num_labels=3)).save_pretrained(tmp_path / "my-hf-bert")
     run = (script.replace("M=.venv/bin/modelship", f"M={Path(sys.executable).with_name('modelship')}")
-           .replace("--duration 30s", "--duration 2s")
+           .replace("--duration 30s", "--duration 2s").replace("--slo-p95-ms 50", "--slo-p95-ms 2000")
            .replace("$M train cnn --out runs/x/cnn", "$M train cnn --out runs/x/cnn --epochs 8")
            .replace("--state runs/x/state --detach", f"--state runs/x/state --detach --port {server.free_port()}"))
-    assert "--epochs 8" in run and "--duration 2s" in run
+    assert "--epochs 8" in run and "--duration 2s" in run and "--slo-p95-ms 2000" in run
     try:
         p = subprocess.run(["bash", "-euo", "pipefail", "-c", run], cwd=tmp_path, capture_output=True, text=True,
                            timeout=900)
