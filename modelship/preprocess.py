@@ -233,6 +233,16 @@ def record_tokenizer(tokenizer, out_dir: Path, max_length: int, truncation: str 
 
 # ---- the original way (the reference) ------------------------------------------------------------------------
 
+def _tokenize(tok, max_length: int, names: list):
+    """A transformers tokenizer as a reference preprocessor: padded to the longest text, cut at ``max_length``."""
+    def text(texts):
+        enc = tok(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="np")
+        feed = {k: np.asarray(v, np.int64) for k, v in enc.items()}
+        feed.setdefault("token_type_ids", np.zeros_like(feed["input_ids"]))  # RoBERTa, DistilBERT: none
+        return _select(feed, names)
+    return text
+
+
 def reference_preprocessor(ref_art):
     """Raw samples → the reference model's feed, done the way the source checkpoint does it (None when it has
     no preprocessing): transformers' AutoTokenizer / AutoImageProcessor for a Hugging Face folder, the zoo
@@ -246,14 +256,7 @@ def reference_preprocessor(ref_art):
         if isinstance(spec, TextSpec):
             from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
-
-            def text(texts):
-                enc = tok(list(texts), padding=True, truncation=True, max_length=spec.max_length, return_tensors="np")
-                feed = {k: np.asarray(v, np.int64) for k, v in enc.items()}
-                feed.setdefault("token_type_ids", np.zeros_like(feed["input_ids"]))  # RoBERTa, DistilBERT: none
-                return _select(feed, names)
-            return text
+            return _tokenize(AutoTokenizer.from_pretrained(str(src), local_files_only=True), spec.max_length, names)
         from PIL import Image
         from transformers import AutoImageProcessor
 
@@ -268,9 +271,6 @@ def reference_preprocessor(ref_art):
     if isinstance(declared, TextSpec):  # the encoder's own tokenizer, as the model was trained with it
         from .models import text
 
-        tok = text.tokenizer()
-        return lambda texts: _select({k: np.asarray(v, np.int64) for k, v in tok(
-            list(texts), padding=True, truncation=True, max_length=declared.max_length, return_tensors="np").items()},
-            names)
-    return lambda images: {names[0]: np.stack([image_array(decode_image(b, declared.max_pixels), declared)
-                                               for b in images])}
+        return _tokenize(text.tokenizer(), declared.max_length, names)
+    image = ImagePreprocessor(declared, None, ref_art.manifest.inputs)  # the zoo's declared constants
+    return lambda images: image(images)[0]

@@ -70,14 +70,7 @@ def random(spec: dict, split: str, inputs) -> tuple[dict, None]:
 
 
 def npz(spec: dict, split: str, inputs) -> tuple[dict, np.ndarray | None]:
-    p = Path(spec["path"])
-    if not p.is_file():
-        raise ArtifactError(f"{p}: evaluation data not found; expected the .npz recorded in the manifest "
-                            "(pass --data FILE again)")
-    if spec.get("sha256") and sha256_path(p) != spec["sha256"]:
-        raise ArtifactError(f"{p}: sha256 differs from the one recorded with the artifact; the data changed since "
-                            "it was used (pass --data FILE again to record the new one)")
-    return read_npz(p, inputs)
+    return read_npz(_checked(spec), inputs)
 
 
 def read_npz(path, inputs) -> tuple[dict, np.ndarray | None]:
@@ -265,12 +258,14 @@ def images_raw(spec: dict, split: str) -> tuple[list, np.ndarray | None]:
 
 
 def _checked(spec: dict) -> Path:
+    """The user's data file recorded in ``spec``, refused when it is gone or changed since it was recorded."""
     p = Path(spec["path"])
     if not p.exists():
-        raise ArtifactError(f"{p}: evaluation data not found (pass --data again)")
+        raise ArtifactError(f"{p}: evaluation data not found; expected the file recorded in the manifest "
+                            "(pass --data FILE again)")
     if spec.get("sha256") and sha256_path(p) != spec["sha256"]:
         raise ArtifactError(f"{p}: sha256 differs from the one recorded with the artifact; the data changed since "
-                            "it was used (pass --data again to record the new one)")
+                            "it was used (pass --data FILE again to record the new one)")
     return p
 
 
