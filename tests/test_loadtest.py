@@ -23,6 +23,7 @@ def test_correct_run_passes_gates(served, work, tmp_path, cnn):
     assert r["checked"] == r["requests"] and r["mismatches"] == 0 and r["top1_agreement"] == 1.0
     assert r["max_abs_diff"] < 1e-5 and r["p99_abs_diff"] <= r["max_abs_diff"]
     assert r["reference"] == str(cnn.path)  # judged against the root PyTorch model, not the served ONNX file
+    assert r["first_answer_ms"] > 0  # one answered request before the clock starts: no cold start in the figures
     assert r["tolerance"]["min_top1_agreement"] == 1.0 and r["warmup_s"] == 0.6  # FP32: no label may differ
     assert (tmp_path / "lt" / "locust_u4_stats.csv").is_file() and (tmp_path / "lt" / "locust_u4.html").is_file()
     assert "users" in p.stdout
@@ -106,6 +107,12 @@ def test_summary_counts_failures_in_latency_and_skips_warmup(tmp_path):
     assert r["p50_ms"] == 10.0 and r["p95_ms"] == 30000.0 and r["max_ms"] == 30000.0
     assert r["rps"] == 10.0
     assert Gates(slo_p95_ms=100, max_failure_ratio=0.2).judge(r) == ["latency: p95 30000.0 ms > SLO 100 ms"]
+    # a run whose every request was sent during the warm-up measured nothing: it fails and says why
+    (tmp_path / "counts.json").write_text(json.dumps({"started": 1, "responses": 1, "samples": samples[:1]}))
+    r = summarize(tmp_path, "t", spec, users=4, duration_s=11.0, warmup_s=1.0)
+    assert r["requests"] == 0
+    assert Gates().judge(r) == [f"no request was answered after the 1 s warm-up (1 answered in all; Locust log: "
+                                f"{tmp_path / 't.log'})"]
 
 
 def test_concurrency_sweep(served, work, tmp_path):

@@ -1,6 +1,7 @@
 """Golden outputs of the root PyTorch model for a served model (``prepare``: request bodies and every output
 of the reference on the evaluation data) and the one comparison of a served answer with them (``check``),
-used by the Locust user for every request and by the fault monitor for its probe after a worker kill.
+used by the Locust user for every request, and ``probe``: one request sent until it is answered (the warm-up
+before a timed run, the fault monitor's check after a worker kill).
 
 Every part of the answer is judged: a classifier's label (agreement) and probabilities, and every other
 output it returns, matched by name, shape-checked, within the artifact's precision tolerance."""
@@ -153,6 +154,30 @@ def request_headers(spec: dict) -> dict:
     from ..serve.server import bearer
 
     return {"Content-Type": spec.get("content_type", "application/json"), **bearer(spec.get("token"))}
+
+
+def probe(spec: dict, timeout_s: float, index: int = 0) -> tuple[Verdict | None, str]:
+    """Send sample ``index`` until it is answered with 200 or ``timeout_s`` passes: (its verdict, "") or
+    (None, what the last attempt got)."""
+    import time
+
+    import requests
+
+    body, hdr = request_bodies(spec)[index], request_headers(spec)
+    golden = np.load(spec["golden"])
+    deadline, last = time.monotonic() + timeout_s, "no attempt"
+    while time.monotonic() < deadline:
+        try:
+            r = requests.post(spec["host"] + spec["path"], data=body, headers=hdr,
+                              timeout=max(1.0, min(30.0, deadline - time.monotonic())))
+        except requests.RequestException as e:
+            last = f"{type(e).__name__}: {e}"
+        else:
+            if r.status_code == 200:
+                return check(spec, golden, index, r.json()), ""
+            last = f"HTTP {r.status_code}: {r.text[:200]}"
+        time.sleep(0.05)
+    return None, last
 
 
 def _image_type(data: bytes) -> str:

@@ -7,11 +7,8 @@ from __future__ import annotations
 import threading
 import time
 
-import numpy as np
-import requests
-
 from ..serve import workers
-from .golden import check, request_bodies, request_headers
+from .golden import probe
 
 
 class Monitor(threading.Thread):
@@ -41,25 +38,11 @@ class Monitor(threading.Thread):
         start = time.monotonic()
         pid = workers.kill_one(self.info, self.spec["model"])
         replaced = workers.wait_replaced(self.info, self.spec["model"], pid, expected)
-        correct = self._probe(deadline=start + 60)
+        verdict, _ = probe(self.spec, timeout_s=start + 60 - time.monotonic())
+        correct = verdict is not None and verdict.ok
         return {"killed_pid": pid, "killed_at_s": round(at, 2), "worker_replaced_s": round(replaced, 3),
                 "recovery_s": round(time.monotonic() - start, 3), "answer_after_recovery_correct": correct,
                 "workers_after": workers.pids(self.info, self.spec["model"])}
-
-    def _probe(self, deadline: float) -> bool:
-        """Send sample 0 until it is answered with 200; True if that answer matches the reference."""
-        body = request_bodies(self.spec)[0]
-        golden = np.load(self.spec["golden"])
-        hdr = request_headers(self.spec)
-        while time.monotonic() < deadline:
-            try:
-                r = requests.post(self.spec["host"] + self.spec["path"], data=body, headers=hdr, timeout=30)
-            except requests.RequestException:
-                r = None
-            if r is not None and r.status_code == 200:
-                return check(self.spec, golden, 0, r.json()).ok
-            time.sleep(0.05)
-        return False
 
     def memory(self, warmup_s: float) -> dict:
         """Worker RSS after warm-up and at the end; growth as a fraction of the first."""

@@ -7,12 +7,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import ArtifactError, GateError
 from ..serve.server import free_port, read_state
-from .golden import prepare
+from .golden import prepare, probe
 from .monitor import Monitor
 from .summary import Gates, summarize
 
@@ -67,6 +68,9 @@ def parse_duration(text: str) -> float:
         raise ArtifactError(f"duration '{text}': expected e.g. 30s, 2m or 45") from None
 
 
+WARM_TIMEOUT_S = 60.0
+
+
 def default_warmup(duration_s: float) -> float:
     """Seconds at the start of each level left out of every statistic: a tenth of the run, at most 5 s."""
     return min(5.0, duration_s / 10)
@@ -86,6 +90,11 @@ def loadtest(state, model, out_dir, users=(4,), spawn_rate=None, duration_s=30.0
     spec = prepare(state, model, out_dir, reference=reference, samples=samples, data=data, overrides=overrides,
                    per_output=per_output)
     info = read_state(state)
+    t0 = time.perf_counter()  # the first answer is not timed: a cold worker's first request can take seconds
+    verdict, why = probe(spec, timeout_s=WARM_TIMEOUT_S)
+    if verdict is None:
+        raise GateError(f"'{model}' did not answer a warm-up request within {WARM_TIMEOUT_S:.0f} s ({why})")
+    first_ms = round((time.perf_counter() - t0) * 1e3, 1)
     if kill_worker_at_s is not None and not 0 < kill_worker_at_s < duration_s:
         raise ArtifactError(f"--kill-worker-at {kill_worker_at_s:g} s: expected a time inside the run (0 to {duration_s:g} s)")
     levels = []
@@ -103,6 +112,7 @@ def loadtest(state, model, out_dir, users=(4,), spawn_rate=None, duration_s=30.0
             r["fault"] = mon.fault or {"error": mon.error or "the worker kill did not happen"}
         if mon.error:
             r["monitor_error"] = mon.error
+        r["first_answer_ms"] = first_ms
         r["gate_failures"] = gates.judge(r)
         r["passed"] = not r["gate_failures"]
         levels.append(r)

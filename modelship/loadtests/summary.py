@@ -41,7 +41,8 @@ class Gates:
         if self.slo_p95_ms is not None and (r["p95_ms"] is None or r["p95_ms"] > self.slo_p95_ms):
             out.append(f"latency: p95 {r['p95_ms']} ms > SLO {self.slo_p95_ms} ms")
         if r["requests"] == 0:
-            out.append("no requests completed")
+            out.append(f"no request was answered after the {r.get('warmup_s', 0):g} s warm-up "
+                       f"({r.get('locust_responses') or 0} answered in all; Locust log: {r.get('log')})")
         elif r["failures"] / r["requests"] > self.max_failure_ratio:
             out.append(f"failures: {r['failures']}/{r['requests']} = {r['failures'] / r['requests']:.4f} > "
                        f"{self.max_failure_ratio}")
@@ -97,7 +98,7 @@ def summarize(out_dir: Path, tag: str, spec: dict, users: int, duration_s: float
         "precision": spec.get("precision"), "tolerance": spec.get("tolerance"), "reference": spec.get("reference"),
         "mismatch_examples": counts.get("examples", []), "per_worker": counts.get("per_worker", {}),
         "locust_requests": final.get("requests"), "locust_responses": counts.get("responses"),
-        "latencies_ms": lat.round(3).tolist(), "csv": str(stats), "html": str(out_dir / f"{tag}.html"),
+        "latencies_ms": lat.round(3).tolist(), "csv": str(stats), "log": str(out_dir / f"{tag}.log"), "html": str(out_dir / f"{tag}.html"),
     }
 
 
