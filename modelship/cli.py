@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .errors import GateError, ModelshipError, ParityError, ServeError
+from .errors import ArtifactError, GateError, ModelshipError, ParityError, ServeError
 from .export import DEFAULT_OPSET
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -72,8 +72,12 @@ TolAgree = typer.Option(None, "--min-agreement", help="Override the default mini
 TolDrop = typer.Option(None, "--max-accuracy-drop", help="Override the default maximum accuracy drop (fraction).")
 WeakOpt = typer.Option(False, "--allow-weak-parity", help="Accept on purpose a parity judgement the data cannot "
                                                           "support (recorded in the manifest).")
-DataOpt = typer.Option(None, "--data", help="Evaluation data: an .npz with one array per input name and optional "
-                                            "'labels', or a shipped dataset's name (digits). Recorded with its sha256.")
+DataOpt = typer.Option(None, "--data", help="Evaluation data: a CSV/JSONL of text,label; a folder of images per "
+                                            "class or a CSV of path,label; an .npz with one array per input name "
+                                            "and optional 'labels'; or a shipped dataset's name (digits, "
+                                            "drugreview). Recorded with its sha256.")
+TaskOpt = typer.Option(None, "--task", help="classification or regression, when the checkpoint does not say "
+                                            "(a .pt2 does not).")
 ProviderOpt = typer.Option(None, "--provider", help="onnxruntime execution provider: auto, cpu, cuda, tensorrt.")
 DeviceOpt = typer.Option("cpu", "--device", help="torch device for PyTorch artifacts: cpu or cuda.")
 
@@ -106,8 +110,7 @@ def export(src: Path = typer.Argument(..., help="Artifact dir, torch.export .pt2
            opset: int = typer.Option(DEFAULT_OPSET, "--opset", min=13, max=23),
            exporter: Optional[str] = typer.Option(None, help="torchscript or dynamo (default: per source kind)."),
            data: Optional[str] = DataOpt,
-           task: Optional[str] = typer.Option(None, "--task", help="classification or regression, when the checkpoint "
-                                                                   "does not say (a .pt2 does not)."),
+           task: Optional[str] = TaskOpt,
            max_abs_diff: Optional[float] = TolAbs, rtol: Optional[float] = TolRel, output_tol: List[str] = TolOut,
            min_agreement: Optional[float] = TolAgree, max_accuracy_drop: Optional[float] = TolDrop,
            allow_weak: bool = WeakOpt, provider: Optional[str] = ProviderOpt, json_path: Optional[Path] = JsonOpt):
@@ -454,28 +457,44 @@ def loadtest(state: Path = typer.Option(..., "--state"), model: str = typer.Opti
 
 
 @app.command()
-def pipeline(out: Path = typer.Option(Path("runs/demo"), "--out"),
+def pipeline(source: Optional[Path] = typer.Argument(None, help="Your model: a Hugging Face folder, a .pt2 file or a "
+                                                                "torch artifact (default: the built-in models)."),
+             data: Optional[str] = DataOpt, task: Optional[str] = TaskOpt, allow_weak: bool = WeakOpt,
+             out: Path = typer.Option(Path("runs/demo"), "--out"),
+             variants: Optional[str] = typer.Option(None, "--variants", help="Comma-separated: which of int8-dynamic, "
+                                                    "int8-static, fp16, student to make besides torch and onnx "
+                                                    "(default: all; student only for digits models)."),
              loadtest_seconds: float = typer.Option(10.0, help="Load-test duration per served variant."),
              users: int = typer.Option(4, help="Concurrent Locust users per load test."),
              accuracy_budget: float = typer.Option(0.01, help="Accuracy drop allowed when picking the fastest variant."),
-             text: bool = typer.Option(True, "--text/--no-text",
-                                       help="Also the built-in text model, served and load-tested with raw text."),
+             text: bool = typer.Option(True, "--text/--no-text", help="Also the built-in text model, served and "
+                                                                      "load-tested with raw text (without SOURCE)."),
              json_path: Optional[Path] = JsonOpt):
-    """The whole flow on the built-in digits CNN and text model, ending in report.json / report.md / report.html."""
+    """The whole flow — export, INT8/FP16 variants, archive, serve, load tests with every answer checked — on
+    SOURCE and its --data, or on the built-in digits CNN and text model; ends in report.json / .md / .html."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from . import pipeline as pl
 
-    cfg = pl.PipelineConfig(loadtest_seconds=loadtest_seconds, users=users, accuracy_budget=accuracy_budget, text=text)
+    if source is not None and not source.exists():
+        raise ArtifactError(f"{source}: no such file or directory; expected a Hugging Face folder, a .pt2 file or a "
+                            "torch artifact")
+    chosen = tuple(v.strip() for v in variants.split(",") if v.strip()) if variants is not None else None
+    unknown = sorted(set(chosen or ()) - set(pl.OPTIONAL))
+    if unknown:
+        raise ModelshipError(f"--variants {variants}: unknown {', '.join(unknown)}; expected some of "
+                             f"{', '.join(pl.OPTIONAL)} (torch and onnx are always made)")
+    cfg = pl.PipelineConfig(source=str(source) if source else None, data=data, task=task, allow_weak=allow_weak,
+                            variants=chosen, loadtest_seconds=loadtest_seconds, users=users, accuracy_budget=accuracy_budget, text=text)
     colors = {"ok": "green", "failed": "red", "skipped": "yellow"}
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed} steps"),
                   TimeElapsedColumn(), console=err) as prog:
-        task = prog.add_task("pipeline", total=None)
+        bar = prog.add_task("pipeline", total=None)
 
         def tick(s):
             prog.console.print(f"[{colors[s.status]}]{s.status:>7}[/] {s.name} ({s.seconds} s)"
                                + (f" — {escape(s.error)}" if s.error else ""))
-            prog.update(task, advance=1)
+            prog.update(bar, advance=1)
 
         report = pl.run(out, cfg, progress=tick)
     from .report import COLS, cell, verdict

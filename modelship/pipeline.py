@@ -1,10 +1,12 @@
-"""``modelship pipeline``: train → export → quantize (dynamic, static, fp16) → distill, and the built-in text
-model (train, export) → archive all → serve → load-test each served variant (digit PNGs, raw review texts) →
-stop, then a report. A failed step is recorded, not hidden:
-steps that need its output are skipped and the report says why."""
+"""``modelship pipeline [SOURCE]``: train the built-in digits CNN (or import the user's SOURCE with its --data) →
+export → quantize (dynamic, static, fp16) → distill (models with shipped training data), and the built-in text
+model (train, export) → archive all → serve → load-test each served variant (what users send: digit PNGs, raw
+texts, images) → stop, then a report. A failed step is recorded, not hidden: steps that need its output are
+skipped and the report says why."""
 
 from __future__ import annotations
 
+import re
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -16,6 +18,11 @@ from .errors import ModelshipError
 
 @dataclass
 class PipelineConfig:
+    source: str | None = None  # the user's model (Hugging Face folder, .pt2, torch artifact); None: built-in
+    data: str | None = None  # the source's evaluation data (--data: CSV/JSONL, image folder, CSV of paths, .npz)
+    task: str | None = None  # classification | regression, when the source does not say (a .pt2)
+    allow_weak: bool = False  # accept on purpose a parity judgement its data cannot make (see parity.weak_reasons)
+    variants: tuple | None = None  # which of OPTIONAL to make; None: all (torch and onnx are always made)
     arch: str = "cnn"
     loadtest_seconds: float = 10.0
     users: int = 4
@@ -23,6 +30,15 @@ class PipelineConfig:
     bench_seconds: float = 0.5
     port: int | None = None
     text: bool = True  # also the built-in text model (MiniLM + drug reviews), served and load-tested with raw text
+
+    @property
+    def name(self) -> str:
+        """The main model's name in folders and URLs: digits-ARCH, or the source's file or folder name."""
+        if self.source is None:
+            return f"digits-{self.arch}"
+        p = Path(self.source).resolve()
+        stem = p.stem if p.is_file() else p.name
+        return re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-._")[:48] or "model"
 
 
 @dataclass
@@ -47,7 +63,7 @@ class Run:
 
     @property
     def name(self) -> str:
-        return f"digits-{self.cfg.arch}"
+        return self.cfg.name
 
     def served_name(self, key: str) -> str:
         return f"drugreview-{key}" if key.startswith("text") else f"{self.name}-{key}"
@@ -68,6 +84,18 @@ def _train(key: str):
     return step
 
 
+def _import(run: Run):
+    """The user's SOURCE, opened with its --data and --task, copied into the run folder as the root artifact."""
+    from .models import data as datasets
+    from .models.checkpoints import open_source, save_source
+
+    src, _ = open_source(run.cfg.source, data=run.cfg.data, task=run.cfg.task)
+    art = run.arts["torch"] = save_source(src, run.out / run.served_name("torch"))
+    man = art.manifest
+    return {"source": str(Path(run.cfg.source).resolve()), "loader": man.loader or "zoo", "task": man.task,
+            "data": datasets.describe(man.data), "preprocess": (man.preprocess or {}).get("kind")}
+
+
 def _export(key: str, src_key: str):
     def step(run: Run):
         from .export.onnx_export import export
@@ -76,7 +104,8 @@ def _export(key: str, src_key: str):
 
         src, module = open_source(run.arts[src_key].path)
         art = export(src, module, run.out / run.served_name(key))
-        gate_parity(art, reference=(src, module))  # on the evaluation data: digit PNGs, raw review texts
+        # on the evaluation data: digit PNGs, raw review texts, the user's --data
+        gate_parity(art, reference=(src, module), allow_weak=run.cfg.allow_weak)
         run.arts[key] = art
     return step
 
@@ -87,7 +116,7 @@ def _variant(key: str, src_key: str, mode: str):
         from .stages import gate_parity
 
         art = make_variant(run.arts[src_key], mode, run.out / f"{run.name}-{key}")
-        gate_parity(art)
+        gate_parity(art, allow_weak=run.cfg.allow_weak)
         run.arts[key] = art
     return step
 
@@ -109,6 +138,7 @@ def _distill(run: Run):
 
 
 SERVED = ("torch", "onnx", "int8-dynamic", "int8-static", "fp16", "student", "text-onnx")
+OPTIONAL = ("int8-dynamic", "int8-static", "fp16", "student")  # --variants: the ones a run may leave out
 
 
 def _archive(run: Run):
@@ -159,6 +189,21 @@ def _bench(run: Run):
             run.benches[key] = bench(open_runner(art), (1, 32), run.cfg.bench_seconds)
 
 
+def _builtin(run: Run) -> bool:
+    return run.cfg.source is None
+
+
+def _builtin_text(run: Run) -> bool:
+    return run.cfg.source is None and run.cfg.text
+
+
+def _distillable(run: Run) -> bool:
+    """The zoo's students learn from the digits training split: the built-in model, or a user's digits model."""
+    art = run.arts.get("torch")
+    return _builtin(run) or (art is not None and (art.manifest.data or {}).get("name") == "digits"
+                             and (art.manifest.loader or "zoo") == "zoo")
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -166,18 +211,20 @@ class Stage:
     needs: tuple = ()  # keys of run.arts that earlier stages must have made
     per_variant: bool = False  # one step per served variant, named "NAME KEY"
     cleanup: bool = False  # runs even when the pipeline is interrupted (once its needs are met)
-    text: bool = False  # the built-in text model's stage (left out with --no-text)
+    when: Callable | None = None  # when(run): whether this run has the stage (built-in or user's model, --no-text)
+    variant: str | None = None  # the optional variant this stage makes (left out unless in --variants)
 
 
 STAGES = [
-    Stage("train", _train("torch")),
+    Stage("train", _train("torch"), when=_builtin),
+    Stage("import", _import, when=lambda run: not _builtin(run)),
     Stage("export", _export("onnx", "torch"), ("torch",)),
-    Stage("quantize dynamic", _variant("int8-dynamic", "onnx", "dynamic"), ("onnx",)),
-    Stage("quantize static", _variant("int8-static", "onnx", "static"), ("onnx",)),
-    Stage("quantize fp16", _variant("fp16", "onnx", "fp16"), ("onnx",)),
-    Stage("distill", _distill, ("torch",)),
-    Stage("train text", _train("text-torch"), text=True),
-    Stage("export text", _export("text-onnx", "text-torch"), ("text-torch",), text=True),
+    Stage("quantize dynamic", _variant("int8-dynamic", "onnx", "dynamic"), ("onnx",), variant="int8-dynamic"),
+    Stage("quantize static", _variant("int8-static", "onnx", "static"), ("onnx",), variant="int8-static"),
+    Stage("quantize fp16", _variant("fp16", "onnx", "fp16"), ("onnx",), variant="fp16"),
+    Stage("distill", _distill, ("torch",), when=_distillable, variant="student"),
+    Stage("train text", _train("text-torch"), when=_builtin_text),
+    Stage("export text", _export("text-onnx", "text-torch"), ("text-torch",), when=_builtin_text),
     Stage("archive", _archive, ("torch",)),
     Stage("serve", _serve, ("store",)),
     Stage("loadtest", _loadtest, ("server",), per_variant=True),
@@ -217,7 +264,8 @@ def run(out: str | Path, config: PipelineConfig | None = None, progress=None) ->
     done = set()
     try:
         for st in STAGES:
-            if st.text and not r.cfg.text:
+            if (st.when is not None and not st.when(r)) or (st.variant and r.cfg.variants is not None
+                                                            and st.variant not in r.cfg.variants):
                 continue
             if st.cleanup and not all(n in r.arts for n in st.needs):
                 continue  # nothing to clean up (as the stop step was before: only once a server ran)
@@ -229,4 +277,4 @@ def run(out: str | Path, config: PipelineConfig | None = None, progress=None) ->
         for st in STAGES:
             if st.cleanup and st.name not in done and all(n in r.arts for n in st.needs):
                 st.fn(r)
-    return build(r.out, r.cfg, steps, r.arts, r.results, r.benches)
+    return build(r.out, r.name, r.cfg, steps, r.arts, r.results, r.benches)

@@ -42,3 +42,61 @@ def test_pipeline_serves_the_text_model_with_raw_text(tmp_path):
     assert rows["text-torch"]["accuracy"] > rows["text-torch"]["majority_baseline"]
     assert report["loadtests"]["text-onnx"]["data"]["name"] == "drugreview"  # raw reviews were sent
     assert "Text model" in (tmp_path / "demo" / "report.md").read_text()
+
+
+def _users_model_run(tmp_path, source, data, *extra):
+    p = cli("pipeline", source, "--data", data, "--out", tmp_path / "run", "--loadtest-seconds", "3", *extra)
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    return p, report, {r["variant"]: r for r in report["variants"]}
+
+
+def test_pipeline_runs_on_the_users_text_model_with_its_own_data(tmp_path):
+    """A user's Hugging Face BERT folder and a CSV of text,label: imported with its tokenizer, exported, served,
+    and load-tested with the raw texts of the CSV, every answer judged against the user's PyTorch model."""
+    import hf_models
+
+    model = hf_models.fine_tune(hf_models.text_classifier(tmp_path / "my-bert", "bert"))
+    csv = hf_models.write_reviews_csv(tmp_path / "reviews.csv")
+    p, report, rows = _users_model_run(tmp_path, model, csv, "--variants", "fp16")
+    assert p.returncode == 0, p.stderr
+    assert report["model"] == "my-bert" and set(rows) == {"torch", "onnx", "fp16"}
+    imported = report["steps"][0]
+    assert imported["name"] == "import" and imported["detail"]["loader"] == "hf"
+    assert imported["detail"]["preprocess"] == "text" and imported["detail"]["data"]["path"] == str(csv)
+    for key, r in rows.items():
+        lt = report["loadtests"][key]
+        assert lt["data"]["name"] == "text" and lt["checked"] == lt["requests"] > 20  # raw texts, each judged
+        assert r["reference"] == "my-bert-torch" and r["served_agreement"] == 1.0 and r["loadtest_passed"]
+    assert rows["torch"]["accuracy"] == rows["onnx"]["accuracy"] is not None  # measured on the CSV's labels
+    assert json.loads((tmp_path / "run" / "loadtests" / "onnx" / "bodies.json").read_text())[0].startswith('{"inputs": "')
+    assert (tmp_path / "run" / "model-store" / "my-bert-torch.mar").is_file()  # the PyTorch model served as well
+
+
+def test_pipeline_on_the_users_image_model_refuses_a_variant_its_data_cannot_judge(tmp_path):
+    """A random ViT and an ImageFolder: the images are served and checked; its FP16 variant's gate fails (near-equal
+    logits: FP16's error could flip labels unseen), so the run fails, says why, and never serves that variant."""
+    import hf_models
+
+    model = hf_models.image_classifier(tmp_path / "vit")
+    p, report, rows = _users_model_run(tmp_path, model, hf_models.image_folder(tmp_path / "images"),
+                                       "--variants", "fp16")
+    assert p.returncode == 1 and report["failed_steps"] == ["quantize fp16"]
+    assert "weak evidence" in p.stderr and "quantize fp16" in p.stderr
+    assert set(report["loadtests"]) == {"torch", "onnx"} and not (tmp_path / "run" / "model-store" / "vit-fp16.mar").exists()
+    for key in ("torch", "onnx"):
+        lt = report["loadtests"][key]
+        assert lt["passed"] and lt["data"]["name"] == "images" and lt["checked"] == lt["requests"] > 20
+    import base64
+
+    body = json.loads((tmp_path / "run" / "loadtests" / "onnx" / "bodies.json").read_text())[0]
+    assert base64.b64decode(body).startswith(b"\x89PNG")  # the images themselves were sent, as image/png
+
+
+def test_pipeline_refuses_an_unknown_variant_or_a_missing_source(tmp_path):
+    from conftest import cli as in_process
+
+    p = in_process("pipeline", "--variants", "fp16,int4", "--out", tmp_path / "run")
+    assert p.returncode == 2 and "unknown int4" in p.stderr and "int8-dynamic" in p.stderr
+    p = in_process("pipeline", tmp_path / "nothing-here", "--out", tmp_path / "run")
+    assert p.returncode == 2 and "no such file or directory" in p.stderr
+    assert not (tmp_path / "run").exists()  # refused before anything ran

@@ -125,6 +125,17 @@ def test_static_with_user_calibration_npz(tmp_path, cnn_onnx):
     assert art.manifest.extra["calibration_samples"] == 64
 
 
+def test_static_calibrates_a_text_model_on_its_raw_texts(tmp_path, text_onnx):
+    """Calibration data of raw reviews goes through the artifact's own tokenizer, as serving does."""
+    from modelship.quantize.variants import calibration_feed
+
+    feed = calibration_feed(text_onnx, QuantizeOptions(calibration_samples=20))
+    assert set(feed) == {t.name for t in text_onnx.manifest.inputs} and len(feed["input_ids"]) == 20
+    assert feed["input_ids"].dtype == np.int64 and (feed["attention_mask"].sum(1) > 2).all()  # real texts, not pads
+    art = make_variant(text_onnx, "static", tmp_path / "q", QuantizeOptions(calibration_samples=20))
+    assert art.manifest.extra["calibration_samples"] == 20 and art.manifest.preprocess == text_onnx.manifest.preprocess
+
+
 def test_distill_teacher_without_training_data(tmp_path, text):
     p = cli("distill", text, "--out", tmp_path / "s")
     assert p.returncode != 0 and "no shipped training data" in p.stderr

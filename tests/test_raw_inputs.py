@@ -69,6 +69,17 @@ def test_wrong_text_length_fails_parity(tmp_path, text):
     assert p.returncode == 1 and "moved by max_abs_diff" in p.stderr
 
 
+def test_raw_data_for_a_model_without_preprocessing_is_refused(tmp_path, text):
+    """Texts for a .pt2 that records no tokenizer: nothing could turn them into its inputs, so export refuses."""
+    import torch
+
+    ep = torch.export.export(torch.nn.Linear(4, 3).eval(), (torch.randn(2, 4),))
+    torch.export.save(ep, tmp_path / "m.pt2")
+    p = cli("export", tmp_path / "m.pt2", "--data", text.parent / "reviews.csv", "--out", tmp_path / "o")
+    assert p.returncode == 2 and "raw texts, but" in p.stderr and "records no preprocessing" in p.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_changed_tokenizer_file_is_refused(tmp_path, text_onnx):
     import shutil
 

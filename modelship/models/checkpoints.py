@@ -241,3 +241,28 @@ def open_source(path: str | Path, data: str | None = None, task: str | None = No
     if art.manifest.task != "classification":
         art.manifest.labels = None
     return art, load_module(art)
+
+
+def save_source(art: Artifact, out_dir: str | Path) -> Artifact:
+    """Copy a source opened by ``open_source`` (a Hugging Face folder, a ``.pt2``, a zoo artifact) into a
+    self-contained torch artifact at ``out_dir``: the model file or folder, its preprocessing (a tokenizer is
+    recorded in ``preprocess/``), and the evaluation data and task it was opened with. It is the root of what
+    is made from it: served as the PyTorch variant, and the reference every other variant is judged against."""
+    import shutil
+    from dataclasses import replace
+
+    from ..manifest import relpath, write_artifact
+    from ..preprocess import carry
+
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    src = art.model_path
+    file = "model" if src.is_dir() else src.name
+    (shutil.copytree if src.is_dir() else shutil.copy2)(src, out / file)
+    man = replace(art.manifest, file=file, reference=None, parity=None, integrity=None,
+                  parent=relpath(src, out), parent_sha256=art.manifest.sha256,
+                  created_by=art.manifest.created_by or "modelship import")
+    man.preprocess = carry(art, out)
+    return write_artifact(out, man)

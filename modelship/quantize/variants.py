@@ -69,11 +69,16 @@ def calibration_feed(art: Artifact, opts: QuantizeOptions) -> dict:
             raise QuantizeError(f"{p}: calibration data not found; expected a .npz with one array per input "
                                 f"({', '.join(t.name for t in man.inputs)})")
         feed, _ = datasets.read_npz(p, man.inputs)
+    elif datasets.is_generated(man.data):
+        raise QuantizeError(f"{art.path}: static quantization needs calibration data and this artifact has none "
+                            "(no real data in its manifest); pass --data FILE.npz (or --calibration-data "
+                            "FILE.npz) with one array per input")
+    elif man.preprocess and datasets.has_raw(man.data):  # raw texts / images: through what serving runs
+        from ..preprocess import open_preprocessor
+
+        raw, _ = datasets.load_raw(man.data, "calib")
+        feed = open_preprocessor(art)(raw[: opts.calibration_samples])[0]
     else:
-        if datasets.is_generated(man.data):
-            raise QuantizeError(f"{art.path}: static quantization needs calibration data and this artifact has none "
-                                "(no real data in its manifest); pass --data FILE.npz (or --calibration-data "
-                                "FILE.npz) with one array per input")
         feed, _ = datasets.load(man.data, "calib", man.inputs)
     return {k: v[: opts.calibration_samples] for k, v in feed.items()}
 

@@ -95,15 +95,16 @@ def archive(art: Artifact, store: str | Path, name: str | None = None, config: M
         (tmp / MANIFEST).write_text(json.dumps(seal(served.to_dict()), indent=2))
         (tmp / "model-config.yaml").write_text(yaml.safe_dump(config.yaml()))
         extra = [str(tmp / MANIFEST)]
+        folders = tmp / "folders"  # the archiver copies a folder's contents: its sub-folders keep their names
         if model_path.is_dir():  # e.g. a Hugging Face folder: keep its name inside the archive
-            shutil.copytree(model_path, tmp / man.file)
-            extra.append(str(tmp / man.file))
+            shutil.copytree(model_path, folders / man.file)
             serialized = []
         else:
             serialized = ["--serialized-file", str(model_path)]
         if man.preprocess and (art.path / PREPROCESS).is_dir():  # the tokenizer travels with the model
-            shutil.copytree(art.path / PREPROCESS, tmp / "folders" / PREPROCESS)  # the archiver copies a folder's
-            extra.append(str(tmp / "folders"))  # contents: its sub-folders keep their names
+            shutil.copytree(art.path / PREPROCESS, folders / PREPROCESS)
+        if folders.is_dir():
+            extra.append(str(folders))
 
         cmd = [archiver(), "--model-name", name, "--version", "1.0", "--handler", str(HANDLER),
                *serialized, "--extra-files", ",".join(extra), "--config-file", str(tmp / "model-config.yaml"),
