@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # three workers on two cores: one compute thread each, no spinning pools
 
 
 SERVERS = {"served", "sturdy"}  # fixtures that start a TorchServe: their tests share one worker
