@@ -1,6 +1,7 @@
 """Digits CNN at batch 1: ONNX Runtime / torch eager, and the project's runner / a bare InferenceSession.run.
 
-Usage: python benchmarks/runner_overhead.py [--rounds 7] [--seconds 1]
+Usage: python benchmarks/runner_overhead.py [--rounds 7] [--seconds 1] [--json PATH]
+--json writes ort_over_torch and runner_over_session (and the p50s in microseconds).
 Each round times all contenders back to back; the ratios are medians over rounds (noisy machines).
 """
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from modelship.bench import measure
+from modelship.bench import measure, write_figures
 from modelship.export.onnx_export import export
 from modelship.models.checkpoints import open_source
 from modelship.models.train import train_artifact
@@ -23,6 +24,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--seconds", type=float, default=1.0)
+    ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
     art, module = open_source(train_artifact("cnn", tmp / "cnn").path)
@@ -46,6 +48,8 @@ def main():
     ratio2 = statistics.median(o / b for o, b in zip(p50["modelship onnxruntime runner"], p50["bare InferenceSession.run"]))
     print(f"ratio onnxruntime runner / torch eager (goal <= 0.35): {ratio1:.3f}")
     print(f"ratio runner / bare session.run (goal <= 1.3): {ratio2:.3f}")
+    write_figures(args.json, {"ort_over_torch": ratio1, "runner_over_session": ratio2,
+                              "p50_us": {k: round(v * 1e6, 2) for k, v in med.items()}})
 
 
 if __name__ == "__main__":

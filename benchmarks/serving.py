@@ -6,7 +6,9 @@
 4. with --text (instead of 1-3): the built-in text model served as ONNX, p50 at concurrency 1 of a raw-text
    request ({"inputs": "review"}) against the same review sent as its token ids: the tokenizer's cost.
 Runs are interleaved (off, on, off, on, ...) and medians reported. Usage:
-  python benchmarks/serving.py [--rounds 3] [--seconds 10] [--users 16] [--locust-workers 0] [--text]
+  python benchmarks/serving.py [--rounds 3] [--seconds 10] [--users 16] [--locust-workers 0] [--text] [--json PATH]
+--json writes served_minus_inprocess_ms, batching_gain and locust_ceiling_rps (with --text: raw_text_p50_ms,
+token_ids_p50_ms, tokenizer_ms).
 """
 
 import argparse
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modelship.bench import feed_for, measure
+from modelship.bench import feed_for, measure, write_figures
 from modelship.export.onnx_export import export
 from modelship.loadtests.golden import prepare
 from modelship.loadtests.runner import run_locust
@@ -35,11 +37,12 @@ def main():
     ap.add_argument("--seconds", type=float, default=10)
     ap.add_argument("--users", type=int, default=16)
     ap.add_argument("--locust-workers", type=int, default=0)
-    ap.add_argument("--text", action="store_true", help="also raw text vs token ids on the built-in text model")
+    ap.add_argument("--text", action="store_true", help="raw text vs token ids on the built-in text model instead")
+    ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
     if args.text:
-        return text_vs_ids(tmp, args.rounds, args.seconds)
+        return write_figures(args.json, text_vs_ids(tmp, args.rounds, args.seconds))
     src, module = open_source(train_artifact("cnn", tmp / "cnn").path)
     onnx_art = export(src, module, tmp / "onnx")
     gate_parity(onnx_art, reference=(src, module))
@@ -76,9 +79,13 @@ def main():
     print(f"ratio dynamic batching on / off at concurrency {args.users}: {ratio:.2f} (goal >= 1.3)")
     print(f"load generator ceiling (Locust -> /ping, {args.users} users, {args.locust_workers} workers): "
           f"{ping['rps']:.0f} req/s, p50 {ping['p50_ms']} ms")
+    write_figures(args.json, {"served_minus_inprocess_ms": p_served - p_in, "batching_gain": ratio,
+                              "locust_ceiling_rps": ping["rps"], "served_p50_ms": p_served, "inprocess_p50_ms": p_in,
+                              "rps_batching_on": statistics.median(rps["batch"]),
+                              "rps_batching_off": statistics.median(rps["nobatch"])})
 
 
-def text_vs_ids(tmp: Path, rounds: int, seconds: float) -> None:
+def text_vs_ids(tmp: Path, rounds: int, seconds: float) -> dict:
     """Served p50 at concurrency 1: raw review texts vs the same reviews as token ids (each tokenized alone,
     as a client would), both judged against the same golden outputs."""
     from modelship.models import text as text_model
@@ -110,6 +117,7 @@ def text_vs_ids(tmp: Path, rounds: int, seconds: float) -> None:
     a, b = statistics.median(p50["raw text"]), statistics.median(p50["token ids"])
     print(f"text model, concurrency 1: raw text p50 {a:.2f} ms, token ids p50 {b:.2f} ms, tokenizer cost "
           f"{a - b:.2f} ms ({a / b:.3f}x) (rounds: {', '.join(f'{x:.1f}/{y:.1f}' for x, y in zip(p50['raw text'], p50['token ids']))})")
+    return {"raw_text_p50_ms": a, "token_ids_p50_ms": b, "tokenizer_ms": a - b}
 
 
 if __name__ == "__main__":

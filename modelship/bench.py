@@ -55,3 +55,14 @@ def bench(runner: Runner, batch_sizes=(1, 32), seconds: float = 1.0, seq_len: in
         feed = feed_for(runner, b, seq_len)
         rows.append(summarize(measure(lambda: runner.infer(feed), seconds), b))
     return rows
+
+
+def write_figures(path, figures: dict) -> None:
+    """A benchmark's figures under stable keys (``benchmarks/*.py --json PATH``), for CI to compare runs."""
+    import json
+    from pathlib import Path
+
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in figures.items()},
+                                         indent=2) + "\n")
