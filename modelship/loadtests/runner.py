@@ -87,6 +87,8 @@ def loadtest(state, model, out_dir, users=(4,), spawn_rate=None, duration_s=30.0
     warmup_s = default_warmup(duration_s) if warmup_s is None else warmup_s
     if not 0 <= warmup_s < duration_s:
         raise ArtifactError(f"--warmup {warmup_s:g} s: expected 0 or more and less than the run ({duration_s:g} s)")
+    if kill_worker_at_s is not None and not 0 < kill_worker_at_s < duration_s:
+        raise ArtifactError(f"--kill-worker-at {kill_worker_at_s:g} s: expected a time inside the run (0 to {duration_s:g} s)")
     spec = prepare(state, model, out_dir, reference=reference, samples=samples, data=data, overrides=overrides,
                    per_output=per_output)
     info = read_state(state)
@@ -95,8 +97,6 @@ def loadtest(state, model, out_dir, users=(4,), spawn_rate=None, duration_s=30.0
     if verdict is None:
         raise GateError(f"'{model}' did not answer a warm-up request within {WARM_TIMEOUT_S:.0f} s ({why})")
     first_ms = round((time.perf_counter() - t0) * 1e3, 1)
-    if kill_worker_at_s is not None and not 0 < kill_worker_at_s < duration_s:
-        raise ArtifactError(f"--kill-worker-at {kill_worker_at_s:g} s: expected a time inside the run (0 to {duration_s:g} s)")
     levels = []
     for u in users:
         mon = Monitor(info, spec, kill_at_s=kill_worker_at_s)
