@@ -49,7 +49,7 @@ def main():
     print(f"ratio onnxruntime runner / torch eager (goal <= 0.35): {ratio1:.3f}")
     print(f"ratio runner / bare session.run (goal <= 1.3): {ratio2:.3f}")
     write_figures(args.json, {"ort_over_torch": ratio1, "runner_over_session": ratio2,
-                              "p50_us": {k: round(v * 1e6, 2) for k, v in med.items()}})
+                              "p50_us": {k: round(v * 1e3, 2) for k, v in med.items()}})
 
 
 if __name__ == "__main__":
