@@ -18,10 +18,9 @@ def feed_for(runner: Runner, batch: int, seq_len: int | None = None) -> dict:
     if spec.get("name") in ("tokens", "random"):
         spec["samples"] = max(batch, 8)
     if spec.get("name") not in datasets.DATASETS:  # raw texts / images: through the recorded preprocessing
-        from .preprocess import open_preprocessor
+        from .preprocess import preprocessed
 
-        raw, _ = datasets.load_raw(spec, "test")
-        feed = open_preprocessor(runner.artifact)(raw[:max(batch, 8)])[0]
+        feed = preprocessed(runner.artifact, spec, "test", max(batch, 8))
     else:
         feed, _ = datasets.load(spec, "test", man.inputs)
     n = len(next(iter(feed.values())))

@@ -197,6 +197,15 @@ def open_preprocessor(art):
     return PREPROCESSORS[spec.kind](spec, folder, art.manifest.inputs)
 
 
+def preprocessed(art, spec: dict, split: str, limit: int) -> dict:
+    """The first ``limit`` raw samples of a split of ``spec`` as ``art``'s recorded preprocessing (what serving
+    runs) makes them: the feed for calibration and in-process benchmarks."""
+    from .models import data as datasets
+
+    raw, _ = datasets.load_raw(spec, split)
+    return open_preprocessor(art)(raw[:limit])[0]
+
+
 def carry(src, out_dir) -> dict | None:
     """Copy ``src``'s preprocessing files into ``out_dir`` and return its spec (for a derived artifact). A raw
     Hugging Face checkpoint's tokenizer is saved from the checkpoint folder itself."""

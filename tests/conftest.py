@@ -112,13 +112,14 @@ def cnn(shared):
     return shared("cnn", lambda out: train_artifact("cnn", out))
 
 
-def _exported(src, out):
-    """Export a torch artifact to ONNX and pass its parity gate, as `modelship export` does."""
+def _exported(src, out, data=None):
+    """Export a PyTorch source (an artifact folder, a Hugging Face folder) to ONNX and pass its parity gate on
+    ``data``, as `modelship export SRC --data DATA` does."""
     from modelship.export.onnx_export import export
     from modelship.models.checkpoints import open_source
     from modelship.stages import gate_parity
 
-    art, module = open_source(src.path)
+    art, module = open_source(src, data=data)
     onnx_art = export(art, module, out)
     gate_parity(onnx_art, reference=(art, module))
     return onnx_art
@@ -126,7 +127,7 @@ def _exported(src, out):
 
 @pytest.fixture(scope="session")
 def cnn_onnx(shared, cnn):
-    return shared("cnn-onnx", lambda out: _exported(cnn, out))
+    return shared("cnn-onnx", lambda out: _exported(cnn.path, out))
 
 
 @pytest.fixture(scope="session")
@@ -144,14 +145,7 @@ def text(shared):
 @pytest.fixture(scope="session")
 def text_onnx(shared, text):
     """The text classifier exported to ONNX, its tokenizer with it, judged on the raw reviews."""
-    def make(out):
-        from modelship.export.onnx_export import export
-        from modelship.models.checkpoints import open_source
-        from modelship.stages import gate_parity
-
-        art, module = open_source(text, data=str(text.parent / "reviews.csv"))
-        gate_parity(export(art, module, out), reference=(art, module))
-    return shared("text-onnx", make)
+    return shared("text-onnx", lambda out: _exported(text, out, data=str(text.parent / "reviews.csv")))
 
 
 @pytest.fixture(scope="session")

@@ -74,10 +74,9 @@ def calibration_feed(art: Artifact, opts: QuantizeOptions) -> dict:
                             "(no real data in its manifest); pass --data FILE.npz (or --calibration-data "
                             "FILE.npz) with one array per input")
     elif man.preprocess and datasets.has_raw(man.data):  # raw texts / images: through what serving runs
-        from ..preprocess import open_preprocessor
+        from ..preprocess import preprocessed
 
-        raw, _ = datasets.load_raw(man.data, "calib")
-        feed = open_preprocessor(art)(raw[: opts.calibration_samples])[0]
+        feed = preprocessed(art, man.data, "calib", opts.calibration_samples)
     else:
         feed, _ = datasets.load(man.data, "calib", man.inputs)
     return {k: v[: opts.calibration_samples] for k, v in feed.items()}
