@@ -201,6 +201,10 @@ def quantize(src: Path = typer.Argument(..., help="An ONNX artifact."),
              exclude_op_types: str = typer.Option("", help="Comma-separated op types to keep in float."),
              op_types: str = typer.Option("", help="Comma-separated op types to quantize (default: all supported)."),
              fp16_io: bool = typer.Option(False, "--fp16-io", help="fp16: make inputs/outputs float16 too."),
+             until_parity: bool = typer.Option(False, "--until-parity",
+                                               help="dynamic/static: when the gate fails, try per-channel weights, "
+                                                    "other calibrations, then keep the fewest most sensitive nodes "
+                                                    "in float until it passes (recorded in the manifest)."),
              data: Optional[str] = DataOpt,
              max_abs_diff: Optional[float] = TolAbs, rtol: Optional[float] = TolRel, output_tol: List[str] = TolOut,
              min_agreement: Optional[float] = TolAgree, max_accuracy_drop: Optional[float] = TolDrop,
@@ -221,10 +225,26 @@ def quantize(src: Path = typer.Argument(..., help="An ONNX artifact."),
                            exclude_nodes=split(exclude_nodes), exclude_op_types=split(exclude_op_types),
                            op_types=split(op_types), keep_io_types=not fp16_io)
     spec = datasets.resolve(data)
-    with err.status(f"{mode} variant of {src}…"):
-        art = make_variant(load_artifact(src), mode, out, opts, data=spec)
-        rec = gate_parity(art, provider=provider, json_path=json_path,
-                          **judge_opts(max_abs_diff, min_agreement, max_accuracy_drop, rtol, output_tol, allow_weak))
+    judge = {"provider": provider, **judge_opts(max_abs_diff, min_agreement, max_accuracy_drop, rtol, output_tol,
+                                                  allow_weak)}
+    if until_parity:
+        from .quantize.until_parity import until_parity as search
+
+        with err.status(f"{mode} variant of {src}, until it passes parity…") as status:
+            art = search(load_artifact(src), mode, out, opts, data=spec, judge=judge, json_path=json_path,
+                         log=lambda msg: (status.update(f"{mode} until parity: {msg}"), err.print(f"  {msg}")))
+        rec = art.manifest.parity
+        found = art.manifest.extra["until_parity"]
+        kept = found["kept_in_float"]
+        console.print(f"kept in float: {len(kept)} node(s)" + "".join(f"\n  {k['node']} ({k['why']})" for k in kept))
+        if found["latency"]:
+            p = found["latency"]["p50_ms_batch1"]
+            console.print(f"latency (batch 1, p50): float {p['float']:.3f} ms, INT8 every node {p['int8_all_nodes']:.3f} "
+                          f"ms, with these in float {p['int8_with_exclusions']:.3f} ms")
+    else:
+        with err.status(f"{mode} variant of {src}…"):
+            art = make_variant(load_artifact(src), mode, out, opts, data=spec)
+            rec = gate_parity(art, json_path=json_path, **judge)
     size = art.model_path.stat().st_size / load_artifact(src).model_path.stat().st_size
     console.print(parity_table([rec], f"{mode} → {art.path} (file {size:.2f}× the source)"))
 

@@ -149,6 +149,19 @@ def text_onnx(shared, text):
 
 
 @pytest.fixture(scope="session")
+def tuned_text_onnx(shared):
+    """A small BERT classifier fine-tuned on real reviews (so its logits separate them), exported to ONNX and
+    judged on 48 held-out reviews (reviews.csv beside it)."""
+    import hf_models
+
+    def make(out):
+        hf_models.fine_tune(hf_models.text_classifier(out / "hf", "bert"))
+        _exported(out / "hf", out / "onnx", data=str(hf_models.write_reviews_csv(out / "reviews.csv")))
+    from modelship.manifest import load_artifact
+    return load_artifact(shared("tuned-text", make) / "onnx")
+
+
+@pytest.fixture(scope="session")
 def cnn_int8(shared, cnn_onnx):
     def make(out):
         from modelship.quantize.variants import make_variant

@@ -164,3 +164,48 @@ def test_distill_cli_and_student_is_an_ordinary_artifact(tmp_path, student):
     assert out["parity"]["passed"] and "student_without_distillation" in out["distillation"]
     cli("export", student.path, "--out", tmp_path / "s-onnx", check=0)
     cli("quantize", tmp_path / "s-onnx", "--mode", "static", "--out", tmp_path / "s-int8", check=0)
+
+
+def test_until_parity_keeps_the_fewest_sensitive_nodes_in_float(tmp_path, tuned_text_onnx):
+    """A dynamic INT8 of a small fine-tuned transformer fails its gate; --until-parity finds the nodes to keep in
+    float, records them, and the result passes. (A tolerance of 0.3 on the logits: the plain build misses it by
+    a wide margin on any CPU.)"""
+    from modelship.quantize.until_parity import quantized_nodes
+    from modelship.stages import gate_parity
+
+    tol = ("--max-abs-diff", "0.3", "--rtol", "0")
+    plain = make_variant(tuned_text_onnx, "dynamic", tmp_path / "plain")
+    with pytest.raises(ParityError, match="moved by max_abs_diff"):
+        gate_parity(plain, overrides={"max_abs_diff": 0.3, "rtol": 0.0})
+    everything = {n for n, _ in quantized_nodes(plain.model_path)}
+
+    p = cli("quantize", tuned_text_onnx.path, "--mode", "dynamic", "--until-parity", *tol, "--out", tmp_path / "q",
+            "--json", tmp_path / "q.json")
+    assert p.returncode == 0, p.stderr
+    man = load_artifact(tmp_path / "q").manifest
+    found = man.extra["until_parity"]
+    kept = [k["node"] for k in found["kept_in_float"]]
+    assert 1 <= len(kept) < len(everything) and set(kept) <= everything
+    assert all(k["why"] and k["sensitivity"] > 0 for k in found["kept_in_float"])
+    assert man.extra["options"]["exclude_nodes"] == kept  # what `quantize --exclude-nodes` rebuilds it with
+    assert not set(kept) & {n for n, _ in quantized_nodes(tmp_path / "q" / "model.onnx")}  # really float
+    assert man.parity["passed"] and man.parity["max_abs_diff"] <= 0.3
+    assert json.loads((tmp_path / "q.json").read_text())["passed"]
+    lat = found["latency"]["p50_ms_batch1"]
+    assert lat["float"] > 0 and lat["int8_all_nodes"] > 0 and lat["int8_with_exclusions"] > 0
+    steps = [a["step"] for a in found["attempts"]]
+    assert steps[:2] == ["as asked", "per-channel weights"] and not found["attempts"][0]["passed"]
+    # the fewest: one node fewer in float fails the same gate
+    fewer = make_variant(tuned_text_onnx, "dynamic", tmp_path / "fewer",
+                         QuantizeOptions(**{**man.extra["options"], "exclude_nodes": kept[:-1]}))
+    with pytest.raises(ParityError):
+        gate_parity(fewer, overrides={"max_abs_diff": 0.3, "rtol": 0.0})
+
+
+def test_until_parity_stops_clearly_when_no_int8_can_pass(tmp_path, tuned_text_onnx):
+    p = cli("quantize", tuned_text_onnx.path, "--mode", "dynamic", "--until-parity", "--max-abs-diff", "1e-9",
+            "--out", tmp_path / "q")
+    assert p.returncode != 0 and "Traceback" not in p.stderr
+    assert "no INT8 variant" in p.stderr and "kept in float" in p.stderr and "loosen the tolerance" in p.stderr
+    p = cli("quantize", tuned_text_onnx.path, "--mode", "fp16", "--until-parity", "--out", tmp_path / "h")
+    assert p.returncode != 0 and "--until-parity searches INT8 builds" in p.stderr

@@ -32,6 +32,7 @@ class QuantizeOptions:
     exclude_nodes: list[str] = field(default_factory=list)
     exclude_op_types: list[str] = field(default_factory=list)
     op_types: list[str] = field(default_factory=list)  # restrict quantization to these op types
+    nodes_only: list[str] = field(default_factory=list)  # restrict quantization to these nodes (sensitivity)
     keep_io_types: bool = True  # fp16: keep float32 inputs/outputs
     reduce_range: bool = False
 
@@ -88,7 +89,7 @@ def _dynamic(art: Artifact, out: Path, opts: QuantizeOptions, tmp: Path) -> dict
     src = _preprocess(art.model_path, tmp / "pre.onnx")
     quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, per_channel=opts.per_channel,
                      reduce_range=opts.reduce_range, nodes_to_exclude=opts.exclude_nodes or None,
-                     op_types_to_quantize=_op_types(src, opts), extra_options={"MatMulConstBOnly": True})
+                     nodes_to_quantize=opts.nodes_only or None, op_types_to_quantize=_op_types(src, opts), extra_options={"MatMulConstBOnly": True})
     return {}
 
 
@@ -106,7 +107,8 @@ def _static(art: Artifact, out: Path, opts: QuantizeOptions, tmp: Path) -> dict:
     ops = _op_types(src, opts)
     quantize_static(str(src), str(out), _Reader(feed), quant_format=QuantFormat.QDQ, per_channel=opts.per_channel,
                     activation_type=act, weight_type=QuantType.QInt8, calibrate_method=method,
-                    nodes_to_exclude=opts.exclude_nodes or None, op_types_to_quantize=ops,
+                    nodes_to_exclude=opts.exclude_nodes or None, nodes_to_quantize=opts.nodes_only or None,
+                    op_types_to_quantize=ops,
                     reduce_range=opts.reduce_range,
                     extra_options={"ActivationSymmetric": opts.activation_type == "int8", "WeightSymmetric": True,
                                    "CalibTensorRangeSymmetric": opts.activation_type == "int8"})
