@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ParityError, QuantizeError
+from ..errors import QuantizeError
 from ..manifest import Artifact, write_artifact
 from .variants import MODES, QuantizeOptions, make_variant
 
