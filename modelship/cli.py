@@ -311,7 +311,8 @@ def archive(artifact: Path = typer.Argument(..., help="Any artifact directory (t
             out: Path = typer.Option(..., "--out", help="Model store folder to write NAME.mar into."),
             name: Optional[str] = typer.Option(None, help="Model name in URLs (default: the artifact folder name)."),
             batch_size: int = typer.Option(8, min=1, help="TorchServe dynamic batch size."),
-            max_batch_delay_ms: int = typer.Option(5, min=0, help="How long TorchServe waits to fill a batch."),
+            max_batch_delay_ms: int = typer.Option(5, min=0, help="How long TorchServe waits to fill a batch "
+                                                                         "(ms; 1 or more when batching)."),
             workers: int = typer.Option(1, min=1, help="Worker processes for this model."),
             response_timeout_s: int = typer.Option(30, min=1, help="Seconds before a request times out."),
             max_items: int = typer.Option(64, min=1, help="Most samples one request may carry."),
@@ -474,6 +475,67 @@ def loadtest(state: Path = typer.Option(..., "--state"), model: str = typer.Opti
     write_json(json_path, slim)
     if not result["passed"]:
         raise GateError("load test gates failed: " + "; ".join(result["gate_failures"]))
+
+
+@app.command()
+def tune(sources: List[Path] = typer.Argument(..., help="Artifact folders, or a run folder from modelship pipeline "
+                                                       "(its artifacts that passed their gates)."),
+         slo_p95_ms: float = typer.Option(..., "--slo-p95-ms", help="The p95 latency target, in ms."),
+         out: Path = typer.Option(..., "--out", help="Where tune.json, pareto.png, the winner's .mar and its "
+                                                     "model-config.yaml go."),
+         budget_minutes: float = typer.Option(10.0, "--budget-minutes", min=0.1, help="Stop searching after this."),
+         seconds: float = typer.Option(5.0, "--seconds", min=1.0, help="Load-test time per concurrency level."),
+         batch_sizes: str = typer.Option("1,4,8,16", "--batch-sizes", help="TorchServe batch sizes to try."),
+         delays: str = typer.Option("1,2,5,10", "--batch-delays-ms", help="Batch delays (ms) to try when batching."),
+         workers: Optional[str] = typer.Option(None, "--workers", help="Worker counts to try (default: 1,2,4.. up to "
+                                                                       "the cores)."),
+         threads: Optional[str] = typer.Option(None, "--threads", help="Threads per worker to try (default: 1,2,4.. "
+                                                                       "up to the cores)."),
+         max_users: int = typer.Option(64, "--max-users", min=1, help="Highest concurrency tried."),
+         data: Optional[str] = DataOpt, json_path: Optional[Path] = JsonOpt):
+    """Find the served configuration (variant, batch size, batch delay, workers, threads) with the most
+    requests/s inside a p95 SLO, against the real TorchServe with real Locust, every answer checked."""
+    from .models import data as datasets
+    from .tune import Space, TuneOptions, tune as run
+
+    space = Space(workers=tuple(_int_list(workers, "--workers")) if workers else (),
+                  threads=tuple(_int_list(threads, "--threads")) if threads else (),
+                  batch_sizes=tuple(_int_list(batch_sizes, "--batch-sizes")),
+                  delays_ms=tuple(_int_list(delays, "--batch-delays-ms")), max_users=max_users)
+    opts = TuneOptions(slo_p95_ms=slo_p95_ms, budget_s=budget_minutes * 60, seconds=seconds, space=space,
+                       data=datasets.resolve(data))
+    try:
+        with err.status("tuning…") as status:
+            result = run(sources, out, opts, log=lambda msg: (status.update(msg.strip()), err.print(msg)))
+    except GateError:
+        result = json.loads((out / "tune.json").read_text()) if (out / "tune.json").is_file() else None
+        if result:
+            _tune_table(result)
+            write_json(json_path, result)
+        raise
+    _tune_table(result)
+    b = result["best"]
+    console.print(f"best: {b['name']} — {b['rps']:.1f} req/s at {b['users']} users, p95 {b['p95_ms']:.1f} ms "
+                  f"(SLO {slo_p95_ms:g} ms); serve it: modelship serve {out / 'model-store'} --state STATE")
+    console.print(f"{len(result['trials'])} configurations measured in {result['seconds']:.0f} s, "
+                  f"{len(result['skipped'])} not tried (dominated, oversubscribed or past the budget); "
+                  f"plot: {result['plot']}")
+    write_json(json_path, result)
+
+
+def _tune_table(result: dict) -> None:
+    front = {t["name"] for t in result["pareto"]}
+    t = Table(title=f"tune: SLO p95 {result['slo_p95_ms']:g} ms, {result['cores']} cores")
+    for c in ("configuration", "users", "rps", "p50 ms", "p95 ms", "p99 ms", "checked", "agreement", "max |Δ|",
+              "size MB", "result"):
+        t.add_column(c, justify="left" if c in ("configuration", "result") else "right")
+    for r in result["trials"]:
+        verdict = ("[green]Pareto[/]" if r["name"] in front else "[green]ok[/]") if r["passed"] else \
+            f"[red]{escape(r['reason'][:60])}[/]"
+        t.add_row(r["name"], str(r["users"]), _fmt(r["rps"], ".1f"), _fmt(r["p50_ms"], ".2f"), _fmt(r["p95_ms"], ".2f"),
+                  _fmt(r["p99_ms"], ".2f"), str(r["checked"]), _fmt(r["agreement"]), _fmt(r["max_abs_diff"], ".2g"),
+                  _fmt(r["size_mb"], ".2f"), verdict)
+    console.print(t)
 
 
 @app.command()

@@ -8,7 +8,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # three workers on two cores: one
 
 
 SERVERS = {"served", "sturdy"}  # fixtures that start a TorchServe: their tests share one worker
-FIRST = ("test_readme.py", "test_pipeline.py")  # the longest runs start first, so no worker waits on them at the end
+FIRST = ("test_readme.py", "test_pipeline.py", "test_tune.py")  # the longest runs start first, so no worker waits on them at the end
 
 
 def pytest_collection_modifyitems(config, items):

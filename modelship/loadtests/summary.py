@@ -39,7 +39,7 @@ class Gates:
                 out.append(f"memory: worker RSS grew {g:.1%} ({m['start_mb']:.0f} -> {m['end_mb']:.0f} MiB) > "
                            f"{self.max_memory_growth:.0%}")
         if self.slo_p95_ms is not None and (r["p95_ms"] is None or r["p95_ms"] > self.slo_p95_ms):
-            out.append(f"latency: p95 {r['p95_ms']} ms > SLO {self.slo_p95_ms} ms")
+            out.append(f"latency: p95 {_ms(r['p95_ms'])} ms > SLO {self.slo_p95_ms:g} ms")
         if r["requests"] == 0:
             out.append(f"no request was answered after the {r.get('warmup_s', 0):g} s warm-up "
                        f"({r.get('locust_responses') or 0} answered in all; Locust log: {r.get('log')})")
@@ -110,6 +110,10 @@ def wilson_upper(agree: int, n: int, z: float = 1.96) -> float:
     centre = p + z * z / (2 * n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     return (centre + half) / (1 + z * z / n)
+
+
+def _ms(v) -> str:
+    return "none" if v is None else f"{v:.1f}"
 
 
 def _num(v):

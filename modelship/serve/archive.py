@@ -38,6 +38,10 @@ class ModelConfig:
     device: str = "cpu"
 
     def yaml(self) -> dict:
+        if self.max_batch_delay_ms < 1 < self.batch_size:  # TorchServe reads a maxBatchDelay of 0 as unset
+            raise ArtifactError(f"batch delay {self.max_batch_delay_ms} ms with batch size {self.batch_size}: "
+                                "expected 1 ms or more (TorchServe takes 0 as its 100 ms default); with batch "
+                                "size 1 the delay is never waited")
         handler = {"max_items": self.max_items, "threads": self.threads, "device": self.device}
         if self.provider:
             handler["provider"] = self.provider

@@ -41,6 +41,7 @@ class ServeConfig:
     token_auth: bool = True
     token_expiration_min: int = 24 * 60
     startup_timeout_s: float = 120.0
+    model_api: bool = False  # registration through the management API (modelship tune's private server only)
 
     def properties(self, store: Path) -> str:
         host = "http://127.0.0.1"
@@ -54,7 +55,7 @@ class ServeConfig:
             "grpc_management_port": str(self.port + 4),
             "model_store": str(store),
             "load_models": "all",
-            "enable_model_api": "false",
+            "enable_model_api": "true" if self.model_api else "false",
             "disable_token_authorization": "false" if self.token_auth else "true",
             "token_expiration_min": str(self.token_expiration_min),
             "max_request_size": str(self.max_request_bytes),
@@ -138,7 +139,7 @@ def start(store: str | Path, state: str | Path, config: ServeConfig | None = Non
     if not store.is_dir():
         raise ServeError(f"{store}: model store not found; expected a folder of .mar files (modelship archive)")
     mars = sorted(store.glob("*.mar"))
-    if not mars:
+    if not mars and not config.model_api:  # with the model API, models are registered once it runs
         raise ServeError(f"{store}: no .mar files; create one with: modelship archive ARTIFACT --out {store}")
     models = {m.stem: read_mar(m).name for m in mars}  # a broken .mar fails here, in one line
     old = state / STATE_FILE
@@ -240,6 +241,43 @@ def rotate_token(state: str | Path, kinds=("inference",), timeout_s: float = 10.
     return info
 
 
+def register(state: str | Path, mar: str, workers: int, timeout_s: float = 180.0) -> dict:
+    """Register STORE/``mar`` on a server started with the model API (``modelship tune``'s own) and return once
+    its ``workers`` are READY; serve.json then lists it. The .mar's model-config.yaml sets its batching and
+    threads."""
+    import requests
+
+    state = Path(state).resolve()
+    info = read_state(state)
+    try:
+        r = requests.post(f"{info['management_url']}/models", headers=bearer(info.get("management_token")),
+                          params={"url": mar, "initial_workers": workers, "synchronous": "true"}, timeout=timeout_s)
+    except requests.RequestException as e:
+        raise ServeError(f"registering {mar}: the management API did not answer: {e}") from None
+    if r.status_code != 200:
+        raise ServeError(f"registering {mar}: HTTP {r.status_code} {r.text[:300]}")
+    info["models"] = sorted(set(info["models"]) | {Path(mar).stem})
+    _write_state(state, info)
+    return info
+
+
+def unregister(state: str | Path, model: str, timeout_s: float = 60.0) -> dict:
+    import requests
+
+    state = Path(state).resolve()
+    info = read_state(state)
+    try:
+        r = requests.delete(f"{info['management_url']}/models/{model}", headers=bearer(info.get("management_token")),
+                            timeout=timeout_s)
+    except requests.RequestException as e:
+        raise ServeError(f"unregistering {model}: the management API did not answer: {e}") from None
+    if r.status_code not in (200, 404):
+        raise ServeError(f"unregistering {model}: HTTP {r.status_code} {r.text[:300]}")
+    info["models"] = [m for m in info["models"] if m != model]
+    _write_state(state, info)
+    return info
+
+
 def _wait_ready(proc, state: Path, info: dict, config: ServeConfig) -> None:
     from . import workers
 
@@ -269,9 +307,20 @@ def _wait_ready(proc, state: Path, info: dict, config: ServeConfig) -> None:
                     break
                 if listed and all(w.get("status") == "READY" for w in listed):
                     pending.discard(name)
-            if not pending:
+            if not pending and (info["models"] or _management_up(info)):
                 return
         time.sleep(0.25)
+
+
+def _management_up(info: dict) -> bool:
+    """The management API answers (a server started with no models has nothing else to wait for)."""
+    import requests
+
+    try:
+        return requests.get(f"{info['management_url']}/models", headers=bearer(info.get("management_token")),
+                            timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
 
 
 def _fatal_line(state: Path) -> str | None:
