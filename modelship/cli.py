@@ -551,6 +551,11 @@ def pipeline(source: Optional[Path] = typer.Argument(None, help="Your model: a H
              accuracy_budget: float = typer.Option(0.01, help="Accuracy drop allowed when picking the fastest variant."),
              text: bool = typer.Option(True, "--text/--no-text", help="Also the built-in text model, served and "
                                                                       "load-tested with raw text (without SOURCE)."),
+             tune_minutes: float = typer.Option(1.0, "--tune-minutes", min=0.0,
+                                                help="modelship tune over the served variants for this long; its "
+                                                     "winner is the report's recommendation (0: no tuning)."),
+             slo_p95_ms: Optional[float] = typer.Option(None, "--slo-p95-ms", help="tune's p95 target (default: "
+                                                        "twice the lowest p95 the load tests measured)."),
              json_path: Optional[Path] = JsonOpt):
     """The whole flow — export, INT8/FP16 variants, archive, serve, load tests with every answer checked — on
     SOURCE and its --data, or on the built-in digits CNN and text model; ends in report.json / .md / .html."""
@@ -567,7 +572,8 @@ def pipeline(source: Optional[Path] = typer.Argument(None, help="Your model: a H
         raise ModelshipError(f"--variants {variants}: unknown {', '.join(unknown)}; expected some of "
                              f"{', '.join(pl.OPTIONAL)} (torch and onnx are always made)")
     cfg = pl.PipelineConfig(source=str(source) if source else None, data=data, task=task, allow_weak=allow_weak,
-                            variants=chosen, loadtest_seconds=loadtest_seconds, users=users, accuracy_budget=accuracy_budget, text=text)
+                            variants=chosen, loadtest_seconds=loadtest_seconds, users=users, accuracy_budget=accuracy_budget, text=text,
+                            tune_minutes=tune_minutes, slo_p95_ms=slo_p95_ms)
     colors = {"ok": "green", "failed": "red", "skipped": "yellow"}
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed} steps"),
                   TimeElapsedColumn(), console=err) as prog:

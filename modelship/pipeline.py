@@ -30,6 +30,8 @@ class PipelineConfig:
     bench_seconds: float = 0.5
     port: int | None = None
     text: bool = True  # also the built-in text model (MiniLM + drug reviews), served and load-tested with raw text
+    tune_minutes: float = 1.0  # modelship tune over the served variants (0: no tuning); its winner is the advice
+    slo_p95_ms: float | None = None  # tune's target; None: twice the lowest p95 the load tests measured
 
     @property
     def name(self) -> str:
@@ -60,6 +62,7 @@ class Run:
     served: dict = field(default_factory=dict)  # variant key -> served model name
     results: dict = field(default_factory=dict)  # variant key -> load-test result
     benches: dict = field(default_factory=dict)  # variant key -> in-process bench rows
+    tuned: dict | None = None  # modelship tune's result over the served variants
 
     @property
     def name(self) -> str:
@@ -180,6 +183,22 @@ def _stop(run: Run):
     server.stop(run.state)
 
 
+def _tune(run: Run):
+    """modelship tune over the main model's variants whose load test passed, on a private server of its own."""
+    from .tune import Space, TuneOptions, tune_artifacts
+
+    keys = [k for k, r in run.results.items() if r["passed"] and not k.startswith("text")]
+    if not keys:
+        raise ModelshipError("no variant of the model passed its load test; nothing to tune")
+    slo = run.cfg.slo_p95_ms or round(2 * min(run.results[k]["p95_ms"] for k in keys), 1)
+    opts = TuneOptions(slo_p95_ms=slo, budget_s=run.cfg.tune_minutes * 60, seconds=min(3.0, run.cfg.loadtest_seconds),
+                       space=Space(max_users=4 * run.cfg.users))
+    result = run.tuned = tune_artifacts({run.served[k]: run.arts[k] for k in keys}, run.out / "tune", opts)
+    best = result["best"]
+    return {"slo_p95_ms": slo, "best": best["name"], "rps": best["rps"], "p95_ms": best["p95_ms"],
+            "trials": len(result["trials"]), "pareto": [t["name"] for t in result["pareto"]]}
+
+
 def _bench(run: Run):
     from .bench import bench
     from .runners import open_runner
@@ -229,6 +248,7 @@ STAGES = [
     Stage("serve", _serve, ("store",)),
     Stage("loadtest", _loadtest, ("server",), per_variant=True),
     Stage("stop", _stop, ("server",), cleanup=True),
+    Stage("tune", _tune, ("server",), when=lambda run: run.cfg.tune_minutes > 0),
     Stage("bench in-process", _bench),
 ]
 
@@ -277,4 +297,4 @@ def run(out: str | Path, config: PipelineConfig | None = None, progress=None) ->
         for st in STAGES:
             if st.cleanup and st.name not in done and all(n in r.arts for n in st.needs):
                 st.fn(r)
-    return build(r.out, r.name, r.cfg, steps, r.arts, r.results, r.benches)
+    return build(r.out, r.name, r.cfg, steps, r.arts, r.results, r.benches, r.tuned)

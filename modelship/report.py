@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -123,15 +124,29 @@ def cell(v, spec):
     return format(v, spec) if spec and isinstance(v, (int, float)) else str(v)
 
 
-def build(out: Path, name: str, cfg, steps, arts, results, benches) -> dict:
+def recommendation(tuned: dict | None) -> dict | None:
+    """modelship tune's winner: the served configuration with the most requests/s inside the SLO."""
+    best = (tuned or {}).get("best")
+    if not best:
+        return None
+    return {"variant": best["config"]["variant"], "config": best["config"], "rps": best["rps"], "users": best["users"],
+            "p95_ms": best["p95_ms"], "slo_p95_ms": tuned["slo_p95_ms"], "agreement": best["agreement"],
+            "mar": tuned.get("winner_mar"), "trials": len(tuned["trials"]), "pareto": [t["name"] for t in tuned["pareto"]]}
+
+
+def build(out: Path, name: str, cfg, steps, arts, results, benches, tuned: dict | None = None) -> dict:
     rows = _rows(arts, results, benches, name)
     best = fastest_within_budget(rows, cfg.accuracy_budget)
     plots = _plots(out, rows, results)
+    if tuned and tuned.get("plot"):  # beside the report, so report.md's link works
+        plots["tune_pareto"] = out / "tune_pareto.png"
+        shutil.copyfile(tuned["plot"], plots["tune_pareto"])
     failed = [s for s in steps if s.status != "ok"]
     report = {
         "model": name, "config": asdict(cfg), "variants": rows,
         "fastest_within_budget": best and {"variant": best["variant"], "served_p50_ms": best["served_p50_ms"],
                                            "accuracy": best["accuracy"], "budget": cfg.accuracy_budget},
+        "recommendation": recommendation(tuned),
         "steps": [asdict(s) for s in steps], "failed_steps": [s.name for s in failed],
         "loadtests": {k: {kk: vv for kk, vv in v.items() if kk not in ("latencies_ms", "levels")} for k, v in results.items()},
         "benchmarks": benches, "plots": {k: str(v) for k, v in plots.items()}, "passed": not failed,
@@ -143,6 +158,17 @@ def build(out: Path, name: str, cfg, steps, arts, results, benches) -> dict:
 
 
 def verdict(report) -> str:
+    rec = report.get("recommendation")
+    if rec:
+        c = rec["config"]
+        return (f"Recommended (modelship tune, {rec['trials']} configurations measured, every answer checked): "
+                f"{rec['variant']} with batch size {c['batch_size']}, batch delay {c['max_batch_delay_ms']} ms, "
+                f"{c['workers']} worker(s) × {c['threads']} thread(s): {rec['rps']:.1f} req/s at {rec['users']} "
+                f"users, p95 {rec['p95_ms']:.1f} ms (SLO {rec['slo_p95_ms']:g} ms). " + _fastest(report))
+    return _fastest(report)
+
+
+def _fastest(report) -> str:
     b = report["fastest_within_budget"]
     if not b:
         return "No variant passed its load test within the accuracy budget."
@@ -180,8 +206,9 @@ def _markdown(report, rows, plots) -> str:
 
 def _html(report, rows, plots) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for _, h, _ in COLS)
-    best = (report["fastest_within_budget"] or {}).get("variant")
-    body = "".join("<tr" + (' class="best"' if r["variant"] == best else "") + ">" +
+    rec = report.get("recommendation")
+    best = rec["variant"] if rec else (report["fastest_within_budget"] or {}).get("variant")
+    body = "".join("<tr" + (' class="best"' if best in (r["variant"], f"{r['model']}-{r['variant']}") else "") + ">" +
                    "".join(f"<td class='{'bad' if cell(r[k], f) == 'FAIL' else ''}'>{html.escape(cell(r[k], f))}</td>"
                            for k, _, f in COLS) + "</tr>" for r in rows)
     steps = "".join(f"<tr class='{s['status']}'><td>{html.escape(s['name'])}</td><td>{s['status']}</td>"

@@ -346,7 +346,11 @@ def plot(result: dict, path: Path) -> Path:
 
 
 def tune(paths: list[Path], out: Path, opts: TuneOptions, log=lambda msg: None) -> dict:
-    arts = expand(paths)
+    return tune_artifacts(expand(paths), out, opts, log)
+
+
+def tune_artifacts(arts: dict[str, Artifact], out: Path, opts: TuneOptions, log=lambda msg: None) -> dict:
+    """Search, write tune.json, pareto.png and the winner's .mar; raise GateError when nothing passed."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if opts.slo_p95_ms <= 0:

@@ -10,7 +10,8 @@ pytestmark = pytest.mark.serve
 
 
 def test_pipeline_report(tmp_path):
-    cli("pipeline", "--out", tmp_path / "demo", "--loadtest-seconds", "3", "--no-text", "--json", tmp_path / "p.json", check=0)
+    cli("pipeline", "--out", tmp_path / "demo", "--loadtest-seconds", "3", "--no-text", "--tune-minutes", "0.75",
+        "--json", tmp_path / "p.json", check=0)
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert report["passed"] and not report["failed_steps"]
     variants = {r["variant"]: r for r in report["variants"]}
@@ -25,8 +26,14 @@ def test_pipeline_report(tmp_path):
     assert variants["int8-static"]["size_mb"] < 0.4 * variants["onnx"]["size_mb"]
     best = report["fastest_within_budget"]
     assert best and best["variant"] in variants
+    # the recommendation: modelship tune's winner among the served variants, with its configuration
+    rec = report["recommendation"]
+    tuned = json.loads((tmp_path / "demo" / "tune" / "tune.json").read_text())
+    assert rec and rec["variant"] == tuned["best"]["config"]["variant"] and rec["p95_ms"] <= rec["slo_p95_ms"]
+    assert {t["config"]["variant"] for t in tuned["trials"]} <= {f"digits-cnn-{k}" for k in variants}
+    assert (tmp_path / "demo" / "tune" / "model-store" / f"{rec['variant']}.mar").is_file()
     html = (tmp_path / "demo" / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 2 and best["variant"] in html
+    assert html.count("data:image/png;base64,") == 3 and rec["variant"] in html and "Recommended" in html
     md = (tmp_path / "demo" / "report.md").read_text()
     assert "| variant |" in md and "latency_vs_accuracy.png" in md and "served max \\|Δ\\|" in md
     assert (tmp_path / "demo" / "latency_histograms.png").stat().st_size > 10_000
@@ -45,7 +52,8 @@ def test_pipeline_serves_the_text_model_with_raw_text(tmp_path):
 
 
 def _users_model_run(tmp_path, source, data, *extra):
-    p = cli("pipeline", source, "--data", data, "--out", tmp_path / "run", "--loadtest-seconds", "3", *extra)
+    p = cli("pipeline", source, "--data", data, "--out", tmp_path / "run", "--loadtest-seconds", "3",
+            "--tune-minutes", "0", *extra)
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     return p, report, {r["variant"]: r for r in report["variants"]}
 
