@@ -313,10 +313,12 @@ def archive(artifact: Path = typer.Argument(..., help="Any artifact directory (t
             batch_size: int = typer.Option(8, min=1, help="TorchServe dynamic batch size."),
             max_batch_delay_ms: int = typer.Option(5, min=0, help="How long TorchServe waits to fill a batch "
                                                                          "(ms; 1 or more when batching)."),
-            workers: int = typer.Option(1, min=1, help="Worker processes for this model."),
+            workers: Optional[int] = typer.Option(None, min=1, help="Worker processes for this model (default: from "
+                                                                    "the machine and the model; see the README)."),
             response_timeout_s: int = typer.Option(30, min=1, help="Seconds before a request times out."),
             max_items: int = typer.Option(64, min=1, help="Most samples one request may carry."),
-            threads: int = typer.Option(1, min=1, help="Compute threads per worker."),
+            threads: Optional[int] = typer.Option(None, min=1, help="Compute threads per worker (default: from the "
+                                                                    "machine and the model)."),
             provider: Optional[str] = ProviderOpt, device: str = DeviceOpt,
             force: bool = typer.Option(False, "--force", help="Archive even without a passed parity record."),
             json_path: Optional[Path] = JsonOpt):
@@ -324,8 +326,12 @@ def archive(artifact: Path = typer.Argument(..., help="Any artifact directory (t
     from .manifest import load_artifact
     from .serve.archive import ModelConfig, archive as do_archive
 
-    cfg = ModelConfig(batch_size, max_batch_delay_ms, workers, response_timeout_s, max_items, threads, provider, device)
-    mar = do_archive(load_artifact(artifact), out, name=name, config=cfg, force=force)
+    art = load_artifact(artifact)
+    cfg = ModelConfig(batch_size, max_batch_delay_ms, workers, response_timeout_s, max_items, threads, provider,
+                      device).for_model(art)
+    mar = do_archive(art, out, name=name, config=cfg, force=force)
+    console.print(f"{cfg.workers} worker(s) × {cfg.threads} thread(s)"
+                  + (" (from this machine and model)" if workers is None or threads is None else ""))
     console.print(f"archived {artifact} → {mar} ({mar.stat().st_size / 1e6:.2f} MB)")
     write_json(json_path, {"mar": str(mar), "name": mar.stem, "config": cfg.yaml()})
 

@@ -120,6 +120,7 @@ class Tuner:
         self.trials: list[dict] = []
         self.skipped: list[dict] = []
         self.dropped: set[str] = set()
+        self.prepared: dict[str, dict] = {}  # variant -> its load test's request bodies and golden outputs
         self.t0 = time.monotonic()
         self.info: dict | None = None
 
@@ -157,7 +158,8 @@ class Tuner:
                     break
                 r = loadtest(self.info["state"], name, self.out / "trials" / name, users=(users,),
                              duration_s=self.opts.seconds, gates=Gates(slo_p95_ms=self.opts.slo_p95_ms),
-                             data=self.opts.data)
+                             data=self.opts.data, prepared=self.prepared.get(cfg.variant))
+                self.prepared[cfg.variant] = r["spec"]  # the golden outputs are computed once per variant
                 lv = {k: r.get(k) for k in ("users", "requests", "failures", "rps", "p50_ms", "p95_ms", "p99_ms",
                                             "checked", "mismatches", "top1_agreement", "max_abs_diff", "passed")}
                 lv["gate_failures"] = r["gate_failures"]

@@ -94,3 +94,28 @@ def test_tune_refuses_what_it_cannot_search(tmp_path, cnn_onnx):
     assert p.returncode != 0 and "--batch-sizes" in p.stderr
     p = cli("archive", cnn_onnx.path, "--out", tmp_path / "s", "--batch-size", "8", "--max-batch-delay-ms", "0")
     assert p.returncode != 0 and "100 ms default" in p.stderr
+
+
+def test_archive_defaults_come_from_the_machine_and_the_model(tmp_path, monkeypatch, cnn_onnx):
+    """Unset workers/threads: a small model gets one single-threaded worker per core (up to 4), a large one one
+    worker with a thread per core; OMP_NUM_THREADS caps the cores; what the user gives is kept."""
+    import os
+
+    from modelship.serve import archive as ar
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert ar.machine_defaults(cnn_onnx) == (4, 1)
+    monkeypatch.setattr(ar, "HEAVY_MB", 0.01)  # the same file, counted as a large model
+    assert ar.machine_defaults(cnn_onnx) == (1, 8)
+    assert ar.machine_defaults(cnn_onnx, workers=2) == (2, 4) and ar.machine_defaults(cnn_onnx, threads=2) == (4, 2)
+    assert ar.machine_defaults(cnn_onnx, device="cuda") == (1, 1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert ar.machine_defaults(cnn_onnx) == (1, 2)
+    p = cli("archive", cnn_onnx.path, "--out", tmp_path / "s", "--json", tmp_path / "a.json")
+    assert p.returncode == 0 and "(from this machine and model)" in p.stdout
+    cfg = json.loads((tmp_path / "a.json").read_text())["config"]
+    assert (cfg["minWorkers"], cfg["handler"]["threads"]) == (1, 2)  # this test's OMP_NUM_THREADS=2, large model
+    p = cli("archive", cnn_onnx.path, "--out", tmp_path / "s", "--workers", "3", "--threads", "1",
+            "--json", tmp_path / "b.json")
+    assert json.loads((tmp_path / "b.json").read_text())["config"]["minWorkers"] == 3 and "from this" not in p.stdout

@@ -142,6 +142,17 @@ def prepare(state: str | Path, model: str, out_dir: Path, reference: str | Path 
             "content_type": content_type, "binary": binary}
 
 
+def retarget(spec: dict, state: str | Path, model: str, out_dir: Path) -> dict:
+    """``spec`` (from ``prepare``) for another served model of the same artifact: the same request bodies and
+    golden outputs, sent to ``model`` (modelship tune serves one artifact under many configurations)."""
+    info = read_state(state)
+    if model not in info["models"]:
+        raise ServeError(f"model '{model}' is not served from {state}; served: {', '.join(info['models'])}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return {**spec, "model": model, "path": f"/predictions/{model}", "token": info.get("token"),
+            "host": info["inference_url"], "report": str(out_dir / "parity_counts.json")}
+
+
 def request_bodies(spec: dict) -> list:
     """The request bodies ``prepare`` wrote: JSON texts, or the bytes of encoded images."""
     import base64

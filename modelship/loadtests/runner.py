@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import ArtifactError, GateError
 from ..serve.server import free_port, read_state
-from .golden import prepare, probe
+from .golden import prepare, probe, retarget
 from .monitor import Monitor
 from .summary import Gates, summarize
 
@@ -79,9 +79,11 @@ def default_warmup(duration_s: float) -> float:
 def loadtest(state, model, out_dir, users=(4,), spawn_rate=None, duration_s=30.0, workers=0, gates: Gates | None = None,
              reference=None, samples=None, rate: float | None = None, kill_worker_at_s: float | None = None,
              warmup_s: float | None = None, data: dict | None = None, overrides: dict | None = None,
-             per_output: dict | None = None) -> dict:
+             per_output: dict | None = None, prepared: dict | None = None) -> dict:
     """Load-test one served model at each user level. ``rate``: fixed total requests/s (soak);
-    ``kill_worker_at_s``: kill one of its TorchServe workers that many seconds into each level."""
+    ``kill_worker_at_s``: kill one of its TorchServe workers that many seconds into each level; ``prepared``:
+    the ``spec`` of an earlier run on the same artifact and data, whose bodies and golden outputs are reused
+    (the result's ``spec``)."""
     gates = gates or Gates()
     out_dir = Path(out_dir)
     warmup_s = default_warmup(duration_s) if warmup_s is None else warmup_s
@@ -89,8 +91,11 @@ def loadtest(state, model, out_dir, users=(4,), spawn_rate=None, duration_s=30.0
         raise ArtifactError(f"--warmup {warmup_s:g} s: expected 0 or more and less than the run ({duration_s:g} s)")
     if kill_worker_at_s is not None and not 0 < kill_worker_at_s < duration_s:
         raise ArtifactError(f"--kill-worker-at {kill_worker_at_s:g} s: expected a time inside the run (0 to {duration_s:g} s)")
-    spec = prepare(state, model, out_dir, reference=reference, samples=samples, data=data, overrides=overrides,
-                   per_output=per_output)
+    if prepared:
+        spec = retarget(prepared, state, model, out_dir)
+    else:
+        spec = prepare(state, model, out_dir, reference=reference, samples=samples, data=data, overrides=overrides,
+                       per_output=per_output)
     info = read_state(state)
     t0 = time.perf_counter()  # the first answer is not timed: a cold worker's first request can take seconds
     verdict, why = probe(spec, timeout_s=WARM_TIMEOUT_S)
@@ -119,5 +124,6 @@ def loadtest(state, model, out_dir, users=(4,), spawn_rate=None, duration_s=30.0
     result = {**levels[-1], "levels": levels, "slo": asdict(gates), "data": spec["data"],
               "reference": spec["reference"], "workers": workers, "rate": rate,
               "passed": all(lv["passed"] for lv in levels),
+              "spec": {k: v for k, v in spec.items() if k != "token"},  # retarget() reads the token again
               "gate_failures": [f"users={lv['users']}: {f}" for lv in levels for f in lv["gate_failures"]]}
     return result

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -30,12 +30,17 @@ class ModelConfig:
 
     batch_size: int = 8
     max_batch_delay_ms: int = 5
-    workers: int = 1
+    workers: int | None = None  # None: from the machine and the model (machine_defaults)
     response_timeout_s: int = 30
     max_items: int = 64
-    threads: int = 1
+    threads: int | None = None  # compute threads per worker; None: from the machine and the model
     provider: str | None = None
     device: str = "cpu"
+
+    def for_model(self, art: Artifact) -> "ModelConfig":
+        """This config with workers and threads filled in from the machine and the model where not given."""
+        workers, threads = machine_defaults(art, self.workers, self.threads, self.device)
+        return replace(self, workers=workers, threads=threads)
 
     def yaml(self) -> dict:
         if self.max_batch_delay_ms < 1 < self.batch_size:  # TorchServe reads a maxBatchDelay of 0 as unset
@@ -48,6 +53,33 @@ class ModelConfig:
         return {"minWorkers": self.workers, "maxWorkers": self.workers, "batchSize": self.batch_size,
                 "maxBatchDelay": self.max_batch_delay_ms, "responseTimeout": self.response_timeout_s,
                 "handler": handler}
+
+
+HEAVY_MB = 20.0  # a model file this large spends its time computing, not in per-request overhead
+
+
+def machine_defaults(art: Artifact, workers: int | None = None, threads: int | None = None,
+                     device: str = "cpu") -> tuple[int, int]:
+    """(workers, threads per worker) for this machine and model, where the user gave none. The cores are the CPU
+    affinity (or OMP_NUM_THREADS where set lower). A small model (under HEAVY_MB: the digits CNN) is bound by
+    per-request overhead, so one single-threaded worker per core answers the most requests; a large one (a BERT
+    encoder) is bound by compute, so one worker with a thread per core answers each request soonest. On a GPU,
+    one worker. modelship tune measures instead of guessing; these are its usual winners."""
+    from ..tune import cores
+
+    n = cores()
+    if art.manifest.format == "tensorrt" or device == "cuda":
+        return workers or 1, threads or 1
+    if workers is None and threads is None:
+        heavy = _size_mb(art.model_path) >= HEAVY_MB
+        return (1, min(n, 8)) if heavy else (min(n, 4), 1)
+    if workers is None:
+        return max(1, n // threads), threads
+    return workers, threads if threads is not None else max(1, n // workers)
+
+
+def _size_mb(p: Path) -> float:
+    return (sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size) / 1e6
 
 
 def check_gates(art: Artifact) -> None:
@@ -74,7 +106,7 @@ def archiver() -> str:
 def archive(art: Artifact, store: str | Path, name: str | None = None, config: ModelConfig | None = None,
             force: bool = False) -> Path:
     """Write ``STORE/NAME.mar``; refuses artifacts without a passed parity record unless ``force``."""
-    config = config or ModelConfig()
+    config = (config or ModelConfig()).for_model(art)
     name = name or art.path.name
     if not NAME_RE.match(name):
         raise ArtifactError(f"model name '{name}': expected letters, digits, '-', '_' or '.' (at most 64)")
