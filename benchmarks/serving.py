@@ -15,6 +15,7 @@ import argparse
 import json
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +48,9 @@ def main():
     onnx_art = export(src, module, tmp / "onnx")
     gate_parity(onnx_art, reference=(src, module))
     store = tmp / "store"
-    archive(onnx_art, store, name="nobatch", config=ModelConfig(batch_size=1, max_batch_delay_ms=0))
-    archive(onnx_art, store, name="batch", config=ModelConfig(batch_size=8, max_batch_delay_ms=5))
+    one = {"workers": 1, "threads": 1}  # the same worker for both: the comparison is batching alone
+    archive(onnx_art, store, name="nobatch", config=ModelConfig(batch_size=1, max_batch_delay_ms=0, **one))
+    archive(onnx_art, store, name="batch", config=ModelConfig(batch_size=8, max_batch_delay_ms=5, **one))
     state = tmp / "state"
     server.start(store, state, server.ServeConfig(port=server.free_port()))
     try:
@@ -67,6 +69,7 @@ def main():
                 rps[m].append(res["rps"])
         ping = run_locust({**specs["nobatch"], "mode": "ping"}, tmp / "ping", args.users, args.users, args.seconds,
                           args.locust_workers, tag="ping")
+        parts = breakdown(server.read_state(state), specs["nobatch"])
     finally:
         server.stop(state)
     p_served, p_in = statistics.median(served1), statistics.median(inproc)
@@ -79,10 +82,66 @@ def main():
     print(f"ratio dynamic batching on / off at concurrency {args.users}: {ratio:.2f} (goal >= 1.3)")
     print(f"load generator ceiling (Locust -> /ping, {args.users} users, {args.locust_workers} workers): "
           f"{ping['rps']:.0f} req/s, p50 {ping['p50_ms']} ms")
-    write_figures(args.json, {"served_minus_inprocess_ms": p_served - p_in, "batching_gain": ratio,
+    print("where one served request's time goes (concurrency 1, batching off; "
+          f"{parts['requests']} requests from a keep-alive Python client):")
+    for k, v in parts.items():
+        if k.endswith("_ms"):
+            print(f"  {k[:-3].replace('_', ' '):44s} {v:7.3f} ms")
+    write_figures(args.json, {**{f"breakdown_{k}": v for k, v in parts.items()},
+                              "served_minus_inprocess_ms": p_served - p_in, "batching_gain": ratio,
                               "locust_ceiling_rps": ping["rps"], "served_p50_ms": p_served, "inprocess_p50_ms": p_in,
                               "rps_batching_on": statistics.median(rps["batch"]),
                               "rps_batching_off": statistics.median(rps["nobatch"])})
+
+
+def _counters(info: dict, model: str) -> dict:
+    """TorchServe's per-model Prometheus counters: requests, frontend latency and queue latency (µs, summed)."""
+    import re
+
+    import requests
+
+    text = requests.get(f"{info['metrics_url']}/metrics", timeout=10).text
+    out = {}
+    for name in ("ts_inference_requests_total", "ts_inference_latency_microseconds", "ts_queue_latency_microseconds"):
+        m = re.search(rf'^{name}{{[^}}]*model_name="{model}"[^}}]*}} ([0-9.eE+-]+)', text, re.M)
+        out[name] = float(m.group(1)) if m else 0.0
+    return out
+
+
+def breakdown(info: dict, spec: dict, n: int = 400) -> dict:
+    """Serial requests with a keep-alive client: the round trip it sees, TorchServe's frontend latency and queue
+    time (its counters, per request), and the handler's own decode / infer / encode (its Server-Timing header)."""
+    import requests
+
+    from modelship.loadtests.golden import request_bodies, request_headers
+
+    bodies, hdr = request_bodies(spec), request_headers(spec)
+    url = f"{spec['host']}{spec['path']}"
+    sess = requests.Session()
+    for b in bodies[:20]:
+        sess.post(url, data=b, headers=hdr, timeout=10)
+    before = _counters(info, spec["model"])
+    rt, parts = [], {"decode": [], "infer": [], "encode": []}
+    for i in range(n):
+        t0 = time.perf_counter()
+        r = sess.post(url, data=bodies[i % len(bodies)], headers=hdr, timeout=10)
+        rt.append((time.perf_counter() - t0) * 1e3)
+        assert r.status_code == 200, r.text
+        for item in r.headers.get("Server-Timing", "").split(","):
+            name, _, dur = item.strip().partition(";dur=")
+            if name in parts:
+                parts[name].append(float(dur))
+    after = _counters(info, spec["model"])
+    k = after["ts_inference_requests_total"] - before["ts_inference_requests_total"]
+    frontend = (after["ts_inference_latency_microseconds"] - before["ts_inference_latency_microseconds"]) / k / 1e3
+    queue = (after["ts_queue_latency_microseconds"] - before["ts_queue_latency_microseconds"]) / k / 1e3
+    handler = {p: statistics.median(v) for p, v in parts.items() if v}
+    round_trip = statistics.median(rt)
+    return {"requests": n, "round_trip_p50_ms": round_trip,
+            "client_and_http_ms": round_trip - frontend,
+            "torchserve_frontend_mean_ms": frontend, "queue_mean_ms": queue,
+            "frontend_to_worker_ipc_and_python_service_ms": frontend - queue - sum(handler.values()),
+            **{f"handler_{p}_p50_ms": v for p, v in handler.items()}}
 
 
 def text_vs_ids(tmp: Path, rounds: int, seconds: float) -> dict:
@@ -93,7 +152,7 @@ def text_vs_ids(tmp: Path, rounds: int, seconds: float) -> dict:
     src, module = open_source(train_artifact("text", tmp / "text").path)
     art = export(src, module, tmp / "text-onnx")
     gate_parity(art, reference=(src, module))
-    archive(art, tmp / "text-store", name="text", config=ModelConfig(batch_size=1, max_batch_delay_ms=0))
+    archive(art, tmp / "text-store", name="text", config=ModelConfig(batch_size=1, max_batch_delay_ms=0, workers=1))
     state = tmp / "text-state"
     server.start(tmp / "text-store", state, server.ServeConfig(port=server.free_port()))
     try:

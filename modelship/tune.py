@@ -5,9 +5,10 @@ One private TorchServe (loopback, tokens, model registration on) serves one conf
 batch size × batch delay × workers × threads per worker. Each is load-tested with real Locust at rising
 concurrency (1, 2, 4, ... users) until its p95 breaks the SLO or its throughput stops growing; its score is the
 best requests/s of a level inside the SLO with every answer right. The search climbs one setting at a time from
-the plainest configuration (1 worker, 1 thread, no batching) and keeps a change only when it gains; the larger
-values of a setting that did not gain are not tried (dominated), nor are configurations that would run more
-compute threads than the machine has cores, nor anything past the time budget. A variant whose served answers
+the plainest configuration (1 worker, 1 thread, no batching): each round measures one step up in every setting
+and moves to the one that gained most (at least 5 %), until none gains; the larger values of a setting whose
+step did not gain are not tried (dominated), nor are configurations that would run more compute threads than the
+machine has cores, nor anything past the time budget. A variant whose served answers
 differ from the reference is dropped at its first trial.
 """
 
@@ -87,7 +88,11 @@ def expand(paths: list[Path]) -> dict[str, Artifact]:
             raise ArtifactError(f"{p}: not found; expected an artifact folder (with {MANIFEST}) or a run folder "
                                 "written by modelship pipeline")
         found = 0
+        report = p / "report.json"  # a pipeline run: its main model's variants (not the built-in text model's)
+        main = json.loads(report.read_text()).get("model") if report.is_file() else None
         for sub in sorted(q for q in p.iterdir() if (q / MANIFEST).is_file()):
+            if main and not sub.name.startswith(f"{main}-"):
+                continue
             art = load_artifact(sub)
             if art.manifest.format == "tensorrt":
                 continue  # served on a GPU only
@@ -201,7 +206,28 @@ class Tuner:
         self.skipped.append({"config": asdict(cfg), "name": cfg.name(), "reason": f"{why}: {detail}"})
 
     # ---- the search -------------------------------------------------------------------------------------
+    KNOBS = ("workers", "threads", "batch_size", "max_batch_delay_ms")
+
+    def neighbours(self, cfg: dict) -> list[Config]:
+        """One step up in each setting from ``cfg``: the configurations the next round measures."""
+        out = []
+        for knob in self.KNOBS:
+            if knob == "max_batch_delay_ms" and cfg["batch_size"] == 1:
+                continue  # a delay only waits for a batch
+            values = getattr(self.space, {"batch_size": "batch_sizes", "max_batch_delay_ms": "delays_ms"}.get(knob, knob))
+            up = [v for v in values if v > cfg[knob]]
+            if not up:
+                continue
+            nxt = Config(**{**cfg, knob: up[0]})
+            if nxt.workers * nxt.threads > cores():
+                self.skip(nxt, "oversubscribed", f"{nxt.workers} workers × {nxt.threads} threads > {cores()} cores")
+                continue
+            out.append(nxt)
+        return out
+
     def climb(self, variant: str) -> None:
+        """Steepest ascent: measure every one-step neighbour of the best so far, move to the best gain, stop when
+        none gains. What lies beyond a step that did not gain is not tried (dominated)."""
         cur = self.measure(Config(variant))
         if cur is None:
             return
@@ -209,32 +235,37 @@ class Tuner:
             self.dropped.add(variant)
             self.log(f"  {variant} dropped: {cur['reason'][:160]}")
             return
-        knobs = (("workers", self.space.workers), ("threads", self.space.threads),
-                 ("batch_size", self.space.batch_sizes), ("max_batch_delay_ms", self.space.delays_ms))
-        n = cores()
-        for knob, values in knobs:
-            if knob == "max_batch_delay_ms" and cur["config"]["batch_size"] == 1:
-                continue  # a delay only waits for a batch
-            here = cur["config"][knob]
-            for v in [v for v in values if v > here]:
-                cfg = Config(**{**cur["config"], knob: v})
-                if cfg.workers * cfg.threads > n:
-                    self.skip(cfg, "oversubscribed", f"{cfg.workers} workers × {cfg.threads} threads > {n} cores")
-                    break
+        seen = {cur["name"]}
+        while True:
+            gains, tried = [], []
+            for cfg in self.neighbours(cur["config"]):
+                if cfg.name() in seen:
+                    continue
+                seen.add(cfg.name())
                 t = self.measure(cfg)
                 if t is None:
-                    return
+                    return  # out of budget
                 if not t["passed"] and not t["reason"].startswith("SLO"):
                     self.dropped.add(variant)
+                    self.log(f"  {variant} dropped: {t['reason'][:160]}")
                     return
+                tried.append(t)
                 if _better(t, cur):
-                    cur = t
-                    continue
-                rest = [x for x in values if x > v]
-                for x in rest:
-                    self.skip(Config(**{**cur["config"], knob: x}), "dominated",
-                              f"{knob}={v} did not gain over {cur['name']}")
-                break
+                    gains.append(t)
+            if not gains:
+                for t in tried:
+                    self.skip_beyond(t, cur)
+                return
+            cur = max(gains, key=lambda t: (t["passed"], t["rps"] if t["passed"] else -(t["p95_ms"] or 0)))
+
+    def skip_beyond(self, t: dict, cur: dict) -> None:
+        """The larger values of the setting ``t`` changed from ``cur``: not tried, as that step did not gain."""
+        for knob in self.KNOBS:
+            if t["config"][knob] != cur["config"][knob]:
+                values = getattr(self.space, {"batch_size": "batch_sizes", "max_batch_delay_ms": "delays_ms"}.get(knob, knob))
+                for v in (v for v in values if v > t["config"][knob]):
+                    self.skip(Config(**{**cur["config"], knob: v}), "dominated",
+                              f"{knob}={t['config'][knob]} did not gain over {cur['name']}")
 
     def run(self) -> dict:
         from .serve import server

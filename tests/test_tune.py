@@ -119,3 +119,18 @@ def test_archive_defaults_come_from_the_machine_and_the_model(tmp_path, monkeypa
     p = cli("archive", cnn_onnx.path, "--out", tmp_path / "s", "--workers", "3", "--threads", "1",
             "--json", tmp_path / "b.json")
     assert json.loads((tmp_path / "b.json").read_text())["config"]["minWorkers"] == 3 and "from this" not in p.stdout
+
+
+def test_tune_takes_a_pipeline_runs_main_model_variants_that_passed(tmp_path, cnn_onnx, cnn_int8):
+    from modelship.tune import expand
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "report.json").write_text(json.dumps({"model": "digits-cnn"}))
+    shutil.copytree(cnn_onnx.path, run / "digits-cnn-onnx")
+    shutil.copytree(cnn_int8.path, run / "digits-cnn-int8-static")
+    shutil.copytree(cnn_onnx.path, run / "drugreview-text-onnx")  # another model of the run: not tuned with it
+    failed = load_artifact(run / "digits-cnn-int8-static")
+    failed.manifest.parity = {**failed.manifest.parity, "passed": False, "failures": ["made to fail"]}
+    write_artifact(failed.path, failed.manifest)
+    assert set(expand([run])) == {"digits-cnn-onnx"}
