@@ -97,25 +97,26 @@ def test_tune_refuses_what_it_cannot_search(tmp_path, cnn_onnx):
 
 
 def test_archive_defaults_come_from_the_machine_and_the_model(tmp_path, monkeypatch, cnn_onnx):
-    """Unset workers/threads: a small model gets one single-threaded worker per core (up to 4), a large one one
-    worker with a thread per core; OMP_NUM_THREADS caps the cores; what the user gives is kept."""
+    """Unset workers/threads: one single-threaded worker per core, at most 4 and as many as memory holds;
+    OMP_NUM_THREADS caps the cores; what the user gives is kept and the rest fills the cores."""
     import os
 
     from modelship.serve import archive as ar
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert ar.fits_in_memory(cnn_onnx) >= 1
     assert ar.machine_defaults(cnn_onnx) == (4, 1)
-    monkeypatch.setattr(ar, "HEAVY_MB", 0.01)  # the same file, counted as a large model
-    assert ar.machine_defaults(cnn_onnx) == (1, 8)
+    monkeypatch.setattr(ar, "fits_in_memory", lambda art: 2)  # a model whose workers fill memory sooner
+    assert ar.machine_defaults(cnn_onnx) == (2, 1)
     assert ar.machine_defaults(cnn_onnx, workers=2) == (2, 4) and ar.machine_defaults(cnn_onnx, threads=2) == (4, 2)
     assert ar.machine_defaults(cnn_onnx, device="cuda") == (1, 1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    assert ar.machine_defaults(cnn_onnx) == (1, 2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert ar.machine_defaults(cnn_onnx) == (2, 1) and ar.machine_defaults(cnn_onnx, workers=1) == (1, 3)
     p = cli("archive", cnn_onnx.path, "--out", tmp_path / "s", "--json", tmp_path / "a.json")
     assert p.returncode == 0 and "(from this machine and model)" in p.stdout
     cfg = json.loads((tmp_path / "a.json").read_text())["config"]
-    assert (cfg["minWorkers"], cfg["handler"]["threads"]) == (1, 2)  # this test's OMP_NUM_THREADS=2, large model
+    assert (cfg["minWorkers"], cfg["handler"]["threads"]) == (2, 1)
     p = cli("archive", cnn_onnx.path, "--out", tmp_path / "s", "--workers", "3", "--threads", "1",
             "--json", tmp_path / "b.json")
     assert json.loads((tmp_path / "b.json").read_text())["config"]["minWorkers"] == 3 and "from this" not in p.stdout

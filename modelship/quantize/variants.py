@@ -145,7 +145,8 @@ def _optimize(art: Artifact, out: Path, opts: QuantizeOptions, tmp: Path) -> dic
     if kind in ("bert", "vit"):
         from onnxruntime.transformers.optimizer import optimize_model
 
-        cfg = (man.arch or {}).get("config", {})
+        cfg = (man.arch or {}).get("config", {})  # a Hugging Face config, or one nested in the model's (an encoder's)
+        cfg = next((c for c in (cfg, *cfg.values()) if isinstance(c, dict) and "num_attention_heads" in c), {})
         opt = optimize_model(str(art.model_path), model_type=kind, num_heads=int(cfg.get("num_attention_heads", 0)),
                              hidden_size=int(cfg.get("hidden_size", 0)), opt_level=1, use_gpu=False)
         opt.save_model_to_file(str(out))
