@@ -363,8 +363,8 @@ def plot(result: dict, path: Path) -> Path:
     front = result["pareto"]
     ax.scatter([t["p95_ms"] for t in ok], [t["rps"] for t in ok], c="tab:blue", label="passed")
     ax.scatter([t["p95_ms"] for t in bad], [t["rps"] for t in bad], c="tab:red", marker="x", label="rejected")
-    ax.plot([t["p95_ms"] for t in sorted(front, key=lambda t: t["p95_ms"])],
-            [t["rps"] for t in sorted(front, key=lambda t: t["p95_ms"])], c="tab:green", label="Pareto set")
+    ax.scatter([t["p95_ms"] for t in front], [t["rps"] for t in front], s=140, facecolors="none",
+               edgecolors="tab:green", linewidths=2, label="Pareto set (rps, p95, accuracy, size)")
     for t in front:
         ax.annotate(t["name"], (t["p95_ms"], t["rps"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.axvline(result["slo_p95_ms"], ls="--", c="grey", label=f"SLO p95 {result['slo_p95_ms']:g} ms")

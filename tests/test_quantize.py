@@ -209,3 +209,14 @@ def test_until_parity_stops_clearly_when_no_int8_can_pass(tmp_path, tuned_text_o
     assert "no INT8 variant" in p.stderr and "kept in float" in p.stderr and "loosen the tolerance" in p.stderr
     p = cli("quantize", tuned_text_onnx.path, "--mode", "fp16", "--until-parity", "--out", tmp_path / "h")
     assert p.returncode != 0 and "--until-parity searches INT8 builds" in p.stderr
+
+
+def test_until_parity_says_when_the_data_cannot_judge_any_int8(tmp_path, text_onnx):
+    """The untrained text model's logits are hair-thin apart: its INT8 gate is weak evidence whatever stays in
+    float, so the search stops at once and says what would let it judge."""
+    from modelship.errors import QuantizeError
+    from modelship.quantize.until_parity import until_parity
+
+    with pytest.raises(QuantizeError, match="cannot judge this model on this data .*--allow-weak-parity"):
+        until_parity(text_onnx, "dynamic", tmp_path / "q")
+    assert not (tmp_path / "q").exists()

@@ -26,6 +26,9 @@ from ..manifest import Artifact, write_artifact
 from .variants import MODES, QuantizeOptions, make_variant
 
 
+SENSITIVITY_SAMPLES = 128
+
+
 def recovery_options(mode: str, opts: QuantizeOptions) -> list[tuple[str, QuantizeOptions]]:
     """The options worth trying after ``opts`` failed, each a one-step change from it."""
     tries = [] if opts.per_channel else [("per-channel weights", replace(opts, per_channel=True))]
@@ -109,6 +112,10 @@ def until_parity(art: Artifact, mode: str, out: str | Path, opts: QuantizeOption
         best_opts = opts
         if best is None:
             raise QuantizeError(attempts[0]["error"])
+        if best_rec["weak"] and not best_rec["allow_weak"]:  # about the reference and the data, not the build
+            raise QuantizeError(f"{art.path}: the INT8 gate cannot judge this model on this data ("
+                                f"{'; '.join(best_rec['weak'])}); no choice of nodes changes that — supply data "
+                                "the model separates (--data), a tighter --max-abs-diff, or --allow-weak-parity")
         if not best_rec["passed"]:
             for step, o in recovery_options(mode, opts):
                 cand, rec = attempt(step, o)
@@ -152,6 +159,7 @@ def _exclude(art, mode, full, opts, data, judge, attempt, tmp, log, attempts) ->
                             f"({'; '.join(attempts[-1].get('failures') or [])})")
     ref_art, _ = reference_of(full)
     _, feed, _ = evaluation_feeds(ref_art, full, data or full.manifest.data, "test")
+    feed = {k: v[:SENSITIVITY_SAMPLES] for k, v in feed.items()}  # ranks nodes; the gate still judges all the data
     first = art.manifest.outputs[0].name
     base = collect(open_runner(art), feed)[first]
     scale = float(np.abs(base).mean()) or 1.0
