@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from .errors import ArtifactError, GateError, ModelshipError
+from .errors import ArtifactError, GateError, ModelshipError, ServeError
 from .manifest import MANIFEST, Artifact, load_artifact
 
 GAIN = 1.05  # a change is kept when it adds at least 5 % requests/s
@@ -139,8 +139,6 @@ class Tuner:
     # ---- one configuration ------------------------------------------------------------------------------
     def measure(self, cfg: Config) -> dict | None:
         """Serve ``cfg`` and raise concurrency until the SLO breaks or throughput stops growing."""
-        from .loadtests.runner import loadtest
-        from .loadtests.summary import Gates
         from .serve import server
         from .serve.archive import ModelConfig, archive
 
@@ -154,30 +152,13 @@ class Tuner:
         started = time.monotonic()
         self.log(f"trial {len(self.trials) + 1}: {name}")
         archive(art, store, name=name, config=mc)
-        server.register(self.info["state"], f"{name}.mar", cfg.workers)
-        levels, best = [], None
         try:
-            users = 1
-            while users <= self.space.max_users:
-                if levels and self.left_s() < self._level_cost():
-                    break
-                r = loadtest(self.info["state"], name, self.out / "trials" / name, users=(users,),
-                             duration_s=self.opts.seconds, gates=Gates(slo_p95_ms=self.opts.slo_p95_ms),
-                             data=self.opts.data, prepared=self.prepared.get(cfg.variant))
-                self.prepared[cfg.variant] = r["spec"]  # the golden outputs are computed once per variant
-                lv = {k: r.get(k) for k in ("users", "requests", "failures", "rps", "p50_ms", "p95_ms", "p99_ms",
-                                            "checked", "mismatches", "top1_agreement", "max_abs_diff", "passed")}
-                lv["gate_failures"] = r["gate_failures"]
-                levels.append(lv)
-                self.log(f"  {users} users: {lv['rps']:.1f} req/s, p95 {lv['p95_ms'] or 0:.1f} ms"
-                         + ("" if lv["passed"] else f" — {'; '.join(r['gate_failures'])[:160]}"))
-                if not lv["passed"]:
-                    break
-                if best is not None and lv["rps"] < best["rps"] * GAIN:
-                    best = max(best, lv, key=lambda x: x["rps"])
-                    break  # saturated: more users only queue
-                best = lv
-                users *= 2
+            server.register(self.info["state"], f"{name}.mar", cfg.workers)
+            levels, best = self._ramp(cfg, name)
+        except (ServeError, GateError) as e:  # it did not load, or did not answer: this configuration fails
+            best, levels = None, [{"users": 0, "rps": None, "p50_ms": None, "p95_ms": None, "p99_ms": None,
+                                   "checked": 0, "mismatches": 0, "top1_agreement": None, "max_abs_diff": None,
+                                   "passed": False, "gate_failures": [f"failures: it did not serve ({e})"]}]
         finally:
             server.unregister(self.info["state"], name)
             (store / f"{name}.mar").unlink(missing_ok=True)
@@ -201,6 +182,35 @@ class Tuner:
                  "levels": levels, "seconds": round(time.monotonic() - started, 1)}
         self.trials.append(trial)
         return trial
+
+    def _ramp(self, cfg: Config, name: str) -> tuple[list[dict], dict | None]:
+        """Load-test ``name`` at 1, 2, 4, ... users until a level fails (the SLO, a wrong answer, an error) or
+        stops gaining; returns every level and the best one that passed."""
+        from .loadtests.runner import loadtest
+        from .loadtests.summary import Gates
+
+        levels, best, users = [], None, 1
+        while users <= self.space.max_users:
+            if levels and self.left_s() < self._level_cost():
+                break
+            r = loadtest(self.info["state"], name, self.out / "trials" / name, users=(users,),
+                         duration_s=self.opts.seconds, gates=Gates(slo_p95_ms=self.opts.slo_p95_ms),
+                         data=self.opts.data, prepared=self.prepared.get(cfg.variant))
+            self.prepared[cfg.variant] = r["spec"]  # the golden outputs are computed once per variant
+            lv = {k: r.get(k) for k in ("users", "requests", "failures", "rps", "p50_ms", "p95_ms", "p99_ms",
+                                        "checked", "mismatches", "top1_agreement", "max_abs_diff", "passed")}
+            lv["gate_failures"] = r["gate_failures"]
+            levels.append(lv)
+            self.log(f"  {users} users: {lv['rps']:.1f} req/s, p95 {lv['p95_ms'] or 0:.1f} ms"
+                     + ("" if lv["passed"] else f" — {'; '.join(r['gate_failures'])[:160]}"))
+            if not lv["passed"]:
+                break
+            if best is not None and lv["rps"] < best["rps"] * GAIN:
+                best = max(best, lv, key=lambda x: x["rps"])
+                break  # saturated: more users only queue
+            best = lv
+            users *= 2
+        return levels, best
 
     def skip(self, cfg: Config, why: str, detail: str) -> None:
         self.skipped.append({"config": asdict(cfg), "name": cfg.name(), "reason": f"{why}: {detail}"})
