@@ -4,12 +4,12 @@ checked against the reference.
 One private TorchServe (loopback, tokens, model registration on) serves one configuration at a time: variant ×
 batch size × batch delay × workers × threads per worker. Each is load-tested with real Locust at rising
 concurrency (1, 2, 4, ... users) until its p95 breaks the SLO or its throughput stops growing; its score is the
-best requests/s of a level inside the SLO with every answer right. The search climbs one setting at a time from
-the plainest configuration (1 worker, 1 thread, no batching): each round measures one step up in every setting
-and moves to the one that gained most (at least 5 %), until none gains; the larger values of a setting whose
-step did not gain are not tried (dominated), nor are configurations that would run more compute threads than the
-machine has cores, nor anything past the time budget. A variant whose served answers
-differ from the reference is dropped at its first trial.
+best requests/s of a level inside the SLO with every answer right. Every variant's plainest configuration
+(1 worker, 1 thread, no batching) is measured first, and a variant whose served answers differ from the
+reference is dropped there. Then, the most promising variant first, the search climbs: each round measures one
+step up in every setting and moves to the one that gained most (at least 5 %), until none gains; the larger
+values of a setting whose step did not gain are not tried (dominated), nor are configurations that would run
+more compute threads than the machine has cores, nor anything past the time budget.
 """
 
 from __future__ import annotations
@@ -235,16 +235,10 @@ class Tuner:
             out.append(nxt)
         return out
 
-    def climb(self, variant: str) -> None:
-        """Steepest ascent: measure every one-step neighbour of the best so far, move to the best gain, stop when
-        none gains. What lies beyond a step that did not gain is not tried (dominated)."""
-        cur = self.measure(Config(variant))
-        if cur is None:
-            return
-        if not cur["passed"] and not cur["reason"].startswith("SLO"):
-            self.dropped.add(variant)
-            self.log(f"  {variant} dropped: {cur['reason'][:160]}")
-            return
+    def climb(self, cur: dict) -> None:
+        """Steepest ascent from the trial ``cur``: measure every one-step neighbour of the best so far, move to the
+        best gain, stop when none gains. What lies beyond a step that did not gain is not tried (dominated)."""
+        variant = cur["config"]["variant"]
         seen = {cur["name"]}
         while True:
             gains, tried = [], []
@@ -286,12 +280,16 @@ class Tuner:
         (self.out / "trials-store").mkdir(parents=True, exist_ok=True)
         self.info = server.start(self.out / "trials-store", state,
                                  server.ServeConfig(port=server.free_port(), model_api=True))
-        try:
-            for variant in self.arts:
-                if self.left_s() < 2 * self._level_cost():
-                    self.skip(Config(variant), "budget", f"{self.left_s():.0f} s of the budget left")
-                    continue
-                self.climb(variant)
+        try:  # every variant's plainest configuration first, then the climbs, the most promising first
+            bases = [t for t in (self.measure(Config(v)) for v in self.arts) if t is not None]
+            for t in bases:
+                if not t["passed"] and not t["reason"].startswith("SLO"):
+                    self.dropped.add(t["config"]["variant"])
+                    self.log(f"  {t['config']['variant']} dropped: {t['reason'][:160]}")
+            live = [t for t in bases if t["config"]["variant"] not in self.dropped]
+            for t in sorted(live, key=lambda t: (t["passed"], t["rps"] if t["passed"] else -(t["p95_ms"] or 0)),
+                            reverse=True):
+                self.climb(t)
         finally:
             server.stop(state)
         return self.result()
