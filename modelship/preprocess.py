@@ -37,12 +37,14 @@ class TextSpec:
 
 @dataclass
 class ImageSpec:
-    """Decode (PNG, JPEG, ...) → ``mode`` (L: one channel, RGB: three) → resize to ``resize`` ([h, w]; with
-    ``crop``, then a center crop) → × ``scale`` → (x − mean) / std per channel → channels first."""
+    """Decode (PNG, JPEG, ...) → ``mode`` (L: one channel, RGB: three) → resize (to ``resize`` [h, w], or the
+    shorter edge to ``shortest_edge`` keeping the aspect ratio, as torchvision's ``Resize(int)``), then a center
+    crop to ``size``; or straight to ``size`` → × ``scale`` → (x − mean) / std per channel → channels first."""
 
     size: list  # [h, w] the model takes
     mode: str = "RGB"
     resize: list | None = None  # [h, w] before a center crop to ``size``; None: straight to ``size``
+    shortest_edge: int | None = None  # resize the shorter edge to this (torchvision), then center crop to ``size``
     resample: str = "bilinear"
     scale: float = 1 / 255
     mean: list = field(default_factory=lambda: [0.0])
@@ -156,7 +158,15 @@ def image_array(img, spec: ImageSpec) -> np.ndarray:
     resample = getattr(Image.Resampling, spec.resample.upper())
     img = img.convert(spec.mode)
     h, w = spec.size
-    if spec.resize:
+    if spec.shortest_edge:  # torchvision's Resize(int) and CenterCrop, with their rounding
+        iw, ih = img.size
+        short, long = (iw, ih) if iw <= ih else (ih, iw)
+        new_short, new_long = spec.shortest_edge, int(spec.shortest_edge * long / short)
+        rw, rh = (new_short, new_long) if iw <= ih else (new_long, new_short)
+        img = img.resize((rw, rh), resample)
+        top, left = int(round((rh - h) / 2.0)), int(round((rw - w) / 2.0))
+        img = img.crop((left, top, left + w, top + h))
+    elif spec.resize:
         rh, rw = spec.resize
         img = img.resize((rw, rh), resample)
         top, left = (rh - h) // 2, (rw - w) // 2
@@ -254,11 +264,13 @@ def _tokenize(tok, max_length: int, names: list):
 
 def reference_preprocessor(ref_art):
     """Raw samples → the reference model's feed, done the way the source checkpoint does it (None when it has
-    no preprocessing): transformers' AutoTokenizer / AutoImageProcessor for a Hugging Face folder, the zoo
-    entry's declared transform for a zoo model."""
+    no preprocessing): transformers' AutoTokenizer / AutoImageProcessor for a Hugging Face folder,
+    torchvision's transform for a torchvision model, the zoo entry's declared transform for a zoo model."""
     spec = spec_from_dict(ref_art.manifest.preprocess)
     if spec is None:
         return None
+    from PIL import Image
+
     names = [t.name for t in ref_art.manifest.inputs]
     if ref_art.manifest.loader == "hf":
         src = ref_art.model_path
@@ -266,12 +278,17 @@ def reference_preprocessor(ref_art):
             from transformers import AutoTokenizer
 
             return _tokenize(AutoTokenizer.from_pretrained(str(src), local_files_only=True), spec.max_length, names)
-        from PIL import Image
         from transformers import AutoImageProcessor
 
         proc = AutoImageProcessor.from_pretrained(str(src), local_files_only=True)
         return lambda images: {names[0]: np.asarray(proc([Image.open(io.BytesIO(b)).convert("RGB") for b in images],
                                                          return_tensors="np")["pixel_values"], np.float32)}
+    if ref_art.manifest.loader == "torchvision":  # torchvision's own transform for the architecture
+        from .models.checkpoints import torchvision
+
+        t = torchvision().models.get_model_weights(ref_art.manifest.arch["name"]).DEFAULT.transforms()
+        return lambda images: {names[0]: np.stack([t(Image.open(io.BytesIO(b)).convert("RGB")).numpy()
+                                                   for b in images]).astype(np.float32)}
     from .models import zoo
 
     declared = spec_from_dict((zoo.entry((ref_art.manifest.arch or {}).get("name")).preprocess or {}))

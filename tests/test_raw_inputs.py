@@ -214,3 +214,19 @@ def test_served_png_and_text(served, cnn, text):
         r = _post(served, "cnn-onnx" if ct == "image/png" else "text-onnx", body, ct)
         assert r.status_code == 400 and message in r.json()["message"], r.text
     assert _post(served, "cnn-onnx", raw[1], "image/png").status_code == 200  # and it keeps serving
+
+
+def test_json_labelled_text_plain_is_read_as_json_by_a_model_that_takes_no_text(cnn_onnx):
+    """A tensor body sent as text/plain (curl -d ... -H 'Content-Type: text/plain') to the digits model is read as
+    JSON; a text body that is not JSON gets a 400 naming what the model takes."""
+    import json as _json
+
+    from modelship.errors import InputError
+    from modelship.preprocess import open_preprocessor
+    from modelship.serve.codec import Codec
+
+    codec = Codec(cnn_onnx.manifest, prep=open_preprocessor(cnn_onnx))
+    body = _json.dumps({"inputs": np.zeros((1, 1, 8, 8)).tolist()}).encode()
+    assert codec.decode(body, "text/plain").feed["pixels"].shape == (1, 1, 8, 8)
+    with pytest.raises(InputError, match="not an image; expected the bytes of a PNG or JPEG"):
+        codec.decode(b"a review, not a digit", "text/plain")

@@ -1,5 +1,6 @@
 """Open any PyTorch source as (manifest, nn.Module): a zoo artifact dir, a torch.export ``.pt2``
-program, or a Hugging Face ``save_pretrained`` directory of a BERT-family sequence classifier.
+program, a Hugging Face ``save_pretrained`` directory (sequence or image classifier), or a torchvision
+classification model by name with a weights file.
 
 Each loader is one entry of ``LOADERS``; ``open_source`` picks one from what the path holds.
 """
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ArtifactError
+from ..errors import ArtifactError, MissingDependencyError
 from ..manifest import MANIFEST, Artifact, Manifest, TensorSpec, is_artifact, load_artifact, sha256_path
 from . import data as datasets
 from . import zoo
@@ -76,10 +77,43 @@ def _pt2_module(path: Path) -> torch.nn.Module:
     return _pt2_program(path).module()  # already inference-only: torch.export modules refuse .eval()
 
 
+TORCHVISION = "torchvision:"  # a source named torchvision:NAME, with --weights FILE (a state_dict)
+
+
+def torchvision():
+    """torchvision, imported on demand (an optional extra: pip install 'modelship[vision]')."""
+    try:
+        import torchvision as tv
+    except Exception as e:  # noqa: BLE001 — a missing package, or a build that does not match this torch
+        raise MissingDependencyError(f"torchvision does not import ({type(e).__name__}: {str(e)[:200]}); "
+                                     "install the build that matches your torch: pip install 'modelship[vision]'") from None
+    return tv
+
+
+def _tv_build(name: str, num_classes: int):
+    tv = torchvision()
+    try:
+        return tv.models.get_model(name, weights=None, num_classes=num_classes)
+    except Exception as e:  # noqa: BLE001
+        raise ArtifactError(f"torchvision model '{name}' cannot be built with {num_classes} classes ({e})") from None
+
+
+def _tv_module(art: Artifact) -> torch.nn.Module:
+    name = art.manifest.arch["name"]
+    model = _tv_build(name, int(art.manifest.arch["config"]["num_classes"]))
+    try:
+        model.load_state_dict(torch.load(art.model_path, map_location="cpu", weights_only=True))
+    except Exception as e:  # noqa: BLE001 — torch raises many types for a bad file or a wrong architecture
+        raise ArtifactError(f"{art.model_path}: not a state_dict of torchvision's {name} "
+                            f"({str(e).splitlines()[0][:300]})") from None
+    return model.eval()
+
+
 LOADERS = {
     "zoo": lambda art: _zoo_module(art),
     "hf": lambda art: _hf_module(art.model_path),
     "pt2": lambda art: _pt2_module(art.model_path),
+    "torchvision": _tv_module,
 }
 
 
@@ -190,11 +224,53 @@ def _pt2_manifest(path: Path) -> Manifest:
                     created_by="modelship import (pt2)")
 
 
+def _tv_manifest(name: str, weights: Path) -> Manifest:
+    """torchvision classification model NAME with the user's weights: its class count from the weights' last
+    Linear layer, its preprocessing from torchvision's own transform for the architecture (resize the shorter
+    edge, center crop, ImageNet mean/std), read from the weights enum's metadata (nothing is downloaded)."""
+    from dataclasses import asdict
+
+    from ..preprocess import ImageSpec
+
+    tv = torchvision()
+    known = tv.models.list_models(module=tv.models)
+    if name not in known:
+        raise ArtifactError(f"torchvision has no classification model '{name}'; expected one of "
+                            f"{', '.join(known[:12])}, ... ({len(known)} in all)")
+    if not weights.is_file():
+        raise ArtifactError(f"{weights}: weights file not found; expected the state_dict of {name} "
+                            "(torch.save(model.state_dict(), FILE))")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise ArtifactError(f"{weights}: not a state_dict ({str(e).splitlines()[0][:200]}); expected "
+                            "torch.save(model.state_dict(), FILE)") from None
+    if not isinstance(state, dict):
+        raise ArtifactError(f"{weights}: holds a {type(state).__name__}, not a state_dict; expected "
+                            "torch.save(model.state_dict(), FILE)")
+    head = [m for m, mod in _tv_build(name, 1000).named_modules() if isinstance(mod, torch.nn.Linear)][-1]
+    if f"{head}.weight" not in state:
+        raise ArtifactError(f"{weights}: no '{head}.weight' (the classifier of torchvision's {name}); is it the "
+                            "state_dict of another architecture?")
+    n = int(state[f"{head}.weight"].shape[0])
+    t = tv.models.get_model_weights(name).DEFAULT.transforms()
+    crop, resize = int(t.crop_size[0]), int(t.resize_size[0])
+    spec = ImageSpec(size=[crop, crop], shortest_edge=resize, resample=t.interpolation.value, scale=1 / 255,
+                     mean=[float(x) for x in t.mean], std=[float(x) for x in t.std])
+    return Manifest(name=name, task="classification", format="torch", precision="fp32", file=weights.name,
+                    loader="torchvision", inputs=[TensorSpec("images", "float32", ["batch", 3, crop, crop])],
+                    outputs=[TensorSpec("logits", "float32", ["batch", n])], labels=[str(i) for i in range(n)],
+                    data={"name": "random", "samples": 64}, preprocess=asdict(spec), sha256=sha256_path(weights),
+                    created_by="modelship import (torchvision)", arch={"name": name, "config": {"num_classes": n}})
+
+
 TASKS = ("classification", "regression")
 
 
-def open_source(path: str | Path, data: str | None = None, task: str | None = None) -> tuple[Artifact, torch.nn.Module]:
-    """Open an artifact dir, a ``.pt2`` file or a HF directory as (Artifact, eval-mode module).
+def open_source(path: str | Path, data: str | None = None, task: str | None = None,
+                weights: str | Path | None = None) -> tuple[Artifact, torch.nn.Module]:
+    """Open an artifact dir, a ``.pt2`` file, a HF directory, or ``torchvision:NAME`` with ``weights`` (a
+    state_dict file) as (Artifact, eval-mode module).
 
     Raw checkpoints become an in-memory artifact rooted at the checkpoint's folder. ``data`` is a
     shipped dataset's name (``digits``) or the user's ``.npz`` to evaluate on (recorded with its sha256).
@@ -202,10 +278,17 @@ def open_source(path: str | Path, data: str | None = None, task: str | None = No
     unless its data defines a classification task). The task never comes from the output shape.
     """
     p = Path(path)
-    if not p.exists():
-        raise ArtifactError(f"{p}: no such file or directory; expected an artifact directory, a .pt2 file "
-                            "or a Hugging Face model directory")
-    if p.is_dir() and is_artifact(p):
+    if str(path).startswith(TORCHVISION):
+        if weights is None:
+            raise ArtifactError(f"{path}: a torchvision model needs its weights: pass --weights FILE (a state_dict)")
+        w = Path(weights)
+        art = Artifact(w.parent.resolve(), _tv_manifest(str(path)[len(TORCHVISION):], w))
+    elif weights is not None:
+        raise ArtifactError(f"--weights is for torchvision:NAME sources; {path} carries its own weights")
+    elif not p.exists():
+        raise ArtifactError(f"{p}: no such file or directory; expected an artifact directory, a .pt2 file, "
+                            "a Hugging Face model directory or torchvision:NAME with --weights")
+    elif p.is_dir() and is_artifact(p):
         art = load_artifact(p)
         if art.manifest.format != "torch":
             raise ArtifactError(f"{p}: a '{art.manifest.format}' artifact, expected a PyTorch source "
@@ -228,6 +311,11 @@ def open_source(path: str | Path, data: str | None = None, task: str | None = No
             raise ArtifactError(f"{data}: raw {'texts' if spec['name'] in ('text', 'drugreview') else 'images'}, but "
                                 f"{p} records no preprocessing (a tokenizer or an image processor beside the "
                                 "model); pass tensors as --data FILE.npz")
+        folder = Path(spec.get("path", ""))
+        if spec["name"] == "images" and art.manifest.loader == "torchvision" and folder.is_dir():
+            classes = sorted(d.name for d in folder.iterdir() if d.is_dir())  # torchvision's ImageFolder order
+            if len(classes) == len(art.manifest.labels):
+                art.manifest.labels = classes
         if spec["name"] in ("text", "images") and art.manifest.labels:
             spec["labels"] = art.manifest.labels  # labels in the file may be names: map them to indices
         art.manifest.data = spec

@@ -45,7 +45,9 @@ class Codec:
     def decode(self, body, content_type: str | None = None) -> Request:
         ct = (content_type or "").split(";")[0].strip().lower()
         kind = self.prep.kind if self.prep else None
-        if ct.startswith("image/") or ct.startswith("text/") and ct != "text/json":
+        # text/* is raw text for a text model; for any other model it is read as the JSON it holds (clients such
+        # as curl -d label JSON loosely)
+        if ct.startswith("image/") or ct.startswith("text/") and ct != "text/json" and kind == "text":
             want = "image" if ct.startswith("image/") else "text"
             if kind != want:
                 raise InputError(f"a {ct} body, but this model takes {kind or 'tensors'}; expected "
