@@ -228,5 +228,5 @@ def test_json_labelled_text_plain_is_read_as_json_by_a_model_that_takes_no_text(
     codec = Codec(cnn_onnx.manifest, prep=open_preprocessor(cnn_onnx))
     body = _json.dumps({"inputs": np.zeros((1, 1, 8, 8)).tolist()}).encode()
     assert codec.decode(body, "text/plain").feed["pixels"].shape == (1, 1, 8, 8)
-    with pytest.raises(InputError, match="not an image; expected the bytes of a PNG or JPEG"):
+    with pytest.raises(InputError, match="a text/plain body, but this model takes image"):
         codec.decode(b"a review, not a digit", "text/plain")

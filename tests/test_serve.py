@@ -45,6 +45,10 @@ def test_served_answers_match_in_process_runner(served, request, model, artifact
         url = f"{served['inference_url']}/predictions/{model}"
         replies = list(pool.map(lambda i: s.post(url, data=json.dumps({"inputs": x[i].tolist()}), timeout=30), range(len(x))))
     assert all(r.status_code == 200 for r in replies)
+    for r in replies[:5]:  # where the handler's time went, in the W3C Server-Timing header
+        timing = dict(part.split(";dur=") for part in r.headers["Server-Timing"].split(", "))
+        assert set(timing) == {"decode", "infer", "encode"} and all(float(v) >= 0 for v in timing.values())
+        assert float(timing["infer"]) > 0
     got = [r.json() for r in replies]
     assert [g["index"] for g in got] == expected.argmax(1).tolist()  # agreement 1.0 on all 360
     assert [g["label"] for g in got] == [str(i) for i in expected.argmax(1)]

@@ -45,9 +45,10 @@ class Codec:
     def decode(self, body, content_type: str | None = None) -> Request:
         ct = (content_type or "").split(";")[0].strip().lower()
         kind = self.prep.kind if self.prep else None
-        # text/* is raw text for a text model; for any other model it is read as the JSON it holds (clients such
-        # as curl -d label JSON loosely)
-        if ct.startswith("image/") or ct.startswith("text/") and ct != "text/json" and kind == "text":
+        # text/* is raw text for a text model; for any other model, a body that is JSON is read as JSON (clients
+        # such as curl -d label JSON loosely), anything else is refused as text sent to a model that takes none
+        if ct.startswith("image/") or ct.startswith("text/") and ct != "text/json" and not (
+                kind != "text" and _is_json(body)):
             want = "image" if ct.startswith("image/") else "text"
             if kind != want:
                 raise InputError(f"a {ct} body, but this model takes {kind or 'tensors'}; expected "
@@ -300,3 +301,10 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def error_body(code: int, message: str) -> dict:
     return {"code": code, "message": message}
 
+
+def _is_json(body) -> bool:
+    try:
+        json.loads(bytes(body).decode("utf-8") if isinstance(body, (bytes, bytearray)) else body)
+        return True
+    except (TypeError, ValueError, RecursionError):
+        return False
