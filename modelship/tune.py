@@ -83,6 +83,7 @@ def expand(paths: list[Path]) -> dict[str, Artifact]:
         p = Path(p)
         if (p / MANIFEST).is_file():
             out[p.name] = load_artifact(p)
+            check_gates(out[p.name])  # refused before any server starts: only what passed parity is served
             continue
         if not p.is_dir():
             raise ArtifactError(f"{p}: not found; expected an artifact folder (with {MANIFEST}) or a run folder "

@@ -128,8 +128,6 @@ def until_parity(art: Artifact, mode: str, out: str | Path, opts: QuantizeOption
             excluded = _exclude(art, mode, best, best_opts, data, judge, attempt, tmp, log, attempts)
             chosen = replace(best_opts, exclude_nodes=best_opts.exclude_nodes + [e["node"] for e in excluded])
         full = best  # the build with every node the options quantize: the latency the exclusions are weighed against
-        if out.exists():
-            shutil.rmtree(out)
         final = make_variant(art, mode, out, chosen, data=data)
         cost = None
         if excluded:
