@@ -89,7 +89,8 @@ def _dynamic(art: Artifact, out: Path, opts: QuantizeOptions, tmp: Path) -> dict
     src = _preprocess(art.model_path, tmp / "pre.onnx")
     quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, per_channel=opts.per_channel,
                      reduce_range=opts.reduce_range, nodes_to_exclude=opts.exclude_nodes or None,
-                     nodes_to_quantize=opts.nodes_only or None, op_types_to_quantize=_op_types(src, opts), extra_options={"MatMulConstBOnly": True})
+                     nodes_to_quantize=opts.nodes_only or None, op_types_to_quantize=_op_types(src, opts),
+                     extra_options={"MatMulConstBOnly": True})
     return {}
 
 
