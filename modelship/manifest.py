@@ -89,6 +89,13 @@ def sha256_path(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def size_mb(path: str | os.PathLike) -> float | None:
+    """A model file's size in MB, or a model folder's (a Hugging Face checkpoint) files together; None if absent."""
+    p = Path(path)
+    files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()] if p.is_dir() else []
+    return round(sum(f.stat().st_size for f in files) / 1e6, 3) if files else None
+
+
 def inside(base: Path, name: str) -> Path:
     """Resolve ``name`` under ``base``; refuse names that escape it (absolute paths, '..', symlinks out)."""
     base = base.resolve()

@@ -208,12 +208,16 @@ def open_preprocessor(art):
 
 
 def preprocessed(art, spec: dict, split: str, limit: int) -> dict:
-    """The first ``limit`` raw samples of a split of ``spec`` as ``art``'s recorded preprocessing (what serving
-    runs) makes them: the feed for calibration and in-process benchmarks."""
+    """The first ``limit`` samples of a split of ``spec`` as ``art`` takes them: raw samples (texts, images) through
+    its recorded preprocessing (what serving runs), tensors as they are: the feed for calibration, INT8
+    sensitivity and in-process benchmarks."""
     from .models import data as datasets
 
-    raw, _ = datasets.load_raw(spec, split)
-    return open_preprocessor(art)(raw[:limit])[0]
+    if art.manifest.preprocess and datasets.has_raw(spec):
+        raw, _ = datasets.load_raw(spec, split)
+        return open_preprocessor(art)(raw[:limit])[0]
+    feed, _ = datasets.load(spec, split, art.manifest.inputs)
+    return {k: v[:limit] for k, v in feed.items()}
 
 
 def carry(src, out_dir) -> dict | None:
@@ -284,9 +288,9 @@ def reference_preprocessor(ref_art):
         return lambda images: {names[0]: np.asarray(proc([Image.open(io.BytesIO(b)).convert("RGB") for b in images],
                                                          return_tensors="np")["pixel_values"], np.float32)}
     if ref_art.manifest.loader == "torchvision":  # torchvision's own transform for the architecture
-        from .models.checkpoints import torchvision
+        from .models.checkpoints import tv_transform
 
-        t = torchvision().models.get_model_weights(ref_art.manifest.arch["name"]).DEFAULT.transforms()
+        t = tv_transform(ref_art.manifest.arch["name"])
         return lambda images: {names[0]: np.stack([t(Image.open(io.BytesIO(b)).convert("RGB")).numpy()
                                                    for b in images]).astype(np.float32)}
     from .models import zoo

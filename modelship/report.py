@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .manifest import size_mb
+
 
 def _rows(arts: dict, results: dict, benches: dict, name: str) -> list[dict]:
     rows = []
@@ -25,7 +27,7 @@ def _rows(arts: dict, results: dict, benches: dict, name: str) -> list[dict]:
         b32 = next((b for b in benches.get(key, []) if b["batch"] == 32), {})
         rows.append({
             "variant": key, "model": "text" if key.startswith("text") else name, "artifact": str(art.path), "format": man.format, "precision": man.precision,
-            "size_mb": _size_mb(art.model_path),
+            "size_mb": size_mb(art.model_path),
             "parameters": man.extra.get("parameters"),
             "parity_passed": par.get("passed", True if man.format == "torch" else None),
             "reference": Path(par.get("reference") or lt.get("reference") or art.path).name,
@@ -45,12 +47,6 @@ def _rows(arts: dict, results: dict, benches: dict, name: str) -> list[dict]:
             r["accuracy"] = next((o["reference_accuracy"] for o in rows if o["reference"] == Path(r["artifact"]).name
                                   and o["reference_accuracy"] is not None), None)
     return rows
-
-
-def _size_mb(path: Path) -> float | None:
-    """A model file's size, or a model folder's (a Hugging Face checkpoint) files together."""
-    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else []
-    return round(sum(f.stat().st_size for f in files) / 1e6, 3) if files else None
 
 
 def _plots(out: Path, rows: list[dict], results: dict) -> dict[str, Path]:

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .errors import ArtifactError, GateError, ModelshipError, ServeError
-from .manifest import MANIFEST, Artifact, load_artifact
+from .manifest import MANIFEST, Artifact, load_artifact, size_mb
 
 GAIN = 1.05  # a change is kept when it adds at least 5 % requests/s
 
@@ -47,6 +47,13 @@ class Config:
         short = re.sub(r"[^A-Za-z0-9_.-]", "-", self.variant)[:40]
         return f"{short}-b{self.batch_size}-d{self.max_batch_delay_ms}-w{self.workers}-t{self.threads}"
 
+    def model_config(self):
+        """The archive's model config for this configuration."""
+        from .serve.archive import ModelConfig
+
+        return ModelConfig(batch_size=self.batch_size, max_batch_delay_ms=self.max_batch_delay_ms,
+                           workers=self.workers, threads=self.threads)
+
 
 @dataclass
 class Space:
@@ -57,6 +64,10 @@ class Space:
     batch_sizes: tuple = (1, 4, 8, 16)
     delays_ms: tuple = (1, 2, 5, 10)
     max_users: int = 64
+
+    def values(self, knob: str) -> tuple:
+        """The values a Config field may take."""
+        return getattr(self, {"batch_size": "batch_sizes", "max_batch_delay_ms": "delays_ms"}.get(knob, knob))
 
     def resolved(self) -> "Space":
         n = cores()
@@ -141,18 +152,16 @@ class Tuner:
     def measure(self, cfg: Config) -> dict | None:
         """Serve ``cfg`` and raise concurrency until the SLO breaks or throughput stops growing."""
         from .serve import server
-        from .serve.archive import ModelConfig, archive
+        from .serve.archive import archive
 
         if self.left_s() < 2 * self._level_cost():
             self.skip(cfg, "budget", f"{self.left_s():.0f} s of the budget left")
             return None
         art, name = self.arts[cfg.variant], cfg.name()
         store = self.out / "trials-store"
-        mc = ModelConfig(batch_size=cfg.batch_size, max_batch_delay_ms=cfg.max_batch_delay_ms, workers=cfg.workers,
-                         threads=cfg.threads)
         started = time.monotonic()
         self.log(f"trial {len(self.trials) + 1}: {name}")
-        archive(art, store, name=name, config=mc)
+        archive(art, store, name=name, config=cfg.model_config())
         try:
             server.register(self.info["state"], f"{name}.mar", cfg.workers)
             levels, best = self._ramp(cfg, name)
@@ -178,7 +187,7 @@ class Tuner:
                  "checked": sum(lv["checked"] or 0 for lv in levels),
                  "mismatches": sum(lv["mismatches"] or 0 for lv in levels),
                  "accuracy": rec.get("accuracy") if rec else None, "precision": man.precision,
-                 "size_mb": round(_size(art.model_path) / 1e6, 3),
+                 "size_mb": size_mb(art.model_path),
                  "passed": not failed, "reason": None if not failed else f"{_reason(failed)}: {'; '.join(failed)[:300]}",
                  "levels": levels, "seconds": round(time.monotonic() - started, 1)}
         self.trials.append(trial)
@@ -225,8 +234,7 @@ class Tuner:
         for knob in self.KNOBS:
             if knob == "max_batch_delay_ms" and cfg["batch_size"] == 1:
                 continue  # a delay only waits for a batch
-            values = getattr(self.space, {"batch_size": "batch_sizes", "max_batch_delay_ms": "delays_ms"}.get(knob, knob))
-            up = [v for v in values if v > cfg[knob]]
+            up = [v for v in self.space.values(knob) if v > cfg[knob]]
             if not up:
                 continue
             nxt = Config(**{**cfg, knob: up[0]})
@@ -267,8 +275,7 @@ class Tuner:
         """The larger values of the setting ``t`` changed from ``cur``: not tried, as that step did not gain."""
         for knob in self.KNOBS:
             if t["config"][knob] != cur["config"][knob]:
-                values = getattr(self.space, {"batch_size": "batch_sizes", "max_batch_delay_ms": "delays_ms"}.get(knob, knob))
-                for v in (v for v in values if v > t["config"][knob]):
+                for v in (v for v in self.space.values(knob) if v > t["config"][knob]):
                     self.skip(Config(**{**cur["config"], knob: v}), "dominated",
                               f"{knob}={t['config'][knob]} did not gain over {cur['name']}")
 
@@ -335,23 +342,18 @@ def _max(xs):
     return max(xs) if xs else None
 
 
-def _size(p: Path) -> int:
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
-
-
 def write_winner(result: dict, arts: dict[str, Artifact], out: Path) -> Path | None:
     """The winning configuration archived as OUT/model-store/VARIANT.mar with its model-config.yaml beside it,
     ready for ``modelship serve OUT/model-store``."""
     import yaml
 
-    from .serve.archive import ModelConfig, archive
+    from .serve.archive import archive
 
     best = result["best"]
     if best is None:
         return None
     c = best["config"]
-    mc = ModelConfig(batch_size=c["batch_size"], max_batch_delay_ms=c["max_batch_delay_ms"], workers=c["workers"],
-                     threads=c["threads"])
+    mc = Config(**c).model_config()
     store = out / "model-store"
     if store.exists():
         shutil.rmtree(store)

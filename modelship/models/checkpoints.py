@@ -90,6 +90,12 @@ def torchvision():
     return tv
 
 
+def tv_transform(name: str):
+    """torchvision's own preprocessing for architecture ``name`` (resize, center crop, normalize), from its weights
+    enum's metadata: nothing is downloaded."""
+    return torchvision().models.get_model_weights(name).DEFAULT.transforms()
+
+
 def _tv_build(name: str, num_classes: int):
     tv = torchvision()
     try:
@@ -253,7 +259,7 @@ def _tv_manifest(name: str, weights: Path) -> Manifest:
         raise ArtifactError(f"{weights}: no '{head}.weight' (the classifier of torchvision's {name}); is it the "
                             "state_dict of another architecture?")
     n = int(state[f"{head}.weight"].shape[0])
-    t = tv.models.get_model_weights(name).DEFAULT.transforms()
+    t = tv_transform(name)
     crop, resize = int(t.crop_size[0]), int(t.resize_size[0])
     spec = ImageSpec(size=[crop, crop], shortest_edge=resize, resample=t.interpolation.value, scale=1 / 255,
                      mean=[float(x) for x in t.mean], std=[float(x) for x in t.std])

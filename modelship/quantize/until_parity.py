@@ -146,18 +146,18 @@ def until_parity(art: Artifact, mode: str, out: str | Path, opts: QuantizeOption
 
 def _exclude(art, mode, full, opts, data, judge, attempt, tmp, log, attempts) -> list[dict]:
     """The fewest most-sensitive nodes to keep in float so that the gate passes (see the module docstring)."""
-    from ..parity import collect, evaluation_feeds
+    from ..parity import collect
+    from ..preprocess import preprocessed
     from ..runners import open_runner
-    from ..stages import reference_of
 
     nodes = [(name, op) for name, op in quantized_nodes(full.model_path) if name not in opts.exclude_nodes]
     if len(nodes) < 2:
         raise QuantizeError(f"no INT8 variant of {art.path} passes parity: the {mode} build quantizes "
                             f"{len(nodes)} node(s), so nothing is left to keep in float "
                             f"({'; '.join(attempts[-1].get('failures') or [])})")
-    ref_art, _ = reference_of(full)
-    _, feed, _ = evaluation_feeds(ref_art, full, data or full.manifest.data, "test")
-    feed = {k: v[:SENSITIVITY_SAMPLES] for k, v in feed.items()}  # ranks nodes; the gate still judges all the data
+    # what the candidate is fed (raw samples through its recorded preprocessing); ranks nodes, the gate still
+    # judges all the data
+    feed = preprocessed(full, data or full.manifest.data, "test", SENSITIVITY_SAMPLES)
     first = art.manifest.outputs[0].name
     base = collect(open_runner(art), feed)[first]
     scale = float(np.abs(base).mean()) or 1.0

@@ -74,12 +74,10 @@ def calibration_feed(art: Artifact, opts: QuantizeOptions) -> dict:
         raise QuantizeError(f"{art.path}: static quantization needs calibration data and this artifact has none "
                             "(no real data in its manifest); pass --data FILE.npz (or --calibration-data "
                             "FILE.npz) with one array per input")
-    elif man.preprocess and datasets.has_raw(man.data):  # raw texts / images: through what serving runs
+    else:  # raw texts / images through what serving runs, or the data's tensors
         from ..preprocess import preprocessed
 
         feed = preprocessed(art, man.data, "calib", opts.calibration_samples)
-    else:
-        feed, _ = datasets.load(man.data, "calib", man.inputs)
     return {k: v[: opts.calibration_samples] for k, v in feed.items()}
 
 

@@ -17,7 +17,7 @@ import yaml
 
 from ..errors import ArtifactError, ServeError
 from ..integrity import check_seal, seal, seal_archive, verify_archive
-from ..manifest import MANIFEST, Artifact, Manifest, inside, sha256_path
+from ..manifest import MANIFEST, Artifact, Manifest, inside, sha256_path, size_mb
 from ..preprocess import FOLDER as PREPROCESS
 
 HANDLER = Path(__file__).with_name("handler.py")
@@ -80,12 +80,8 @@ def fits_in_memory(art: Artifact) -> int:
     three times the model file (the loaded weights and the runtime's copies), with half the memory kept free."""
     import psutil
 
-    per_worker = 300e6 + 3 * _size_mb(art.model_path) * 1e6
+    per_worker = 300e6 + 3 * size_mb(art.model_path) * 1e6
     return int(psutil.virtual_memory().available / 2 // per_worker)
-
-
-def _size_mb(p: Path) -> float:
-    return (sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size) / 1e6
 
 
 def check_gates(art: Artifact) -> None:
