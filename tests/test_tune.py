@@ -94,6 +94,14 @@ def test_tune_refuses_what_it_cannot_search(tmp_path, cnn_onnx):
     assert p.returncode != 0 and "--batch-sizes" in p.stderr
     p = cli("archive", cnn_onnx.path, "--out", tmp_path / "s", "--batch-size", "8", "--max-batch-delay-ms", "0")
     assert p.returncode != 0 and "100 ms default" in p.stderr
+    failed = tmp_path / "failed-onnx"  # an artifact whose gate failed: refused before any server starts
+    shutil.copytree(cnn_onnx.path, failed)
+    art = load_artifact(failed)
+    art.manifest.parity = {**art.manifest.parity, "passed": False, "failures": ["made to fail"]}
+    write_artifact(failed, art.manifest)
+    p = cli("tune", failed, "--slo-p95-ms", "10", "--out", tmp_path / "t2")
+    assert p.returncode != 0 and "passed parity record (made to fail)" in p.stderr
+    assert not (tmp_path / "t2" / "state").exists()
 
 
 def test_archive_defaults_come_from_the_machine_and_the_model(tmp_path, monkeypatch, cnn_onnx):
