@@ -33,7 +33,7 @@ demo: setup
 	$(BIN)/modelship pipeline --out $(DEMO_OUT)
 
 test: setup
-	$(BIN)/pytest -q -ra -n 3 --dist loadgroup   # three workers; the tests sharing one TorchServe run on one
+	$(BIN)/pytest -ra -n 3 --dist loadgroup   # three workers; the tests sharing one TorchServe run on one
 
 clean:
 	rm -rf runs .pytest_cache

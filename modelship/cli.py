@@ -4,6 +4,7 @@ summary, writes ``--json`` and exits 0 only when the command succeeded and its g
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -78,6 +79,9 @@ DataOpt = typer.Option(None, "--data", help="Evaluation data: a CSV/JSONL of tex
                                             "drugreview). Recorded with its sha256.")
 TaskOpt = typer.Option(None, "--task", help="classification or regression, when the checkpoint does not say "
                                             "(a .pt2 does not).")
+OutputNamesOpt = typer.Option(None, "--output-names", help="Comma-separated names for the model's outputs (default: "
+                                                            "the program's own: a returned dict's keys or named tuple's "
+                                                            "fields; else logits, or output0, output1, ...).")
 WeightsOpt = typer.Option(None, "--weights", help="With SOURCE torchvision:NAME (e.g. torchvision:resnet18): "
                                                     "the model's state_dict file.")
 ProviderOpt = typer.Option(None, "--provider", help="onnxruntime execution provider: auto, cpu, cuda, tensorrt.")
@@ -114,7 +118,7 @@ def export(src: Path = typer.Argument(..., help="Artifact dir, torch.export .pt2
            exporter: Optional[str] = typer.Option(None, help="torchscript or dynamo (default: per source kind)."),
            data: Optional[str] = DataOpt,
            task: Optional[str] = TaskOpt, weights: Optional[Path] = WeightsOpt,
-           max_abs_diff: Optional[float] = TolAbs, rtol: Optional[float] = TolRel, output_tol: List[str] = TolOut,
+           output_names: Optional[str] = OutputNamesOpt, max_abs_diff: Optional[float] = TolAbs, rtol: Optional[float] = TolRel, output_tol: List[str] = TolOut,
            min_agreement: Optional[float] = TolAgree, max_accuracy_drop: Optional[float] = TolDrop,
            allow_weak: bool = WeakOpt, provider: Optional[str] = ProviderOpt, json_path: Optional[Path] = JsonOpt):
     """Export to ONNX, then gate on parity with the root PyTorch model (and, for a student, with itself)."""
@@ -124,14 +128,13 @@ def export(src: Path = typer.Argument(..., help="Artifact dir, torch.export .pt2
 
     if exporter not in (None, "torchscript", "dynamo"):
         raise ModelshipError(f"unknown exporter '{exporter}'; expected torchscript or dynamo")
-    src_art, module = open_source(src, data=data, task=task, weights=weights)
+    src_art, module = open_source(src, data=data, task=task, weights=weights, output_names=_names(output_names))
     if str(src).startswith(TORCHVISION):  # the reference needs a folder of its own: the weights + its manifest
         src_art = save_source(src_art, out.with_name(out.name + "-torch"))
         console.print(f"imported {src} as {src_art.path} (the PyTorch reference of what is made from it)")
     art = do_export(src_art, module, out, opset=opset, dynamo=None if exporter is None else exporter == "dynamo")
     root = is_root(src_art)  # else a student: judged against its teacher, the conversion against itself
-    rec = gate_parity(art, reference=(src_art, module) if root else None, parent=None if root else (src_art, module),
-                      provider=provider, json_path=json_path,
+    rec = gate_parity(art, reference=(src_art, module) if root else None, provider=provider, json_path=json_path,
                       **judge_opts(max_abs_diff, min_agreement, max_accuracy_drop, rtol, output_tol, allow_weak))
     console.print(parity_table([rec], f"export {art.manifest.name} → {art.path}"))
 
@@ -371,7 +374,7 @@ def serve(store: Optional[Path] = typer.Argument(None, help="Model store with .m
         info = server.rotate_token(state, kinds)
         console.print(f"rotated the {' and '.join(kinds)} token(s); new values in {Path(state) / server.STATE_FILE} "
                       f"(inference token expires {info.get('token_expires')})")
-        write_json(json_path, {k: v for k, v in info.items() if "token" not in k or k.endswith("expires")})
+        write_json(json_path, server.public(info))
         return
     if store is None:
         raise ModelshipError("serve needs a STORE folder of .mar files (or --stop)")
@@ -380,7 +383,7 @@ def serve(store: Optional[Path] = typer.Argument(None, help="Model store with .m
                              startup_timeout_s=startup_timeout_s)
     with err.status("starting TorchServe and waiting for models…"):
         info = server.start(store, state, cfg)
-    write_json(json_path, info)
+    write_json(json_path, server.public(info))  # tokens stay in serve.json (0600) only
     console.print(f"serving {', '.join(info['models'])} at {info['inference_url']}/predictions/NAME "
                   f"(token in {Path(state) / server.STATE_FILE}; metrics {info['metrics_url']}/metrics)")
     if detach:
@@ -390,10 +393,12 @@ def serve(store: Optional[Path] = typer.Argument(None, help="Model store with .m
     try:
         while server.alive(info["pid"]):
             _time.sleep(1)
-        raise ServeError(f"TorchServe exited; see {Path(state) / 'logs'}")
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C, SIGTERM or SIGHUP (modelship.signals): TorchServe and its workers go too
         server.stop(state)
         console.print("stopped")
+        return
+    server.stop(state)
+    raise ServeError(f"TorchServe exited; see {Path(state) / 'logs'}")
 
 
 @app.command()
@@ -482,11 +487,14 @@ def loadtest(state: Path = typer.Option(..., "--state"), model: str = typer.Opti
         if m.get("growth") is not None:
             console.print(f"users={lv['users']}: worker memory {m['start_mb']:.0f} -> {m['end_mb']:.0f} MiB "
                           f"({m['growth']:+.1%}, peak {m['peak_mb']:.0f} MiB, {m['samples']} samples)")
+    for line in result["kernels_differ"]:
+        console.print(f"[yellow]served elsewhere than judged[/]: {line}; this load test's checked answers are the "
+                      "evidence for the serving machine")
     slim = {**result, "levels": [{k: v for k, v in lv.items() if k != "latencies_ms"} for lv in result["levels"]]}
     slim.pop("latencies_ms", None)
     write_json(json_path, slim)
     if not result["passed"]:
-        raise GateError("load test gates failed: " + "; ".join(result["gate_failures"]))
+        raise GateError("load test gates failed: " + "; ".join(result["gate_failures"]), slim, kind=result["kind"])
 
 
 @app.command()
@@ -519,11 +527,10 @@ def tune(sources: List[Path] = typer.Argument(..., help="Artifact folders, or a 
     try:
         with err.status("tuning…") as status:
             result = run(sources, out, opts, log=lambda msg: (status.update(msg.strip()), err.print(msg)))
-    except GateError:
-        result = json.loads((out / "tune.json").read_text()) if (out / "tune.json").is_file() else None
-        if result:
-            _tune_table(result)
-            write_json(json_path, result)
+    except GateError as e:
+        if e.result:
+            _tune_table(e.result)
+            write_json(json_path, e.result)
         raise
     _tune_table(result)
     b = result["best"]
@@ -555,7 +562,8 @@ def pipeline(source: Optional[Path] = typer.Argument(None, help="Your model: a H
                                                                 "torch artifact or torchvision:NAME with --weights "
                                                                 "(default: the built-in models)."),
              data: Optional[str] = DataOpt, task: Optional[str] = TaskOpt, allow_weak: bool = WeakOpt,
-             weights: Optional[Path] = WeightsOpt, out: Path = typer.Option(Path("runs/demo"), "--out"),
+             weights: Optional[Path] = WeightsOpt, output_names: Optional[str] = OutputNamesOpt,
+             out: Path = typer.Option(Path("runs/demo"), "--out"),
              variants: Optional[str] = typer.Option(None, "--variants", help="Comma-separated: which of int8-dynamic, "
                                                     "int8-static, fp16, student to make besides torch and onnx "
                                                     "(default: all; student only for digits models)."),
@@ -587,7 +595,7 @@ def pipeline(source: Optional[Path] = typer.Argument(None, help="Your model: a H
         raise ModelshipError(f"--variants {variants}: unknown {', '.join(unknown)}; expected some of "
                              f"{', '.join(pl.OPTIONAL)} (torch and onnx are always made)")
     cfg = pl.PipelineConfig(source=str(source) if source else None, data=data, task=task, allow_weak=allow_weak,
-                            weights=str(weights) if weights else None,
+                            weights=str(weights) if weights else None, output_names=_names(output_names),
                             variants=chosen, loadtest_seconds=loadtest_seconds, users=users, accuracy_budget=accuracy_budget, text=text,
                             tune_minutes=tune_minutes, slo_p95_ms=slo_p95_ms)
     colors = {"ok": "green", "failed": "red", "skipped": "yellow"}
@@ -616,6 +624,10 @@ def pipeline(source: Optional[Path] = typer.Argument(None, help="Your model: a H
         raise GateError(f"pipeline steps failed: {', '.join(report['failed_steps'])} (details in the report)")
 
 
+def _names(text: Optional[str]) -> Optional[list]:
+    return [x.strip() for x in text.split(",") if x.strip()] if text else None
+
+
 def _int_list(text: str, opt: str) -> list[int]:
     try:
         vals = [int(x) for x in text.split(",") if x.strip()]
@@ -627,8 +639,21 @@ def _int_list(text: str, opt: str) -> list[int]:
 
 
 def main() -> None:
+    from .signals import Stopped, stopping
+
+    received = None
     try:
-        app(standalone_mode=False)
+        with stopping() as received:  # SIGTERM / SIGHUP / SIGINT run the cleanup that stops what a command started
+            code = app(standalone_mode=False)  # typer answers a KeyboardInterrupt (Stopped is one) with 130
+        if received.signum is not None:
+            if code not in (None, 0):  # a foreground serve that stopped on its signal returns normally
+                err.print(f"stopped by {signal.Signals(received.signum).name}; what this command started was stopped")
+                sys.exit(received.exit_code)
+        elif isinstance(code, int) and code:
+            sys.exit(code)
+    except Stopped as e:
+        err.print(f"{e}; what this command started was stopped")
+        sys.exit(e.exit_code)
     except ModelshipError as e:
         if STATE["debug"]:
             raise
@@ -646,8 +671,11 @@ def main() -> None:
         if isinstance(e, click.exceptions.ClickException):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(1)
+        if isinstance(e, click.exceptions.Abort):  # click turns KeyboardInterrupt into Abort
+            if isinstance(e.__cause__, Stopped):
+                err.print(f"{e.__cause__}; what this command started was stopped")
+                sys.exit(e.__cause__.exit_code)
+            sys.exit(130 if isinstance(e.__cause__, KeyboardInterrupt) else 1)
         if STATE["debug"] or "--debug" in sys.argv:
             raise
         err.print(f"[red]error:[/] unexpected {type(e).__name__}: {escape(str(e).splitlines()[0]) if str(e) else ''} "

@@ -25,19 +25,45 @@ class Tolerance:
     max_accuracy_drop: float | None
     rtol: float = 0.0  # elementwise: |ref - cand| <= max_abs_diff + rtol * |ref|
     max_prob_diff: float | None = None  # served classifier answers: |probabilities - reference softmax|
-    per_output: dict = field(default_factory=dict)  # output name -> {"atol": x, "rtol": y}
+    per_output: dict = field(default_factory=dict)  # output name -> {"atol": x, "rtol": y, "cap": z, ...}
+    # the difference allowed is also capped at this fraction of each output's own spread on the evaluation data
+    # (a classifier's logits: the median top-1 margin; any other output: its standard deviation), so outputs of
+    # any scale get a verdict; None: the bound is atol + rtol·|ref| as given
+    spread_fraction: float | None = None
 
     def override(self, **kw) -> "Tolerance":
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
 
     def adjusted(self, overrides: dict | None = None, per_output: dict | None = None) -> "Tolerance":
-        """This tolerance with the command line's overrides and per-output bounds (added to its own)."""
-        tol = self.override(**(overrides or {}))
+        """This tolerance with the command line's overrides and per-output bounds (added to its own). A bound
+        the user sets (atol or rtol) is used as given: it is not capped by the outputs' spread."""
+        overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+        tol = self.override(**overrides)
+        if "max_abs_diff" in overrides or "rtol" in overrides:  # and bounds resolved from data give way to it
+            tol = replace(tol, spread_fraction=None,
+                          per_output={k: v for k, v in tol.per_output.items() if "spread" not in v})
         return replace(tol, per_output={**tol.per_output, **per_output}) if per_output else tol
 
-    def for_output(self, name: str) -> tuple[float | None, float]:
+    def for_output(self, name: str) -> tuple[float | None, float, float | None]:
+        """(atol, rtol, cap) for one output: |ref - cand| <= min(atol + rtol·|ref|, cap)."""
         own = self.per_output.get(name, {})
-        return own.get("atol", self.max_abs_diff), own.get("rtol", self.rtol)
+        return own.get("atol", self.max_abs_diff), own.get("rtol", self.rtol), own.get("cap")
+
+    def resolved(self, ref: dict, man) -> "Tolerance":
+        """Each output's bound made explicit, capped by its spread on this data where ``spread_fraction`` says
+        so (outputs with a bound of their own, and outputs that do not vary, keep the precision's)."""
+        if self.spread_fraction is None or self.max_abs_diff is None:
+            return self
+        per = dict(self.per_output)
+        for t in man.outputs:
+            if t.name in per or t.name not in ref:
+                continue
+            first = man.is_classifier and t.name == man.outputs[0].name
+            what, s = spread(ref[t.name], first)
+            if s > 0:
+                per[t.name] = {"atol": self.max_abs_diff, "rtol": self.rtol, "cap": float(self.spread_fraction * s),
+                               "spread": s, "spread_of": what}
+        return replace(self, per_output=per)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Tolerance":
@@ -45,10 +71,20 @@ class Tolerance:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def spread(values: np.ndarray, logits: bool) -> tuple[str, float]:
+    """How much an output varies over the data: a classifier's logits by their median top-1 margin (what a
+    difference must stay under not to flip labels), any other output by its standard deviation."""
+    v = np.asarray(values, dtype=np.float64)
+    if logits and v.ndim >= 2 and v.reshape(len(v), -1).shape[1] > 1:
+        srt = np.sort(v.reshape(len(v), -1), axis=-1)
+        return "median top-1 margin", float(np.median(srt[:, -1] - srt[:, -2]))
+    return "std", float(np.std(v)) if v.size else 0.0
+
+
 DEFAULT_TOLERANCES = {
     "fp32": Tolerance(1e-4, 1.0, 0.001, max_prob_diff=1e-4),
-    "fp16": Tolerance(0.05, 0.995, 0.005, max_prob_diff=0.05),
-    "int8": Tolerance(2.0, 0.99, 0.01, rtol=0.1, max_prob_diff=0.2),
+    "fp16": Tolerance(0.05, 0.995, 0.005, max_prob_diff=0.05, spread_fraction=0.1),
+    "int8": Tolerance(2.0, 0.99, 0.01, rtol=0.1, max_prob_diff=0.2, spread_fraction=0.5),
     # a distilled student is a different model: judged against its teacher on agreement and accuracy
     "student": Tolerance(None, 0.95, 0.01),
 }
@@ -61,6 +97,13 @@ def default_tolerance(precision: str) -> Tolerance:
 def tolerance_of(man) -> Tolerance:
     """The tolerance an artifact is judged with: its precision's, or a student's anywhere below a distillation."""
     return DEFAULT_TOLERANCES["student"] if man.extra.get("distilled_from") else default_tolerance(man.precision)
+
+
+def served_tolerance(man) -> Tolerance:
+    """What a served answer of this artifact is judged with: the tolerance its parity gate used, each output's
+    bound as resolved on the gate's data (the precision's defaults when it has no record)."""
+    rec = (man.parity or {}).get("tolerance")
+    return Tolerance.from_dict(rec) if rec else tolerance_of(man)
 
 
 def parse_output_tolerance(text: str) -> tuple[str, dict]:
@@ -119,25 +162,32 @@ def compare(reference: Runner, candidate: Runner, split: str = "test", tolerance
     return record(ref, cand, labels, candidate, tolerance or tolerance_of(man), reference_name, allow_weak, spec)
 
 
-def beyond(ref: np.ndarray, d: np.ndarray, atol: float, rtol: float) -> np.ndarray:
-    """Which values of |ref - cand| = ``d`` break the elementwise bound atol + rtol * |ref|."""
-    return d > atol + rtol * np.abs(ref)
+def bound(ref: np.ndarray, atol: float, rtol: float, cap: float | None = None) -> np.ndarray:
+    """The difference each value may have: atol + rtol·|ref|, capped at ``cap``."""
+    b = atol + rtol * np.abs(ref)
+    return np.minimum(b, cap) if cap is not None else b
 
 
-def bound_text(atol: float, rtol: float) -> str:
-    return f"{atol:g}" + (f" + {rtol:g}·|ref|" if rtol else "")
+def beyond(ref: np.ndarray, d: np.ndarray, atol: float, rtol: float, cap: float | None = None) -> np.ndarray:
+    """Which values of |ref - cand| = ``d`` break the elementwise bound."""
+    return d > bound(ref, atol, rtol, cap)
 
 
-def _diffs(r: np.ndarray, c: np.ndarray, atol, rtol) -> dict:
+def bound_text(atol: float, rtol: float, cap: float | None = None) -> str:
+    text = f"{atol:g}" + (f" + {rtol:g}·|ref|" if rtol else "")
+    return f"min({text}, {cap:.3g})" if cap is not None else text
+
+
+def _diffs(r: np.ndarray, c: np.ndarray, atol, rtol, cap) -> dict:
     d = np.abs(r.astype(np.float64) - c.astype(np.float64))
     out = {"shape": list(r.shape), "max_abs_diff": float(d.max()) if d.size else 0.0,
            "mean_abs_diff": float(d.mean()) if d.size else 0.0,
-           "p99_abs_diff": float(np.percentile(d, 99)) if d.size else 0.0, "atol": atol, "rtol": rtol}
+           "p99_abs_diff": float(np.percentile(d, 99)) if d.size else 0.0, "atol": atol, "rtol": rtol, "cap": cap}
     if atol is not None:
-        bad = beyond(r, d, atol, rtol)
-        out["violations"] = int(bad.sum())
-        if bad.any():
-            out["worst_excess"] = float((d - rtol * np.abs(r)).max())
+        excess = d - bound(r, atol, rtol, cap)
+        out["violations"] = int((excess > 0).sum())
+        if out["violations"]:
+            out["worst_excess"] = float(excess.max())
     return out
 
 
@@ -161,33 +211,38 @@ def weak_reasons(ref: dict, man, tol: Tolerance, labels, spec: dict | None) -> l
                 if generated and labels is None:
                     reasons.append("judged by agreement on generated inputs without labels; supply real data "
                                    "with labels (--data FILE)")
-            atol, _ = tol.for_output(first)
-            srt = np.sort(logits, axis=-1)
-            margin = float(np.median(srt[:, -1] - srt[:, -2]))
-            if atol is not None and margin < atol:
-                reasons.append(f"output '{first}': the median top-1 logit margin {margin:.3g} is below the tolerance "
-                               f"{atol:g}, so a difference within tolerance can still flip labels; supply data the "
-                               "model separates (--data) or a tighter --max-abs-diff")
+            atol, rtol, cap = tol.for_output(first)
+            _, margin = spread(logits, True)
+            allowed = float(np.median(bound(logits.max(-1), atol, rtol, cap))) if atol is not None else None
+            if allowed is not None and margin < allowed:
+                reasons.append(f"output '{first}': the median top-1 logit margin {margin:.3g} is below the difference "
+                               f"allowed ({bound_text(atol, rtol, cap)}, {allowed:.3g} at the top logit), so a "
+                               "difference within tolerance can still flip labels; supply data the model separates "
+                               "(--data) or a tighter --max-abs-diff")
     for t in man.outputs:
         if t.name not in ref:
             continue
-        atol, _ = tol.for_output(t.name)
+        atol, rtol, cap = tol.for_output(t.name)
         if not man.is_classifier and atol is None:
             reasons.append(f"output '{t.name}': this tolerance judges no output difference and the task "
                            f"'{man.task}' has no labels to agree on, so nothing is judged; pass --max-abs-diff")
         elif not man.is_classifier and atol is not None:
-            spread = float(np.std(ref[t.name]))
-            if spread < atol:
-                reasons.append(f"output '{t.name}': its spread over the data (std {spread:.3g}) is below the "
-                               f"tolerance {atol:g}, so any answer near the mean passes; pass a tighter "
-                               "--max-abs-diff or --output-tol")
+            _, std = spread(ref[t.name], False)
+            allowed = float(np.median(bound(ref[t.name], atol, rtol, cap)))
+            if std < allowed:
+                reasons.append(f"output '{t.name}': its spread over the data (std {std:.3g}) is below the "
+                               f"difference allowed ({bound_text(atol, rtol, cap)}, median {allowed:.3g}), so any "
+                               "answer near the mean passes; pass a tighter --max-abs-diff or --output-tol")
     return reasons
 
 
 def record(ref: dict, cand: dict, labels, candidate: Runner, tol: Tolerance, reference_name: str | None,
            allow_weak: bool = False, spec: dict | None = None) -> dict:
+    from .machine import kernel_facts
+
     man = candidate.manifest
     spec = spec if spec is not None else man.data
+    tol = tol.resolved(ref, man)  # each output's bound, capped by its spread on this data where the precision says
     expected = [t.name for t in man.outputs]
     failures, per_output = [], {}
     for name in expected + sorted((set(ref) | set(cand)) - set(expected)):
@@ -202,11 +257,11 @@ def record(ref: dict, cand: dict, labels, candidate: Runner, tol: Tolerance, ref
         if ref[name].shape != cand[name].shape:
             failures.append(f"output '{name}': shape {list(cand[name].shape)}, reference {list(ref[name].shape)}")
             continue
-        atol, rtol = tol.for_output(name)
-        po = per_output[name] = _diffs(ref[name], cand[name], atol, rtol)
+        atol, rtol, cap = tol.for_output(name)
+        po = per_output[name] = _diffs(ref[name], cand[name], atol, rtol, cap)
         if po.get("violations"):
-            failures.append(f"output '{name}' moved by max_abs_diff {po['max_abs_diff']:.3g} > {bound_text(atol, rtol)} "
-                            f"({po['violations']} of {ref[name].size} values)")
+            failures.append(f"output '{name}' moved by max_abs_diff {po['max_abs_diff']:.3g} > "
+                            f"{bound_text(atol, rtol, cap)} ({po['violations']} of {ref[name].size} values)")
     first = expected[0]
     agreement = acc = ref_acc = None
     if man.is_classifier and first in per_output:
@@ -220,6 +275,7 @@ def record(ref: dict, cand: dict, labels, candidate: Runner, tol: Tolerance, ref
         failures.append(f"output '{first}' top-1 agreement {agreement:.4f} < {tol.min_top1_agreement:g}")
     if tol.max_accuracy_drop is not None and acc is not None and ref_acc - acc > tol.max_accuracy_drop + 1e-12:
         failures.append(f"accuracy dropped {ref_acc - acc:.4f} ({ref_acc:.4f} -> {acc:.4f}) > {tol.max_accuracy_drop:g}")
+    moved = bool(failures)
     weak = weak_reasons(ref, man, tol, labels, spec)
     if weak and not allow_weak:
         failures.append("weak evidence: " + "; ".join(weak) + " (or accept it on purpose with --allow-weak-parity)")
@@ -233,6 +289,8 @@ def record(ref: dict, cand: dict, labels, candidate: Runner, tol: Tolerance, ref
         "accuracy": acc, "reference_accuracy": ref_acc, "tolerance": asdict(tol),
         "per_output": per_output, "data": datasets.describe(spec), "weak": weak, "allow_weak": bool(allow_weak and weak),
         "failures": failures, "passed": not failures,
+        "kind": None if not failures else "parity" if moved else "weak",  # what failed: the answers, or the evidence
+        "judged_on": kernel_facts(candidate.provider),
     }
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import ModelshipError
+from .paths import check_out
 
 
 @dataclass
@@ -22,6 +23,7 @@ class PipelineConfig:
     data: str | None = None  # the source's evaluation data (--data: CSV/JSONL, image folder, CSV of paths, .npz)
     task: str | None = None  # classification | regression, when the source does not say (a .pt2)
     weights: str | None = None  # a torchvision:NAME source's state_dict file
+    output_names: list | None = None  # rename the source's outputs (a .pt2's heads)
     allow_weak: bool = False  # accept on purpose a parity judgement its data cannot make (see parity.weak_reasons)
     variants: tuple | None = None  # which of OPTIONAL to make; None: all (torch and onnx are always made)
     arch: str = "cnn"
@@ -96,7 +98,8 @@ def _import(run: Run):
     from .models import data as datasets
     from .models.checkpoints import open_source, save_source
 
-    src, _ = open_source(run.cfg.source, data=run.cfg.data, task=run.cfg.task, weights=run.cfg.weights)
+    src, _ = open_source(run.cfg.source, data=run.cfg.data, task=run.cfg.task, weights=run.cfg.weights,
+                         output_names=run.cfg.output_names)
     art = run.arts["torch"] = save_source(src, run.out / run.served_name("torch"))
     man = art.manifest
     return {"source": str(src.model_path), "loader": man.loader or "zoo", "task": man.task,
@@ -139,7 +142,7 @@ def _distill(run: Run):
     gate_parity(art, reference=open_source(run.arts["torch"].path), tolerance=DEFAULT_TOLERANCES["student"])
     src, module = open_source(art.path)
     onnx_art = export(src, module, run.out / f"{run.name}-student-onnx")
-    gate_parity(onnx_art, parent=(src, module))  # judged against the teacher; the conversion against itself
+    gate_parity(onnx_art)  # judged against the teacher; the conversion against the student itself
     run.arts["student"] = onnx_art
     return {"distillation": report}
 
@@ -165,7 +168,7 @@ def _serve(run: Run):
 
     port = run.cfg.port or server.free_port()
     run.arts["server"] = server.start(run.arts["store"], run.state, server.ServeConfig(port=port))
-    return {k: v for k, v in run.arts["server"].items() if "token" not in k}
+    return server.public(run.arts["server"])
 
 
 def _loadtest(run: Run, key: str):
@@ -288,6 +291,7 @@ def run(out: str | Path, config: PipelineConfig | None = None, progress=None) ->
     from .report import build
 
     r = Run(config or PipelineConfig(), Path(out).resolve())
+    check_out(r.out, source=r.cfg.source, weights=r.cfg.weights, data=r.cfg.data)
     r.out.mkdir(parents=True, exist_ok=True)
     steps: list[Step] = []
     done = set()

@@ -29,7 +29,8 @@ def _rows(arts: dict, results: dict, benches: dict, name: str) -> list[dict]:
             "variant": key, "model": "text" if key.startswith("text") else name, "artifact": str(art.path), "format": man.format, "precision": man.precision,
             "size_mb": size_mb(art.model_path),
             "parameters": man.extra.get("parameters"),
-            "parity_passed": par.get("passed", True if man.format == "torch" else None),
+            # a root PyTorch model is the reference itself: nothing judged it, so it says "root", never "pass"
+            "parity_passed": par.get("passed", "root" if man.format == "torch" and not man.reference else None),
             "reference": Path(par.get("reference") or lt.get("reference") or art.path).name,
             "weak": par.get("weak") or [],
             "top1_agreement": par.get("top1_agreement"), "max_abs_diff": par.get("max_abs_diff"),
@@ -41,6 +42,8 @@ def _rows(arts: dict, results: dict, benches: dict, name: str) -> list[dict]:
             "loadtest_passed": lt.get("passed"),
             "inproc_p50_ms_b1": b1.get("p50_ms"), "inproc_items_per_s_b32": b32.get("throughput_per_s"),
             "majority_baseline": man.extra.get("majority_baseline"),
+            "judged_on": par.get("judged_on"), "served_on": lt.get("served_on"),
+            "kernels_differ": lt.get("kernels_differ") or [],
         })
     for r in rows:  # a user's PyTorch model: its accuracy as measured when its variants were judged against it
         if r["accuracy"] is None and r["format"] == "torch":
@@ -189,8 +192,28 @@ def text_summary(rows: list[dict]) -> str:
     return line
 
 
+def machines(rows: list[dict]) -> list[str]:
+    """Where each verdict was judged and where its answers were served; a variant served with other INT8 arithmetic,
+    runtime or provider than it was judged with is named: its load test is the evidence for the serving machine."""
+    from .machine import describe
+
+    out = []
+    judged = {describe(r["judged_on"]) for r in rows if r["judged_on"]}
+    served = {describe(r["served_on"]) for r in rows if r["served_on"]}
+    if judged:
+        out.append(f"Parity judged on: {'; '.join(sorted(judged))}.")
+    if served:
+        out.append(f"Served on: {'; '.join(sorted(served))}.")
+    for r in rows:
+        if r["kernels_differ"]:
+            out.append(f"{r['variant']}: served elsewhere than judged ({'; '.join(r['kernels_differ'])}); its served "
+                       "load test, every answer checked, is the evidence for the serving machine.")
+    return out
+
+
 def _markdown(report, rows, plots) -> str:
     lines = [f"# modelship report — {report['model']}", "", verdict(report), "", text_summary(rows), "",
+             *[f"{m}  " for m in machines(rows)], "",
              "| " + " | ".join(h.replace("|", "\\|") for _, h, _ in COLS) + " |", "|" + "---|" * len(COLS)]
     lines += ["| " + " | ".join(cell(r[k], f) for k, _, f in COLS) + " |" for r in rows]
     lines += ["", "## Steps", "", "| step | status | seconds | error |", "|---|---|---|---|"]
@@ -220,6 +243,7 @@ tr.best td{{background:#e6f6e6;font-weight:600}}td.bad,tr.failed td{{background:
 figure{{display:inline-block;margin:0 1em 1em 0}}img{{max-width:640px;border:1px solid #ddd}}.verdict{{font-size:1.15em}}</style>
 </head><body><h1>modelship report — {html.escape(report['model'])}</h1>
 <p class="verdict">{html.escape(verdict(report))}</p><p>{html.escape(text_summary(rows))}</p>
+{"".join(f"<p>{html.escape(m)}</p>" for m in machines(rows))}
 <h2>Variants</h2><table><tr>{head}</tr>{body}</table>
 <h2>Plots</h2>{imgs}
 <h2>Steps</h2><table><tr><th>step</th><th>status</th><th>seconds</th><th>error</th></tr>{steps}</table>

@@ -47,21 +47,42 @@ def parity_record(art: Artifact, reference=None, split: str = "test", provider=N
                    allow_weak=allow_weak, data=data)
 
 
-def gate_parity(art: Artifact, reference=None, json_path: Path | None = None, parent=None, **kw) -> dict:
-    """Judge ``art`` against the root PyTorch model of its lineage, record the result in its manifest and
-    --json, then fail if it did not pass. ``parent``: the PyTorch model it was converted from, when that is
-    not the root (a distilled student): the conversion itself is then also held to its precision's tolerance."""
-    rec = parity_record(art, reference, **kw)
-    if parent is not None:
-        from .parity import default_tolerance
+def student_of(art: Artifact) -> Path | None:
+    """The distilled student's PyTorch model that ``art`` was converted from (following its parents), or None when
+    ``art`` is not made from a student (or is the student itself)."""
+    from .manifest import is_artifact, load_artifact
 
-        pkw = {k: v for k, v in kw.items() if k not in ("tolerance",)}
-        conv = parity_record(art, parent, tolerance=default_tolerance(art.manifest.precision), **pkw)
+    if not art.manifest.extra.get("distilled_from"):
+        return None
+    node = art
+    while node.manifest.format != "torch":
+        parent = node.resolve(node.manifest.parent)
+        if parent is None or not is_artifact(parent):
+            return None
+        node = load_artifact(parent, verify=False)
+    return None if node.path == art.path else node.path
+
+
+def gate_parity(art: Artifact, reference=None, json_path: Path | None = None, **kw) -> dict:
+    """Judge ``art`` against the root PyTorch model of its lineage, record the result in its manifest and
+    --json, then fail if it did not pass. Anything made from a distilled student (its ONNX export, INT8, FP16,
+    engine) is judged against the teacher with the student's tolerance, and the conversion itself against the
+    student with its own precision's tolerance (``conversion``), so a broken conversion cannot hide behind the
+    student's looser bound."""
+    from .models.checkpoints import open_source
+    from .parity import default_tolerance
+
+    rec = parity_record(art, reference, **kw)
+    student = student_of(art)
+    if student is not None:
+        pkw = {k: v for k, v in kw.items() if k not in ("tolerance", "overrides", "per_output")}
+        conv = parity_record(art, open_source(student), tolerance=default_tolerance(art.manifest.precision), **pkw)
         rec["conversion"] = {k: conv[k] for k in ("reference", "max_abs_diff", "top1_agreement", "per_output",
-                                                  "failures", "passed")}
+                                                  "tolerance", "weak", "failures", "passed", "kind")}
         if not conv["passed"]:
             rec["failures"] = rec["failures"] + [f"conversion from {conv['reference']}: {f}" for f in conv["failures"]]
             rec["passed"] = False
+            rec["kind"] = "parity" if "parity" in (rec["kind"], conv["kind"]) else "weak"
     art.manifest.parity = rec
     write_artifact(art.path, art.manifest)
     if json_path:

@@ -15,7 +15,6 @@ more compute threads than the machine has cores, nor anything past the time budg
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import time
@@ -23,16 +22,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .errors import ArtifactError, GateError, ModelshipError, ServeError
+from .machine import cores
 from .manifest import MANIFEST, Artifact, load_artifact, size_mb
+from .loadtests.summary import kind_of
+from .paths import check_out, data_path
 
 GAIN = 1.05  # a change is kept when it adds at least 5 % requests/s
-
-
-def cores() -> int:
-    """Compute threads this process may use: the CPU affinity, or OMP_NUM_THREADS where the user set it lower."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    omp = os.environ.get("OMP_NUM_THREADS", "")
-    return max(1, min(n, int(omp))) if omp.isdigit() and int(omp) > 0 else n
 
 
 @dataclass(frozen=True)
@@ -120,14 +115,7 @@ def expand(paths: list[Path]) -> dict[str, Artifact]:
     return out
 
 
-def _reason(failures: list[str]) -> str:
-    """One word for why a configuration was rejected: SLO, parity or errors."""
-    text = " ".join(failures)
-    if re.search(r"agreement|difference|checked against", text):
-        return "parity"
-    if re.search(r"failures|no request was answered", text):
-        return "errors"
-    return "SLO" if "latency" in text else "errors"
+LABELS = {"slo": "SLO", "parity": "parity", "weak": "parity", "errors": "errors"}  # tune.json's reason words
 
 
 class Tuner:
@@ -168,14 +156,16 @@ class Tuner:
         except (ServeError, GateError) as e:  # it did not load, or did not answer: this configuration fails
             best, levels = None, [{"users": 0, "rps": None, "p50_ms": None, "p95_ms": None, "p99_ms": None,
                                    "checked": 0, "mismatches": 0, "top1_agreement": None, "max_abs_diff": None,
-                                   "passed": False, "gate_failures": [f"failures: it did not serve ({e})"]}]
+                                   "passed": False, "kind": "errors",
+                                   "gate_failures": [f"failures: it did not serve ({e})"]}]
         finally:
             server.unregister(self.info["state"], name)
             (store / f"{name}.mar").unlink(missing_ok=True)
         worst = levels[-1] if levels else None
-        failed = [] if best else (worst or {}).get("gate_failures", ["no level measured"])
-        if worst and not worst["passed"] and _reason(worst["gate_failures"]) != "SLO":
-            failed = worst["gate_failures"]  # a wrong answer or an error at any level rejects the configuration
+        failed, kind = ([], None) if best else ((worst or {}).get("gate_failures", ["no level measured"]),
+                                                (worst or {}).get("kind") or "errors")
+        if worst and not worst["passed"] and worst["kind"] != "slo":
+            failed, kind = worst["gate_failures"], worst["kind"]  # a wrong answer or an error at any level rejects it
         chosen = best if best and not failed else worst
         man = art.manifest
         rec = man.parity or {}
@@ -188,7 +178,8 @@ class Tuner:
                  "mismatches": sum(lv["mismatches"] or 0 for lv in levels),
                  "accuracy": rec.get("accuracy") if rec else None, "precision": man.precision,
                  "size_mb": size_mb(art.model_path),
-                 "passed": not failed, "reason": None if not failed else f"{_reason(failed)}: {'; '.join(failed)[:300]}",
+                 "passed": not failed, "kind": kind if failed else None,
+                 "reason": None if not failed else f"{LABELS[kind]}: {'; '.join(failed)[:300]}",
                  "levels": levels, "seconds": round(time.monotonic() - started, 1)}
         self.trials.append(trial)
         return trial
@@ -208,8 +199,8 @@ class Tuner:
                          data=self.opts.data, prepared=self.prepared.get(cfg.variant))
             self.prepared[cfg.variant] = r["spec"]  # the golden outputs are computed once per variant
             lv = {k: r.get(k) for k in ("users", "requests", "failures", "rps", "p50_ms", "p95_ms", "p99_ms",
-                                        "checked", "mismatches", "top1_agreement", "max_abs_diff", "passed")}
-            lv["gate_failures"] = r["gate_failures"]
+                                        "checked", "mismatches", "top1_agreement", "max_abs_diff", "passed",
+                                        "kind", "gate_failures")}
             levels.append(lv)
             self.log(f"  {users} users: {lv['rps']:.1f} req/s, p95 {lv['p95_ms'] or 0:.1f} ms"
                      + ("" if lv["passed"] else f" — {'; '.join(r['gate_failures'])[:160]}"))
@@ -258,7 +249,7 @@ class Tuner:
                 t = self.measure(cfg)
                 if t is None:
                     return  # out of budget
-                if not t["passed"] and not t["reason"].startswith("SLO"):
+                if not t["passed"] and t["kind"] != "slo":
                     self.dropped.add(variant)
                     self.log(f"  {variant} dropped: {t['reason'][:160]}")
                     return
@@ -291,7 +282,7 @@ class Tuner:
         try:  # every variant's plainest configuration first, then the climbs, the most promising first
             bases = [t for t in (self.measure(Config(v)) for v in self.arts) if t is not None]
             for t in bases:
-                if not t["passed"] and not t["reason"].startswith("SLO"):
+                if not t["passed"] and t["kind"] != "slo":
                     self.dropped.add(t["config"]["variant"])
                     self.log(f"  {t['config']['variant']} dropped: {t['reason'][:160]}")
             live = [t for t in bases if t["config"]["variant"] not in self.dropped]
@@ -396,6 +387,7 @@ def tune(paths: list[Path], out: Path, opts: TuneOptions, log=lambda msg: None) 
 def tune_artifacts(arts: dict[str, Artifact], out: Path, opts: TuneOptions, log=lambda msg: None) -> dict:
     """Search, write tune.json, pareto.png and the winner's .mar; raise GateError when nothing passed."""
     out = Path(out)
+    check_out(out, data=data_path(opts.data), **{f"source {name}": a.path for name, a in arts.items()})
     out.mkdir(parents=True, exist_ok=True)
     if opts.slo_p95_ms <= 0:
         raise ModelshipError(f"--slo-p95-ms {opts.slo_p95_ms:g}: expected a latency target above 0 ms")
@@ -406,5 +398,6 @@ def tune_artifacts(arts: dict[str, Artifact], out: Path, opts: TuneOptions, log=
     (out / "tune.json").write_text(json.dumps(result, indent=2) + "\n")
     if result["best"] is None:
         why = "; ".join(f"{t['name']}: {t['reason']}" for t in result["trials"][:4]) or "no trial ran"
-        raise GateError(f"no configuration met the SLO with every answer right ({why}); see {out / 'tune.json'}")
+        raise GateError(f"no configuration met the SLO with every answer right ({why}); see {out / 'tune.json'}",
+                        result, kind=kind_of([t for t in result["trials"] if t["kind"]]) or "errors")
     return result

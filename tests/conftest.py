@@ -11,6 +11,15 @@ SERVERS = {"served", "sturdy"}  # fixtures that start a TorchServe: their tests 
 FIRST = ("test_readme.py", "test_pipeline.py", "test_tune.py")  # the longest runs start first, so no worker waits on them at the end
 
 
+def pytest_report_header(config):
+    """The CPU features that choose ONNX Runtime's INT8 kernels, so any failure names its kernel family."""
+    from modelship.machine import kernel_facts
+
+    f = kernel_facts()
+    return [f"modelship kernels: {f['kernels']} (flags: {' '.join(f['flags']) or 'none'}; cpu: {f['cpu']}; "
+            f"onnxruntime {f['onnxruntime']})"]
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch
@@ -61,6 +70,24 @@ def cli_process(*args, check=None):
     return p
 
 
+SECRET_FILES = ("serve.json", "key_file.json")  # the only files that may ever hold a token
+
+
+def files_holding(secrets, *roots) -> list:
+    """Every file under ``roots`` (but serve.json and TorchServe's key_file.json) whose bytes hold one of
+    ``secrets``: logs, --json results, Locust specs and reports, the report, manifests, archives."""
+    import pathlib
+
+    needles = [s.encode() for s in secrets if s]
+    assert needles, "no secret to look for"
+    found = []
+    for root in roots:
+        for f in pathlib.Path(root).rglob("*"):
+            if f.is_file() and f.name not in SECRET_FILES and any(n in f.read_bytes() for n in needles):
+                found.append(f)
+    return found
+
+
 def rewrite_mar(src, dst, edit=None, add=None, drop=None):
     """Copy a .mar, passing each member through ``edit(name, data) -> data``, leaving out ``drop`` and adding
     ``add`` members: how tests tamper with archives."""
@@ -74,6 +101,18 @@ def rewrite_mar(src, dst, edit=None, add=None, drop=None):
             zout.writestr(item, edit(item.filename, data) if edit else data)
         for name, data in (add or {}).items():
             zout.writestr(name, data)
+
+
+@pytest.fixture(params=["default", "exact"])
+def int8_kernels(request, monkeypatch):
+    """A test asserting an INT8 verdict runs twice: with ONNX Runtime's INT8 kernels for this CPU, and with its exact
+    INT8 arithmetic ($MODELSHIP_INT8_EXACT=1), which computes what AVX-512 VNNI and AMX CPUs compute. On an AVX2 CPU
+    (whose fast u8s8 kernels saturate 16-bit sums) that is both kernel families; on a VNNI CPU both runs are exact."""
+    if request.param == "exact":
+        monkeypatch.setenv("MODELSHIP_INT8_EXACT", "1")
+    else:
+        monkeypatch.delenv("MODELSHIP_INT8_EXACT", raising=False)
+    return request.param
 
 
 @pytest.fixture(scope="session")
@@ -178,10 +217,23 @@ def served(work, cnn, cnn_onnx, cnn_int8, text_onnx):
     from modelship.serve import server
     from modelship.serve.archive import ModelConfig, archive
 
+    import shutil
+
+    from modelship.manifest import load_artifact, write_artifact
+
     store = work / "store"
     archive(cnn, store, name="cnn-torch")
     archive(cnn_onnx, store, name="cnn-onnx")
     archive(cnn_int8, store, name="cnn-int8")
+    # the same INT8, its verdict recorded as judged on a machine with the other INT8 arithmetic (a build box)
+    elsewhere = work / "int8-judged-elsewhere"
+    shutil.copytree(cnn_int8.path, elsewhere)
+    art = load_artifact(elsewhere)
+    art.manifest.reference = str(cnn.path)  # the copy sits elsewhere: its reference by absolute path
+    judged = art.manifest.parity["judged_on"]
+    other = "saturating" if judged["int8"] == "exact" else "exact"
+    art.manifest.parity["judged_on"] = {**judged, "int8": other, "kernels": "avx2" if other == "saturating" else "amx"}
+    archive(write_artifact(elsewhere, art.manifest), store, name="cnn-int8-elsewhere")
     archive(text_onnx, store, name="text-onnx", config=ModelConfig(batch_size=8, max_batch_delay_ms=500))
     info = server.start(store, work / "state", server.ServeConfig(port=server.free_port()))
     yield info

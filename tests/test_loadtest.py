@@ -6,13 +6,13 @@ import shutil
 
 import pytest
 
-from conftest import cli
+from conftest import cli, files_holding
 from modelship.manifest import load_artifact, write_artifact
 
 pytestmark = pytest.mark.serve
 
 
-def test_correct_run_passes_gates(served, work, tmp_path, cnn):
+def test_correct_run_passes_gates(served, work, tmp_path, cnn, cnn_onnx):
     p = cli("loadtest", "--state", work / "state", "--model", "cnn-onnx", "--users", "4", "--duration", "6s",
             "--slo-p95-ms", "2000", "--out", tmp_path / "lt", "--json", tmp_path / "r.json", check=0)
     r = json.loads((tmp_path / "r.json").read_text())
@@ -27,6 +27,24 @@ def test_correct_run_passes_gates(served, work, tmp_path, cnn):
     assert r["tolerance"]["min_top1_agreement"] == 1.0 and r["warmup_s"] == 0.6  # FP32: no label may differ
     assert (tmp_path / "lt" / "locust_u4_stats.csv").is_file() and (tmp_path / "lt" / "locust_u4.html").is_file()
     assert "users" in p.stdout
+    # Locust got the token through its environment: no spec, report or log holds it
+    token = json.loads((work / "state" / "serve.json").read_text())["token"]
+    assert "token" not in json.loads((tmp_path / "lt" / "locust_u4.spec.json").read_text())
+    assert files_holding([token], tmp_path, work / "state") == []
+    # where the verdict was judged and where the answers were computed: the same machine here
+    assert r["served_on"]["int8"] in ("exact", "saturating") and r["served_on"]["cpu"] == r["judged_on"]["cpu"]
+    assert r["judged_on"] == cnn_onnx.manifest.parity["judged_on"]
+    assert r["kernels_differ"] == []
+
+
+def test_a_variant_judged_on_other_kernels_says_its_served_answers_are_the_evidence(served, work, tmp_path):
+    p = cli("loadtest", "--state", work / "state", "--model", "cnn-int8-elsewhere", "--users", "2", "--duration", "3s",
+            "--out", tmp_path / "lt", "--json", tmp_path / "r.json", check=0)
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["judged_on"]["int8"] != r["served_on"]["int8"] and r["passed"] and r["checked"] == r["requests"] > 0
+    assert r["kernels_differ"] == [f"INT8 arithmetic: judged with {r['judged_on']['int8']} ({r['judged_on']['kernels']}), "
+                                   f"served with {r['served_on']['int8']} ({r['served_on']['kernels']})"]
+    assert "served elsewhere than judged" in p.stdout and "evidence for the serving machine" in p.stdout
 
 
 def test_too_tight_slo_fails_latency_gate(served, work, tmp_path):
@@ -93,7 +111,7 @@ def test_probabilities_are_judged_not_only_labels(served, work, tmp_path, cnn):
 
 def test_summary_counts_failures_in_latency_and_skips_warmup(tmp_path):
     """Percentiles include failed and timed-out requests at their time to failure; the warm-up counts nowhere."""
-    from modelship.loadtests.summary import Gates, summarize
+    from modelship.loadtests.summary import GateFailure, Gates, summarize
 
     (tmp_path / "t_stats.csv").write_text("Type,Name\n")
     ok = [True, True, 0.0]
@@ -106,13 +124,13 @@ def test_summary_counts_failures_in_latency_and_skips_warmup(tmp_path):
     assert r["requests"] == 100 and r["failures"] == 10 and r["checked"] == 90
     assert r["p50_ms"] == 10.0 and r["p95_ms"] == 30000.0 and r["max_ms"] == 30000.0
     assert r["rps"] == 10.0
-    assert Gates(slo_p95_ms=100, max_failure_ratio=0.2).judge(r) == ["latency: p95 30000.0 ms > SLO 100 ms"]
+    assert Gates(slo_p95_ms=100, max_failure_ratio=0.2).judge(r) == [GateFailure("slo", "latency: p95 30000.0 ms > SLO 100 ms")]
     # a run whose every request was sent during the warm-up measured nothing: it fails and says why
     (tmp_path / "counts.json").write_text(json.dumps({"started": 1, "responses": 1, "samples": samples[:1]}))
     r = summarize(tmp_path, "t", spec, users=4, duration_s=11.0, warmup_s=1.0)
     assert r["requests"] == 0
-    assert Gates().judge(r) == [f"no request was answered after the 1 s warm-up (1 answered in all; Locust log: "
-                                f"{tmp_path / 't.log'})"]
+    assert Gates().judge(r) == [GateFailure("errors", f"no request was answered after the 1 s warm-up (1 answered in "
+                                                      f"all; Locust log: {tmp_path / 't.log'})")]
 
 
 def test_concurrency_sweep(served, work, tmp_path):
@@ -131,7 +149,9 @@ def test_agreement_gate_judges_what_the_run_can_show():
     def run(agree, n, floor):
         r = {"requests": n, "failures": 0, "p95_ms": 1.0, "top1_agreement": agree / n, "label_mismatches": n - agree,
              "agreement_upper_95": wilson_upper(agree, n), "tolerance": {"min_top1_agreement": floor}}
-        return Gates().judge(r)
+        failed = Gates().judge(r)
+        assert all(f.kind == "parity" for f in failed)  # a wrong label is a parity failure, not an SLO or an error
+        return [f.message for f in failed]
 
     assert run(92, 93, 0.99) == [] and run(1000, 1000, 1.0) == []
     assert run(950, 1000, 0.99)[0].startswith("agreement: 0.9500 (95% upper bound 0.96")

@@ -14,6 +14,7 @@ from modelship.errors import ArtifactError, ParityError
 from modelship.manifest import load_artifact, write_artifact
 from modelship.models import data as datasets
 from modelship.parity import DEFAULT_TOLERANCES, record
+from modelship.machine import kernel_facts
 from modelship.runners import open_runner
 
 
@@ -37,6 +38,26 @@ def regression_onnx(regression_pt2, tmp_path_factory):
     return load_artifact(out)
 
 
+@pytest.fixture(scope="module")
+def outlier_onnx(tmp_path_factory):
+    """A regression model whose hidden layer has one outlier channel (~1000, next to values of ~1) that does not
+    reach the output: per-tensor INT8 activations give it the whole range, so the channels the output depends on
+    round to a step or two. The error is in the quantized values themselves, not in how a CPU sums them: every
+    INT8 kernel (saturating AVX2 u8s8, exact VNNI / AMX) computes the same wrong answer."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1)).eval()
+    with torch.no_grad():
+        model[2].weight.mul_(30.0)
+        model[0].weight[0].zero_()
+        model[0].bias[0] = 1000.0
+        model[2].weight[0, 0] = 0.0
+    ep = torch.export.export(model, (torch.randn(4, 16),), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    folder = tmp_path_factory.mktemp("outlier")
+    torch.export.save(ep, folder / "outlier.pt2")
+    cli("export", folder / "outlier.pt2", "--out", folder / "onnx", check=0)
+    return load_artifact(folder / "onnx")
+
+
 def test_pt2_task_comes_from_the_checkpoint_not_the_output_shape(regression_onnx, regression_pt2, tmp_path):
     man = regression_onnx.manifest
     assert man.task == "regression" and man.outputs[0].shape == ["batch", 1] and man.labels is None
@@ -47,13 +68,20 @@ def test_pt2_task_comes_from_the_checkpoint_not_the_output_shape(regression_onnx
     assert json.loads((tmp_path / "c.json").read_text())["weak"]
 
 
-def test_int8_of_a_regression_model_is_judged_by_its_output_difference(regression_onnx, tmp_path):
-    """Argmax over one column would call any INT8 variant perfect; its outputs' difference is judged instead."""
-    p = cli("quantize", regression_onnx.path, "--mode", "dynamic", "--out", tmp_path / "q", "--json", tmp_path / "q.json")
+def test_int8_of_a_regression_model_is_judged_by_its_output_difference(outlier_onnx, regression_onnx, tmp_path,
+                                                                      int8_kernels):
+    """Argmax over one column would call any INT8 variant perfect; its outputs' difference is judged instead. The
+    failing case is built to fail on every INT8 kernel (see outlier_onnx), the weak ones depend on the reference
+    and the data only."""
+    p = cli("quantize", outlier_onnx.path, "--mode", "dynamic", "--out", tmp_path / "q", "--json", tmp_path / "q.json")
     rec = json.loads((tmp_path / "q.json").read_text())
     po = next(iter(rec["per_output"].values()))
-    assert rec["top1_agreement"] is None and po["max_abs_diff"] > 0 and not rec["weak"]
+    assert rec["top1_agreement"] is None and not rec["weak"] and rec["kind"] == "parity"
     assert p.returncode == 1 and "moved by max_abs_diff" in p.stderr and po["violations"] > 0
+    std = np.std(np.asarray(open_runner(load_artifact(outlier_onnx.path)).infer(
+        datasets.load(outlier_onnx.manifest.data, "test", outlier_onnx.manifest.inputs)[0])["logits"]))
+    assert po["cap"] == pytest.approx(0.5 * std, rel=1e-3) and po["max_abs_diff"] > 2 * po["cap"]  # by far
+    assert rec["judged_on"]["int8"] == ("exact" if int8_kernels == "exact" else kernel_facts()["int8"])
     # a tolerance wider than the outputs' spread cannot tell a good INT8 model from a constant: weak
     p = cli("quantize", regression_onnx.path, "--mode", "dynamic", "--out", tmp_path / "q3", "--max-abs-diff", "1000")
     assert p.returncode == 1 and "spread over the data" in p.stderr and "--allow-weak-parity" in p.stderr
@@ -100,6 +128,34 @@ def test_student_is_judged_against_its_teacher(tmp_path, cnn, student):
     cli("parity", cnn.path, tmp_path / "r", "--data", _npz(tmp_path / "d.npz", feed, y), check=0)
 
 
+def test_every_variant_of_a_student_is_also_judged_against_the_student(tmp_path, cnn, student, int8_kernels):
+    """The student's INT8 carries a `conversion` record against the student at INT8's own tolerance, as its export
+    does at FP32's: a label-shifted INT8 of the student fails it, whatever the student tolerance says."""
+    import onnx
+    from onnx import numpy_helper
+
+    cli("export", student.path, "--out", tmp_path / "s-onnx", check=0)
+    cli("quantize", tmp_path / "s-onnx", "--mode", "dynamic", "--out", tmp_path / "s-int8", check=0)
+    rec = load_artifact(tmp_path / "s-int8").manifest.parity
+    assert rec["reference"] == str(cnn.path) and rec["tolerance"]["min_top1_agreement"] == 0.95  # vs the teacher
+    conv = rec["conversion"]
+    assert conv["passed"] and conv["reference"] == str(student.path) and conv["tolerance"]["min_top1_agreement"] == 0.99
+    # the same ONNX with its classifier's rows rolled by one class: every label moves
+    shifted = tmp_path / "shifted"
+    shutil.copytree(tmp_path / "s-onnx", shifted)
+    model = onnx.load(str(shifted / "model.onnx"))
+    last = [n for n in model.graph.node if n.op_type == "Gemm"][-1]
+    for init in model.graph.initializer:
+        if init.name in last.input[1:]:
+            init.CopyFrom(numpy_helper.from_array(np.roll(numpy_helper.to_array(init), 1, axis=0), init.name))
+    onnx.save(model, str(shifted / "model.onnx"))
+    write_artifact(shifted, load_artifact(shifted, verify=False).manifest)
+    p = cli("quantize", shifted, "--mode", "dynamic", "--out", tmp_path / "bad-int8")
+    rec = load_artifact(tmp_path / "bad-int8").manifest.parity
+    assert p.returncode == 1 and not rec["conversion"]["passed"] and rec["kind"] == "parity"
+    assert any(f.startswith(f"conversion from {student.path}: output 'logits' top-1 agreement") for f in rec["failures"])
+
+
 def test_archive_refuses_a_student_that_failed_its_gate(tmp_path, cnn):
     from modelship.serve.archive import archive
 
@@ -116,6 +172,7 @@ class _Fake:
 
     def __init__(self, art):
         self.manifest, self.artifact, self.backend, self.device = art.manifest, art, "onnxruntime", "cpu"
+        self.provider = "CPUExecutionProvider"
 
 
 def test_comparator_matches_names_and_checks_shapes(cnn_onnx):

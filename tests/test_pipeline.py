@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import cli_process as cli
+from conftest import cli_process as cli, files_holding
 
 pytestmark = pytest.mark.serve
 
@@ -16,6 +16,7 @@ def test_pipeline_report(tmp_path):
     assert report["passed"] and not report["failed_steps"]
     variants = {r["variant"]: r for r in report["variants"]}
     assert set(variants) == {"torch", "onnx", "int8-dynamic", "int8-static", "fp16", "student"}
+    assert variants["torch"]["parity_passed"] == "root"  # the reference itself: nothing judged it, so no "pass"
     for key, r in variants.items():  # every served answer judged against the original PyTorch model
         assert r["loadtest_passed"] and r["served_p50_ms"] > 0 and r["served_max_abs_diff"] is not None
         assert r["reference"] == "digits-cnn-torch" and not r["weak"]
@@ -33,6 +34,10 @@ def test_pipeline_report(tmp_path):
     assert {t["config"]["variant"] for t in tuned["trials"]} <= {f"digits-cnn-{k}" for k in variants}
     assert len({t["config"]["variant"] for t in tuned["trials"]}) <= 2  # the two with the most requests/s
     assert (tmp_path / "demo" / "tune" / "model-store" / f"{rec['variant']}.mar").is_file()
+    # no secret outside serve.json / key_file.json: neither the pipeline's server's tokens nor tune's
+    keys = [json.loads((tmp_path / "demo" / state / "key_file.json").read_text()) for state in ("serve-state", "tune/state")]
+    tokens = [k[kind]["key"] for k in keys for kind in ("inference", "management", "API")]
+    assert files_holding(tokens, tmp_path) == []
     html = (tmp_path / "demo" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3 and rec["variant"] in html and "Recommended" in html
     md = (tmp_path / "demo" / "report.md").read_text()
@@ -82,17 +87,25 @@ def test_pipeline_runs_on_the_users_text_model_with_its_own_data(tmp_path):
 
 
 def test_pipeline_on_the_users_image_model_refuses_a_variant_its_data_cannot_judge(tmp_path):
-    """A random ViT and an ImageFolder: the images are served and checked; its FP16 variant's gate fails (near-equal
-    logits: FP16's error could flip labels unseen), so the run fails, says why, and never serves that variant."""
+    """A random ViT and an ImageFolder whose every image is the same picture: the images are served and checked; the
+    FP16 variant is judged by its difference, with a bound scaled to the logits' tiny margins, and served; the INT8
+    variant, judged by agreement, cannot be: the reference gives one class for every image (weak evidence, whatever
+    the CPU), so the run fails, says why, and never serves that variant."""
     import hf_models
 
     model = hf_models.image_classifier(tmp_path / "vit")
-    p, report, rows = _users_model_run(tmp_path, model, hf_models.image_folder(tmp_path / "images"),
-                                       "--variants", "fp16")
-    assert p.returncode == 1 and report["failed_steps"] == ["quantize fp16"]
-    assert "weak evidence" in p.stderr and "quantize fp16" in p.stderr
-    assert set(report["loadtests"]) == {"torch", "onnx"} and not (tmp_path / "run" / "model-store" / "vit-fp16.mar").exists()
-    for key in ("torch", "onnx"):
+    images = hf_models.image_folder(tmp_path / "images")
+    first = next(images.rglob("*.png")).read_bytes()
+    for f in images.rglob("*.png"):
+        f.write_bytes(first)
+    p, report, rows = _users_model_run(tmp_path, model, images, "--variants", "fp16,int8-dynamic")
+    assert p.returncode == 1 and report["failed_steps"] == ["quantize dynamic"]
+    assert "weak evidence" in p.stderr and "for every one of the 24 samples" in p.stderr
+    assert set(report["loadtests"]) == {"torch", "onnx", "fp16"}
+    assert not (tmp_path / "run" / "model-store" / "vit-int8-dynamic.mar").exists()
+    fp16 = rows["fp16"]
+    assert fp16["parity_passed"] is True and fp16["loadtest_passed"]
+    for key in ("torch", "onnx", "fp16"):
         lt = report["loadtests"][key]
         assert lt["passed"] and lt["data"]["name"] == "images" and lt["checked"] == lt["requests"] > 20
     import base64

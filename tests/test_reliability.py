@@ -70,16 +70,21 @@ def test_fixed_rate_soak_has_no_failures_and_flat_worker_memory(sturdy, tmp_path
 
 
 def test_gates_judge_recovery_and_memory():
+    from modelship.loadtests.summary import GateFailure, kind_of
+
     base = {"requests": 100, "failures": 0, "top1_agreement": 1.0, "mismatches": 0, "p95_ms": 5.0}
     g = Gates(max_recovery_s=15, max_memory_growth=0.1)
     assert g.judge({**base, "memory": {"growth": 0.02}}) == []
     slow = g.judge({**base, "memory": {"growth": 0.0}, "fault": {"recovery_s": 20.0, "answer_after_recovery_correct": True}})
-    assert slow == ["recovery: 20.0 s > 15 s"]
+    assert slow == [GateFailure("slo", "recovery: 20.0 s > 15 s")]
     wrong = g.judge({**base, "memory": {"growth": 0.0}, "fault": {"recovery_s": 2.0, "answer_after_recovery_correct": False}})
-    assert wrong[0].startswith("fault: no correct answer")
+    assert wrong[0].kind == "errors" and wrong[0].message.startswith("fault: no correct answer")
     leak = g.judge({**base, "memory": {"growth": 0.25, "start_mb": 200, "end_mb": 250}})
-    assert leak == ["memory: worker RSS grew 25.0% (200 -> 250 MiB) > 10%"]
-    assert g.judge({**base, "memory": {"growth": None}})[0].startswith("memory: too few")
+    assert leak == [GateFailure("slo", "memory: worker RSS grew 25.0% (200 -> 250 MiB) > 10%")]
+    assert g.judge({**base, "memory": {"growth": None}})[0].message.startswith("memory: too few")
+    # a result's kind is its most severe failed gate: a wrong answer outranks an error, an error a missed SLO
+    assert kind_of(slow + wrong) == "errors" and kind_of([]) is None
+    assert kind_of(slow + [GateFailure("parity", "agreement: ...")] + wrong) == "parity"
 
 
 def test_overload_gets_fast_503_then_normal_service(sturdy, reference):

@@ -15,6 +15,7 @@ from ..errors import ExportError
 from . import DEFAULT_OPSET
 from ..manifest import Artifact, Manifest, inherited_extra, lineage, relpath, write_artifact
 from ..models import data as datasets
+from ..paths import check_out, data_path
 
 
 
@@ -51,6 +52,8 @@ def example_feed(src: Artifact, batch: int = 2) -> dict:
 def export(src: Artifact, module: torch.nn.Module, out_dir: str | Path, opset: int = DEFAULT_OPSET,
            dynamo: bool | None = None) -> Artifact:
     out = Path(out_dir)
+    check_out(out, source=src.path if (src.path / "manifest.json").is_file() else src.model_path,
+              data=data_path(src.manifest.data))
     out.mkdir(parents=True, exist_ok=True)
     man = src.manifest
     cfg = EXPORT_CONFIGS.get(man.loader or "zoo", EXPORT_CONFIGS["zoo"])

@@ -169,6 +169,9 @@ def build(art: Artifact, out_dir: str | Path, opts: BuildOptions | None = None) 
     if art.manifest.format != "onnx":
         raise ExportError(f"{art.path}: a '{art.manifest.format}' artifact; compile takes an ONNX artifact "
                           "(FP32, FP16, or static INT8 QDQ)")
+    from ..paths import check_out
+
+    check_out(out_dir, source=art.path)
     precision = check_graph(art.model_path)
     profile = derive_profile(art.manifest, opts.dims)
     trt = require_tensorrt()

@@ -17,9 +17,9 @@ import numpy as np
 from ..errors import ArtifactError, ServeError
 from ..manifest import load_artifact
 from ..models import data as datasets
-from ..parity import Tolerance, beyond, bound_text, collect, tolerance_of
+from ..parity import Tolerance, beyond, bound_text, collect, served_tolerance
 from ..serve.archive import read_mar
-from ..serve.codec import softmax
+from ..serve.codec import DESCRIBE, SERVED_ON, softmax
 from ..serve.server import read_state
 
 
@@ -29,20 +29,21 @@ class Verdict:
     within: bool  # every returned output within tolerance (and none missing)
     diff: float  # worst |served - reference| over every output of this answer
     why: str = ""
+    served_on: dict | None = None  # where the answer was computed (the handler's Modelship-Served-On header)
 
     @property
     def ok(self) -> bool:
         return self.within and self.label_ok is not False
 
 
-def _judge(name: str, got, want: np.ndarray, atol, rtol) -> tuple[bool, float, str]:
+def _judge(name: str, got, want: np.ndarray, atol, rtol, cap=None) -> tuple[bool, float, str]:
     got = np.asarray(got, dtype=np.float64)
     if got.shape != want.shape:
         return False, float("inf"), f"output '{name}' has shape {list(got.shape)}, reference {list(want.shape)}"
     d = np.abs(got - want)
     diff = float(d.max()) if d.size else 0.0
-    if atol is not None and np.any(beyond(want, d, atol, rtol)):
-        return False, diff, f"output '{name}' |diff| {diff:.3g} > {bound_text(atol, rtol)}"
+    if atol is not None and np.any(beyond(want, d, atol, rtol, cap)):
+        return False, diff, f"output '{name}' |diff| {diff:.3g} > {bound_text(atol, rtol, cap)}"
     return True, diff, ""
 
 
@@ -133,13 +134,13 @@ def prepare(state: str | Path, model: str, out_dir: Path, reference: str | Path 
         golden.update(probabilities=probs, index=probs.argmax(-1))
     np.savez(out_dir / "golden.npz", **golden)
     (out_dir / "bodies.json").write_text(json.dumps(bodies))
-    tol = tolerance_of(served).adjusted(overrides, per_output)
+    tol = served_tolerance(served).adjusted(overrides, per_output)
     return {"model": model, "path": f"/predictions/{model}", "token": info.get("token"), "task": served.task,
             "precision": served.precision, "outputs": outputs, "tolerance": asdict(tol),
             "golden": str(out_dir / "golden.npz"), "bodies": str(out_dir / "bodies.json"),
             "report": str(out_dir / "parity_counts.json"), "host": info["inference_url"],
             "reference": str(ref_art.path), "data": datasets.describe(spec), "samples": n,
-            "content_type": content_type, "binary": binary}
+            "content_type": content_type, "binary": binary, "judged_on": (served.parity or {}).get("judged_on")}
 
 
 def retarget(spec: dict, state: str | Path, model: str, out_dir: Path) -> dict:
@@ -161,10 +162,16 @@ def request_bodies(spec: dict) -> list:
     return [base64.b64decode(b) for b in bodies] if spec.get("binary") else bodies
 
 
+TOKEN_ENV = "MODELSHIP_TOKEN"  # how Locust processes get the bearer token: never written into the spec file
+
+
 def request_headers(spec: dict) -> dict:
+    import os
+
     from ..serve.server import bearer
 
-    return {"Content-Type": spec.get("content_type", "application/json"), **bearer(spec.get("token"))}
+    return {"Content-Type": spec.get("content_type", "application/json"),
+            **bearer(spec.get("token") or os.environ.get(TOKEN_ENV))}
 
 
 def probe(spec: dict, timeout_s: float, index: int = 0) -> tuple[Verdict | None, str]:
@@ -174,7 +181,7 @@ def probe(spec: dict, timeout_s: float, index: int = 0) -> tuple[Verdict | None,
 
     import requests
 
-    body, hdr = request_bodies(spec)[index], request_headers(spec)
+    body, hdr = request_bodies(spec)[index], {**request_headers(spec), DESCRIBE: "1"}
     golden = np.load(spec["golden"])
     deadline, last = time.monotonic() + timeout_s, "no attempt"
     while time.monotonic() < deadline:
@@ -185,7 +192,12 @@ def probe(spec: dict, timeout_s: float, index: int = 0) -> tuple[Verdict | None,
             last = f"{type(e).__name__}: {e}"
         else:
             if r.status_code == 200:
-                return check(spec, golden, index, r.json()), ""
+                verdict = check(spec, golden, index, r.json())
+                try:
+                    verdict.served_on = json.loads(r.headers.get(SERVED_ON) or "null")
+                except ValueError:
+                    pass
+                return verdict, ""
             last = f"HTTP {r.status_code}: {r.text[:200]}"
         time.sleep(0.05)
     return None, last

@@ -12,10 +12,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import ArtifactError, GateError
+from ..machine import differences
 from ..serve.server import free_port, read_state
-from .golden import prepare, probe, retarget
+from .golden import TOKEN_ENV, prepare, probe, retarget
 from .monitor import Monitor
-from .summary import Gates, summarize
+from .summary import Gates, kind_of, summarize
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 
@@ -25,37 +26,55 @@ def run_locust(spec: dict, out_dir: Path, users: int, spawn_rate: float, duratio
     out_dir.mkdir(parents=True, exist_ok=True)
     spec_path = out_dir / f"{tag}.spec.json"
     spec = {**spec, "report": str(out_dir / f"{tag}.counts.json"), "rate_per_user": rate / users if rate else None}
-    spec_path.write_text(json.dumps(spec))
+    spec_path.write_text(json.dumps({k: v for k, v in spec.items() if k != "token"}))  # no secret in a file
     Path(spec["report"]).unlink(missing_ok=True)
     env = {**os.environ, "MODELSHIP_LOADTEST": str(spec_path), "PYTHONWARNINGS": "ignore"}
+    if spec.get("token"):  # Locust gets the bearer token through its environment, never from a file
+        env[TOKEN_ENV] = spec["token"]
     base = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
             "--host", spec["host"], "-u", str(users), "-r", str(spawn_rate), "-t", f"{max(1, int(round(duration_s)))}s",
             "--stop-timeout", "5", "--csv", str(out_dir / tag), "--html", str(out_dir / f"{tag}.html"),
             "--exit-code-on-error", "0", "--loglevel", "WARNING"]
-    log = open(out_dir / f"{tag}.log", "w")
     procs = []
-    if workers:
-        port = free_port(2)
-        master = subprocess.Popen(base + ["--master", "--master-bind-host", "127.0.0.1", "--master-bind-port", str(port),
-                                          "--expect-workers", str(workers), "--expect-workers-max-wait", "30"],
-                                  env=env, stdout=log, stderr=subprocess.STDOUT)
-        procs = [subprocess.Popen([sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--worker", "--master-host",
-                                   "127.0.0.1", "--master-port", str(port), "--loglevel", "WARNING"],
-                                  env=env, stdout=log, stderr=subprocess.STDOUT) for _ in range(workers)]
-    else:
-        master = subprocess.Popen(base, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        master.wait(timeout=duration_s + 90)  # bounded: Locust stops itself at -t; this is the backstop
-    except subprocess.TimeoutExpired:
-        master.kill()
-        raise GateError(f"Locust did not finish within {duration_s + 90:.0f} s; see {out_dir / (tag + '.log')}")
-    finally:
-        for p in procs:
+    with open(out_dir / f"{tag}.log", "w") as log:
+        try:
+            if workers:
+                port = free_port(2)
+                procs.append(subprocess.Popen(base + ["--master", "--master-bind-host", "127.0.0.1", "--master-bind-port",
+                                                      str(port), "--expect-workers", str(workers),
+                                                      "--expect-workers-max-wait", "30"],
+                                              env=env, stdout=log, stderr=subprocess.STDOUT))
+                procs += [subprocess.Popen([sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--worker",
+                                            "--master-host", "127.0.0.1", "--master-port", str(port), "--loglevel",
+                                            "WARNING"], env=env, stdout=log, stderr=subprocess.STDOUT)
+                          for _ in range(workers)]
+            else:
+                procs.append(subprocess.Popen(base, env=env, stdout=log, stderr=subprocess.STDOUT))
             try:
-                p.wait(timeout=15)
+                procs[0].wait(timeout=duration_s + 90)  # bounded: Locust stops itself at -t; this is the backstop
             except subprocess.TimeoutExpired:
-                p.kill()
+                raise GateError(f"Locust did not finish within {duration_s + 90:.0f} s; see "
+                                f"{out_dir / (tag + '.log')}", kind="errors") from None
+            for p in procs[1:]:
+                p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            pass
+        finally:  # an error, a signal or a hang: no Locust process outlives the load test
+            _end(procs)
     return summarize(out_dir, tag, spec, users, duration_s, warmup_s)
+
+
+def _end(procs: list, grace_s: float = 5.0) -> None:
+    """Terminate whichever of ``procs`` still run, then kill what does not stop within ``grace_s``."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def parse_duration(text: str) -> float:
@@ -118,12 +137,21 @@ def loadtest(state, model, out_dir, users=(4,), spawn_rate=None, duration_s=30.0
         if mon.error:
             r["monitor_error"] = mon.error
         r["first_answer_ms"] = first_ms
-        r["gate_failures"] = gates.judge(r)
-        r["passed"] = not r["gate_failures"]
+        failed = gates.judge(r)
+        r["gate_failures"] = [f.message for f in failed]
+        r["failed_gates"] = [asdict(f) for f in failed]
+        r["kind"] = kind_of(failed)
+        r["passed"] = not failed
         levels.append(r)
+    differ = differences(spec.get("judged_on"), verdict.served_on)
     result = {**levels[-1], "levels": levels, "slo": asdict(gates), "data": spec["data"],
               "reference": spec["reference"], "workers": workers, "rate": rate,
+              # the gate's verdict is evidence for machines like the one that judged it; where the serving machine
+              # computes with other kernels, this load test's checked answers are the evidence for it
+              "judged_on": spec.get("judged_on"), "served_on": verdict.served_on, "kernels_differ": differ,
               "passed": all(lv["passed"] for lv in levels),
               "spec": {k: v for k, v in spec.items() if k != "token"},  # retarget() reads the token again
-              "gate_failures": [f"users={lv['users']}: {f}" for lv in levels for f in lv["gate_failures"]]}
+              "gate_failures": [f"users={lv['users']}: {f}" for lv in levels for f in lv["gate_failures"]],
+              "failed_gates": [{**f, "users": lv["users"]} for lv in levels for f in lv["failed_gates"]]}
+    result["kind"] = kind_of(result["failed_gates"])
     return result

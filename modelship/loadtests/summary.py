@@ -14,6 +14,21 @@ import numpy as np
 from ..errors import GateError
 
 
+SEVERITY = ("parity", "weak", "errors", "slo")  # a result's kind: its most severe failed gate
+
+
+@dataclass(frozen=True)
+class GateFailure:
+    kind: str  # parity | errors | slo (modelship.errors.KINDS)
+    message: str
+
+
+def kind_of(failures) -> str | None:
+    """The most severe kind among failed gates (``GateFailure`` or {"kind": ...}), None when none failed."""
+    kinds = {f.kind if isinstance(f, GateFailure) else f["kind"] for f in failures}
+    return next((k for k in SEVERITY if k in kinds), None)
+
+
 @dataclass
 class Gates:
     slo_p95_ms: float | None = None
@@ -22,42 +37,45 @@ class Gates:
     max_recovery_s: float | None = None  # with a worker fault: until a replaced worker answers correctly
     max_memory_growth: float | None = None  # worker RSS, end vs after warm-up, as a fraction
 
-    def judge(self, r: dict) -> list[str]:
+    def judge(self, r: dict) -> list[GateFailure]:
         out = []
         fault = r.get("fault")
         if fault is not None:
             if not fault.get("answer_after_recovery_correct"):
-                out.append(f"fault: no correct answer after the worker kill ({fault.get('error', 'wrong answer')})")
+                out.append(GateFailure("errors", f"fault: no correct answer after the worker kill "
+                                                 f"({fault.get('error', 'wrong answer')})"))
             elif self.max_recovery_s is not None and fault["recovery_s"] > self.max_recovery_s:
-                out.append(f"recovery: {fault['recovery_s']:.1f} s > {self.max_recovery_s} s")
+                out.append(GateFailure("slo", f"recovery: {fault['recovery_s']:.1f} s > {self.max_recovery_s} s"))
         if self.max_memory_growth is not None:
             g = (r.get("memory") or {}).get("growth")
             if g is None:
-                out.append("memory: too few worker memory samples to judge growth (run longer)")
+                out.append(GateFailure("errors", "memory: too few worker memory samples to judge growth (run longer)"))
             elif g > self.max_memory_growth:
                 m = r["memory"]
-                out.append(f"memory: worker RSS grew {g:.1%} ({m['start_mb']:.0f} -> {m['end_mb']:.0f} MiB) > "
-                           f"{self.max_memory_growth:.0%}")
+                out.append(GateFailure("slo", f"memory: worker RSS grew {g:.1%} ({m['start_mb']:.0f} -> "
+                                              f"{m['end_mb']:.0f} MiB) > {self.max_memory_growth:.0%}"))
         if self.slo_p95_ms is not None and (r["p95_ms"] is None or r["p95_ms"] > self.slo_p95_ms):
-            out.append(f"latency: p95 {_ms(r['p95_ms'])} ms > SLO {self.slo_p95_ms:g} ms")
+            out.append(GateFailure("slo", f"latency: p95 {_ms(r['p95_ms'])} ms > SLO {self.slo_p95_ms:g} ms"))
         if r["requests"] == 0:
-            out.append(f"no request was answered after the {r.get('warmup_s', 0):g} s warm-up "
-                       f"({r.get('locust_responses') or 0} answered in all; Locust log: {r.get('log')})")
+            out.append(GateFailure("errors", f"no request was answered after the {r.get('warmup_s', 0):g} s warm-up "
+                                             f"({r.get('locust_responses') or 0} answered in all; Locust log: "
+                                             f"{r.get('log')})"))
         elif r["failures"] / r["requests"] > self.max_failure_ratio:
-            out.append(f"failures: {r['failures']}/{r['requests']} = {r['failures'] / r['requests']:.4f} > "
-                       f"{self.max_failure_ratio}")
+            out.append(GateFailure("errors", f"failures: {r['failures']}/{r['requests']} = "
+                                             f"{r['failures'] / r['requests']:.4f} > {self.max_failure_ratio}"))
         floor = self.min_agreement if self.min_agreement is not None else (r.get("tolerance") or {}).get("min_top1_agreement")
         # judged on the 95 % upper bound: a short run that met one known disagreement in 90 answers cannot show
         # agreement below 0.99; a floor of 1.0 (FP32) still fails on a single differing label
         upper = r.get("agreement_upper_95")
         if r.get("top1_agreement") is not None and floor is not None and upper is not None and upper < floor:
-            out.append(f"agreement: {r['top1_agreement']:.4f} (95% upper bound {upper:.4f}) < {floor} "
-                       f"({r['label_mismatches']} labels differ from the reference)")
+            out.append(GateFailure("parity", f"agreement: {r['top1_agreement']:.4f} (95% upper bound {upper:.4f}) < "
+                                             f"{floor} ({r['label_mismatches']} labels differ from the reference)"))
         if r.get("out_of_tolerance"):
-            out.append(f"difference: {r['out_of_tolerance']} answers beyond the {r.get('precision')} tolerance "
-                       f"(max |diff| {r['max_abs_diff']:.3g}; e.g. {'; '.join(r.get('mismatch_examples', [])[:1])})")
+            out.append(GateFailure("parity", f"difference: {r['out_of_tolerance']} answers beyond the "
+                                             f"{r.get('precision')} tolerance (max |diff| {r['max_abs_diff']:.3g}; e.g. "
+                                             f"{'; '.join(r.get('mismatch_examples', [])[:1])})"))
         if r.get("checked") == 0 and r["requests"]:
-            out.append("no answer could be checked against the reference")
+            out.append(GateFailure("errors", "no answer could be checked against the reference"))
         return out
 
 

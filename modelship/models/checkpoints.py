@@ -214,6 +214,19 @@ def _spec(name: str, val) -> TensorSpec:
     return TensorSpec(name, str(val.dtype).replace("torch.", ""), shape)
 
 
+def _output_names(ep, n: int) -> list[str]:
+    """Output names as the program gives them: the keys of a returned dict or the fields of a returned named tuple;
+    else ``logits`` for a single output and ``output0``, ``output1``, ... for several (``--output-names`` renames)."""
+    spec = getattr(getattr(ep, "call_spec", None), "out_spec", None)
+    flat = spec is not None and getattr(spec, "num_leaves", None) == n == getattr(spec, "num_children", None)
+    context = getattr(spec, "context", None)
+    if flat and spec.type is dict and len(context) == n:
+        return [str(k) for k in context]
+    if flat and isinstance(context, type) and len(getattr(context, "_fields", ())) == n:  # a named tuple's class
+        return list(context._fields)
+    return ["logits"] if n == 1 else [f"output{i}" for i in range(n)]
+
+
 def _pt2_manifest(path: Path) -> Manifest:
     ep = _pt2_program(path)
     example = getattr(ep, "example_inputs", None)
@@ -223,7 +236,8 @@ def _pt2_manifest(path: Path) -> Manifest:
     placeholders = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
     inputs = [_spec(name, placeholders[name].meta["val"]) for name in ep.graph_signature.user_inputs]
     out_nodes = [n for n in ep.graph.nodes if n.op == "output"][0].args[0]
-    outputs = [_spec("logits" if i == 0 else f"output{i}", node.meta["val"]) for i, node in enumerate(out_nodes)]
+    names = _output_names(ep, len(out_nodes))
+    outputs = [_spec(name, node.meta["val"]) for name, node in zip(names, out_nodes)]
     return Manifest(name=path.stem, task="regression",  # a .pt2 does not say its task: --task or --data tells
                     format="torch", precision="fp32", file=path.name, loader="pt2", inputs=inputs, outputs=outputs,
                     data={"name": "random", "samples": 128}, sha256=sha256_path(path),
@@ -274,7 +288,8 @@ TASKS = ("classification", "regression")
 
 
 def open_source(path: str | Path, data: str | None = None, task: str | None = None,
-                weights: str | Path | None = None) -> tuple[Artifact, torch.nn.Module]:
+                weights: str | Path | None = None, output_names: list[str] | None = None
+                ) -> tuple[Artifact, torch.nn.Module]:
     """Open an artifact dir, a ``.pt2`` file, a HF directory, or ``torchvision:NAME`` with ``weights`` (a
     state_dict file) as (Artifact, eval-mode module).
 
@@ -282,6 +297,7 @@ def open_source(path: str | Path, data: str | None = None, task: str | None = No
     shipped dataset's name (``digits``) or the user's ``.npz`` to evaluate on (recorded with its sha256).
     ``task`` overrides what the checkpoint says (a ``.pt2`` says nothing: regression unless told, or
     unless its data defines a classification task). The task never comes from the output shape.
+    ``output_names`` renames the outputs (default: the program's own names, see ``_output_names``).
     """
     p = Path(path)
     if str(path).startswith(TORCHVISION):
@@ -334,6 +350,13 @@ def open_source(path: str | Path, data: str | None = None, task: str | None = No
         art.manifest.task = task
     if art.manifest.task != "classification":
         art.manifest.labels = None
+    if output_names:
+        outs = art.manifest.outputs
+        if len(output_names) != len(outs) or len(set(output_names)) != len(output_names):
+            raise ArtifactError(f"--output-names {','.join(output_names)}: the model has {len(outs)} output(s) "
+                                f"({', '.join(t.name for t in outs)}); expected as many distinct names")
+        for t, name in zip(outs, output_names):
+            t.name = name
     return art, load_module(art)
 
 
@@ -348,7 +371,11 @@ def save_source(art: Artifact, out_dir: str | Path) -> Artifact:
     from ..manifest import relpath, write_artifact
     from ..preprocess import carry
 
+    from ..paths import check_out
+
     out = Path(out_dir)
+    check_out(out, source=art.path if is_artifact(art.path) else art.model_path, weights=art.model_path,
+              data=(art.manifest.data or {}).get("path"))
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)

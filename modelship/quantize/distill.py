@@ -17,6 +17,7 @@ from ..models import data as datasets
 from ..models import train as training
 from ..models import zoo
 from ..models.checkpoints import open_source
+from ..paths import check_out
 
 
 def _latency_ms(module: torch.nn.Module, x: torch.Tensor, seconds: float = 0.5) -> float:
@@ -26,6 +27,7 @@ def _latency_ms(module: torch.nn.Module, x: torch.Tensor, seconds: float = 0.5) 
 
 def distill(teacher_path: str | Path, out_dir: str | Path, student: str = "mlp-small", temperature: float = 2.0,
             alpha: float = 0.5, seed: int = 0, epochs: int | None = None, baseline: bool = True) -> tuple[Artifact, dict]:
+    check_out(out_dir, teacher=teacher_path)
     teacher_art, teacher = open_source(teacher_path)
     tm = teacher_art.manifest
     if not datasets.has_training_data(tm.data):

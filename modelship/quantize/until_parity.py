@@ -4,7 +4,8 @@ recover accuracy, then keep the fewest, most sensitive nodes in float until the 
 1. The requested build, then each recovery option (per-channel weights; for static: the other calibration
    methods and symmetric activations), each judged by the real parity gate; the best is kept.
 2. Sensitivity: each node the best build quantized is quantized alone, and its output error against the
-   float graph on the evaluation data is its cost.
+   float graph on the evaluation data is its cost: the worst difference of any output (in units of that
+   output's spread), after the labels it flips.
 3. The most sensitive nodes stay in float: one, two, four, ... then a bisection to the fewest that pass.
    If the gate fails with every node but the least sensitive one in float, no INT8 variant can pass: stop.
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -45,20 +46,35 @@ def recovery_options(mode: str, opts: QuantizeOptions) -> list[tuple[str, Quanti
 def quantized_nodes(quantized: Path) -> list[tuple[str, str]]:
     """(name, op type) of the nodes an INT8 build runs in INT8, by the names its quantizer gives them (which
     ``nodes_to_quantize`` / ``nodes_to_exclude`` take): a dynamic build renames a node X it quantizes to
-    X_quant (a Gemm is first split, its MatMul named X_MatMul); a QDQ build feeds X from DequantizeLinear."""
+    X_quant (a Gemm is first split, its MatMul named X_MatMul), or keeps X computing on quantized data (a Gather
+    of INT8 embeddings) with a DequantizeLinear after it; a QDQ build feeds X from DequantizeLinear."""
     import onnx
 
     graph = onnx.load(str(quantized), load_external_data=False).graph
-    dq = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    quant_ops = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear")
+    producer = {o: n for n in graph.node for o in n.output}
+    dq_inputs = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    computes_quantized = {producer[i].name for i in dq_inputs.values()
+                          if i in producer and producer[i].op_type not in quant_ops}  # e.g. a Gather of INT8 weights
     out = []
     for n in graph.node:
-        if n.op_type in ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"):
+        if n.op_type in quant_ops:
             continue
         if n.name.endswith("_quant"):
             out.append((n.name[: -len("_quant")], n.op_type))
-        elif any(i in dq for i in n.input):
+        elif n.name in computes_quantized:
             out.append((n.name, n.op_type))
+        elif any(i in dq_inputs and dq_inputs[i] not in producer or
+                 i in dq_inputs and producer[dq_inputs[i]].op_type in quant_ops for i in n.input):
+            out.append((n.name, n.op_type))  # QDQ: fed by DequantizeLinear of a quantized activation or weight
     return out
+
+
+def calibrated_once(opts: QuantizeOptions, folder: Path) -> QuantizeOptions:
+    """``opts`` with a calibration cache in ``folder`` for its method, activation type and op types: a static search
+    calibrates once per such choice and every later build reuses the ranges (a dynamic build has none)."""
+    key = "-".join([opts.calibration_method, opts.activation_type, *opts.op_types, "x", *opts.exclude_op_types])
+    return replace(opts, calibration_cache=str(folder / f"calibration-{key}.json"))
 
 
 def _score(rec: dict) -> tuple:
@@ -94,7 +110,7 @@ def until_parity(art: Artifact, mode: str, out: str | Path, opts: QuantizeOption
         def attempt(step: str, o: QuantizeOptions) -> tuple[Artifact | None, dict | None]:
             folder = tmp / f"a{next(n)}"
             try:
-                cand = make_variant(art, mode, folder, o, data=data)
+                cand = make_variant(art, mode, folder, calibrated_once(o, tmp), data=data)
             except QuantizeError as e:
                 attempts.append({"step": step, "error": str(e)})
                 log(f"{step}: build failed ({str(e)[:120]})")
@@ -128,7 +144,7 @@ def until_parity(art: Artifact, mode: str, out: str | Path, opts: QuantizeOption
             excluded = _exclude(art, mode, best, best_opts, data, judge, attempt, tmp, log, attempts)
             chosen = replace(best_opts, exclude_nodes=best_opts.exclude_nodes + [e["node"] for e in excluded])
         full = best  # the build with every node the options quantize: the latency the exclusions are weighed against
-        final = make_variant(art, mode, out, chosen, data=data)
+        final = make_variant(art, mode, out, calibrated_once(chosen, tmp), data=data)
         cost = None
         if excluded:
             cost = {"p50_ms_batch1": {"float": round(_p50_ms(art), 4), "int8_all_nodes": round(_p50_ms(full), 4),
@@ -136,7 +152,7 @@ def until_parity(art: Artifact, mode: str, out: str | Path, opts: QuantizeOption
             p = cost["p50_ms_batch1"]
             cost["over_all_nodes"] = round(p["int8_with_exclusions"] / p["int8_all_nodes"], 4)
     final.manifest.extra["until_parity"] = {
-        "options": {k: v for k, v in asdict(chosen).items() if k != "exclude_nodes"},
+        "options": {k: v for k, v in chosen.recorded().items() if k != "exclude_nodes"},
         "kept_in_float": excluded, "attempts": attempts, "latency": cost,
         "seconds": round(time.monotonic() - t_start, 1)}
     write_artifact(final.path, final.manifest)
@@ -159,19 +175,24 @@ def _exclude(art, mode, full, opts, data, judge, attempt, tmp, log, attempts) ->
     # judges all the data
     feed = preprocessed(full, data or full.manifest.data, "test", SENSITIVITY_SAMPLES)
     first = art.manifest.outputs[0].name
-    base = collect(open_runner(art), feed)[first]
-    scale = float(np.abs(base).mean()) or 1.0
+    base = collect(open_runner(art), feed)
+    scale = {k: float(np.std(v)) or float(np.abs(v).mean()) or 1.0 for k, v in base.items()}
+    classifier = art.manifest.is_classifier
     sens = []
     for i, (name, op) in enumerate(nodes):
         folder = tmp / f"s{i}"
-        one = make_variant(art, mode, folder, replace(opts, op_types=[], exclude_op_types=[], exclude_nodes=[],
-                                                       nodes_only=[name]), data=data)
-        got = collect(open_runner(one), feed)[first]
-        err = float(np.abs(got - base).mean()) / scale
-        flips = float(np.mean(got.reshape(len(got), -1).argmax(-1) != base.reshape(len(base), -1).argmax(-1)))
-        sens.append({"node": name, "int8_op": op, "sensitivity": round(err, 6), "label_flips": round(flips, 4),
-                     "why": f"quantized alone it moves '{first}' by {err:.3g} (mean |Δ| / mean |output|) and "
-                            f"changes {flips:.1%} of top-1 labels, against the float graph"})
+        one = make_variant(art, mode, folder, calibrated_once(replace(opts, op_types=[], exclude_op_types=[],
+                                                                      exclude_nodes=[], nodes_only=[name]), tmp),
+                           data=data)
+        got = collect(open_runner(one), feed)
+        # what the gate judges: the worst difference of any output (in units of that output's spread) and flips
+        worst, moved = max((float(np.abs(got[k] - v).max()) / scale[k], k) for k, v in base.items())
+        flips = float(np.mean(got[first].reshape(len(got[first]), -1).argmax(-1)
+                              != base[first].reshape(len(base[first]), -1).argmax(-1))) if classifier else 0.0
+        sens.append({"node": name, "int8_op": op, "sensitivity": round(worst, 6), "label_flips": round(flips, 4),
+                     "why": f"quantized alone it moves '{moved}' by up to {worst:.3g} of its spread (max |Δ| / std)"
+                            + (f" and changes {flips:.1%} of top-1 labels" if classifier else "")
+                            + ", against the float graph"})
         shutil.rmtree(folder, ignore_errors=True)
     sens.sort(key=lambda s: (s["label_flips"], s["sensitivity"]), reverse=True)
     log(f"sensitivity of {len(sens)} quantized nodes measured; most sensitive: "

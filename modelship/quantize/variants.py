@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import os
 import tempfile
@@ -18,6 +19,7 @@ from typing import Callable
 from ..errors import ArtifactError, QuantizeError
 from ..manifest import Artifact, inherited_extra, lineage, write_artifact
 from ..models import data as datasets
+from ..paths import check_out, data_path
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 
@@ -35,6 +37,13 @@ class QuantizeOptions:
     nodes_only: list[str] = field(default_factory=list)  # restrict quantization to these nodes (sensitivity)
     keep_io_types: bool = True  # fp16: keep float32 inputs/outputs
     reduce_range: bool = False
+    # static: a file of calibrated ranges, computed on the first build and reused by later ones with the same
+    # method, activation type and op types (accuracy-aware INT8 builds dozens); not recorded in the manifest
+    calibration_cache: str | None = None
+
+    def recorded(self) -> dict:
+        """These options as the manifest records them (what `quantize` rebuilds the variant with)."""
+        return {k: v for k, v in asdict(self).items() if k != "calibration_cache"}
 
 
 def _preprocess(src: Path, dst: Path) -> Path:
@@ -46,7 +55,10 @@ def _preprocess(src: Path, dst: Path) -> Path:
         return dst
     except Exception as e:  # noqa: BLE001 — pre-processing is best effort
         logging.getLogger("modelship").warning("quantization pre-processing skipped: %s", e)
-        return src
+        import shutil
+
+        # a copy: onnxruntime's quantizers write temporary files beside the model they read, never in the source
+        return Path(shutil.copyfile(src, dst))
 
 
 class _Reader:
@@ -104,13 +116,16 @@ def _static(art: Artifact, out: Path, opts: QuantizeOptions, tmp: Path) -> dict:
               "percentile": CalibrationMethod.Percentile}[opts.calibration_method]
     act = QuantType.QInt8 if opts.activation_type == "int8" else QuantType.QUInt8
     ops = _op_types(src, opts)
+    cache = {}
+    if opts.calibration_cache and "calibration_cache_path" in inspect.signature(quantize_static).parameters:
+        cache = {"calibration_cache_path": opts.calibration_cache}  # the ranges calibrated once, then reused
     quantize_static(str(src), str(out), _Reader(feed), quant_format=QuantFormat.QDQ, per_channel=opts.per_channel,
                     activation_type=act, weight_type=QuantType.QInt8, calibrate_method=method,
                     nodes_to_exclude=opts.exclude_nodes or None, nodes_to_quantize=opts.nodes_only or None,
                     op_types_to_quantize=ops,
                     reduce_range=opts.reduce_range,
                     extra_options={"ActivationSymmetric": opts.activation_type == "int8", "WeightSymmetric": True,
-                                   "CalibTensorRangeSymmetric": opts.activation_type == "int8"})
+                                   "CalibTensorRangeSymmetric": opts.activation_type == "int8"}, **cache)
     return {"calibration_samples": int(len(next(iter(feed.values()))))}
 
 
@@ -191,6 +206,7 @@ def make_variant(art: Artifact, mode: str, out_dir: str | Path, opts: QuantizeOp
                             f"(run modelship export first)")
     _check_onnx(art)
     m = MODES[mode]
+    check_out(out_dir, source=art.path, data=data_path(art.manifest.data), calibration_data=opts.calibration_data)
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     target = out / "model.onnx"
@@ -206,7 +222,7 @@ def make_variant(art: Artifact, mode: str, out_dir: str | Path, opts: QuantizeOp
     manifest.file = "model.onnx"
     manifest.created_by = f"modelship quantize --mode {mode}"
     manifest.parity = None
-    manifest.extra = {**inherited_extra(art.manifest), "variant": mode, **facts, "options": asdict(opts)}
+    manifest.extra = {**inherited_extra(art.manifest), "variant": mode, **facts, "options": opts.recorded()}
     _signature_from_graph(target, manifest)
     for k, v in lineage(art, out).items():
         setattr(manifest, k, v)

@@ -24,6 +24,11 @@ class Runner:
     def device(self) -> str:
         return "cpu"
 
+    @property
+    def provider(self) -> str:
+        """What runs the model: the ONNX Runtime execution provider, or the backend's name."""
+        return self.backend
+
     def infer(self, feed: dict) -> dict:
         """Validate ``feed`` (input name -> numpy array) against the manifest, then run the backend."""
         self.validate(feed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import ArtifactError, MissingDependencyError
+from ..machine import exact_int8
 from ..manifest import Artifact
 from .base import Runner
 
@@ -37,6 +38,8 @@ class OnnxRuntimeRunner(Runner):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
+        if exact_int8():  # x86 without VNNI: the exact (u8u8) INT8 path instead of the saturating u8s8 one
+            opts.add_session_config_entry("session.x64quantprecision", "1")
         self.providers = choose_providers(provider)
         try:
             # FP32 means FP32: the CUDA EP's default TF32 math moves logits by ~1e-3 (opt in with tf32=True)
@@ -56,6 +59,10 @@ class OnnxRuntimeRunner(Runner):
     @property
     def device(self) -> str:
         return "cuda" if self.session.get_providers()[0] != "CPUExecutionProvider" else "cpu"
+
+    @property
+    def provider(self) -> str:
+        return self.session.get_providers()[0]
 
     def _infer(self, feed: dict) -> dict:
         return dict(zip(self._out, self.session.run(self._out, feed)))

@@ -34,6 +34,10 @@ class TorchRunner(Runner):
         with torch.inference_mode():
             args = [torch.from_numpy(np.ascontiguousarray(feed[t.name])).to(self._device) for t in self.inputs]
             out = self.module(*args)
+        if isinstance(out, dict):  # outputs returned by name: taken by name (in order, when renamed)
+            out = [out[n] for n in self._out] if set(self._out) <= set(out) else list(out.values())
+        elif hasattr(out, "_fields"):  # a named tuple
+            out = [getattr(out, n) for n in self._out] if set(self._out) <= set(out._fields) else list(out)
         outs = out if isinstance(out, (tuple, list)) else (out,)
         if len(outs) != len(self._out):
             raise ArtifactError(f"{self.artifact.path}: the model returned {len(outs)} output(s); the manifest names "

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import ArtifactError, ServeError
+from ..machine import cores
 from ..integrity import check_seal, seal, seal_archive, verify_archive
 from ..manifest import MANIFEST, Artifact, Manifest, inside, sha256_path, size_mb
 from ..preprocess import FOLDER as PREPROCESS
@@ -63,8 +64,6 @@ def machine_defaults(art: Artifact, workers: int | None = None, threads: int | N
     model (a second worker gained 1.6-2x requests/s; a second thread in one worker gained nothing, as the load
     generator and TorchServe's frontend share the cores). Given only threads, workers fill the cores; given only
     workers, threads do. On a GPU, one worker. Run modelship tune for your model and traffic."""
-    from ..tune import cores
-
     n = cores()
     if art.manifest.format == "tensorrt" or device == "cuda":
         return workers or 1, threads or 1

@@ -17,6 +17,8 @@ from ..errors import InputError
 from ..manifest import Manifest
 from ..runners.base import check_names, fmt_shape
 
+# a request carrying DESCRIBE gets its answer's SERVED_ON header: the machine and kernels that computed it (JSON)
+DESCRIBE, SERVED_ON = "Modelship-Describe", "Modelship-Served-On"
 V2_DTYPES = {"float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32", "bool": "BOOL"}
 V2_NUMPY = {v: k for k, v in V2_DTYPES.items()} | {"FP64": "float64"}
 

@@ -8,15 +8,17 @@ a batched call fails, its requests are answered one by one, so only the faulty o
 import json
 import logging
 import time
+import uuid
 
 import numpy as np
 
 from modelship.errors import InputError, ModelshipError
+from modelship.machine import kernel_facts
 from modelship.integrity import verify_folder
 from modelship.manifest import load_artifact
 from modelship.preprocess import open_preprocessor
 from modelship.runners import open_runner
-from modelship.serve.codec import Codec, error_body
+from modelship.serve.codec import DESCRIBE, SERVED_ON, Codec, error_body
 
 log = logging.getLogger("modelship")
 
@@ -39,6 +41,7 @@ class ModelshipHandler:
             log.error("modelship: refusing to load %s: %s", model_dir, e)
             raise
         self.codec = Codec(self.artifact.manifest, max_items=int(opts.get("max_items", 64)), prep=prep)
+        self.served_on = json.dumps(kernel_facts(self.runner.provider))  # answered to requests that ask (load tests)
         self.initialized = True
 
     def handle(self, data, context):
@@ -79,6 +82,8 @@ class ModelshipHandler:
         for i in range(len(data)):
             try:
                 context.set_response_header(i, "Server-Timing", timing)
+                if _header(context, i, DESCRIBE):
+                    context.set_response_header(i, SERVED_ON, self.served_on)
             except Exception:  # noqa: BLE001 — a context without response headers (the in-process path)
                 pass
         return answers
@@ -120,9 +125,10 @@ class ModelshipHandler:
     def _error(self, context, idx, e: Exception):
         if isinstance(e, InputError):
             return self._reply(context, idx, error_body(400, str(e)), 400, "Bad Request")
-        log.exception("modelship: request %d failed", idx)
-        return self._reply(context, idx, error_body(500, f"internal error: {type(e).__name__}: {e}"[:500]), 500,
-                           "Internal Server Error")
+        error_id = uuid.uuid4().hex[:16]  # the client gets the id; the log gets the id with the traceback
+        log.error("modelship: request %d failed, error id %s", idx, error_id, exc_info=e)
+        return self._reply(context, idx, error_body(500, f"internal error (error id {error_id}); the server log "
+                                                         "holds its details"), 500, "Internal Server Error")
 
     @staticmethod
     def _reply(context, idx, payload, code=200, phrase="OK"):
@@ -132,8 +138,12 @@ class ModelshipHandler:
         return json.dumps(payload)
 
 
-def _content_type(context, idx) -> str | None:
+def _header(context, idx, name: str) -> str | None:
     try:
-        return context.get_request_header(idx, "Content-Type") or context.get_request_header(idx, "content-type")
+        return context.get_request_header(idx, name) or context.get_request_header(idx, name.lower())
     except Exception:  # noqa: BLE001 — a context without headers (tests, the in-process path)
         return None
+
+
+def _content_type(context, idx) -> str | None:
+    return _header(context, idx, "Content-Type")

@@ -29,6 +29,13 @@ STATE_FILE = "serve.json"
 def bearer(token: str | None) -> dict:
     """The Authorization header TorchServe's token check wants (none when auth is off)."""
     return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def public(info: dict) -> dict:
+    """serve.json without its secrets (the tokens; their expiry stays): what --json and reports may hold."""
+    return {k: v for k, v in info.items() if "token" not in k or k.endswith("_expires")}
+
+
 FATAL_LOG = re.compile(r"(modelship: refusing to load.*|ModuleNotFoundError.*|Load model failed.*|"
                        r"Failed to load model.*|ArtifactError.*|Backend worker process died.*)")
 
@@ -78,7 +85,7 @@ def check_java() -> str:
                                      "(apt-get install -y openjdk-17-jre-headless, or make setup)")
     out = subprocess.run([java, "-version"], capture_output=True, text=True).stderr
     m = re.search(r'version "(\d+)', out)
-    if not m or int(m.group(1)) < 11:
+    if not m or int(m.group(1)) < 17:
         raise MissingDependencyError(f"Java {m.group(1) if m else '?'} found; TorchServe needs Java 17 "
                                      "(apt-get install -y openjdk-17-jre-headless)")
     return java
@@ -109,11 +116,21 @@ def free_port(span: int = PORTS) -> int:
     raise ServeError("no free ports on 127.0.0.1")
 
 
-def read_state(state: str | Path) -> dict:
+def read_state(state: str | Path, running: bool = True) -> dict:
+    """serve.json of the server started in ``state``; with ``running``, refused unless that server is ready."""
     path = Path(state) / STATE_FILE
     if not path.is_file():
         raise ServeError(f"{path} not found; start a server with: modelship serve STORE --state {state} --detach")
-    return json.loads(path.read_text())
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ServeError(f"{path}: not valid JSON ({e}); start the server again") from None
+    status = info.get("status", "ready")
+    if running and status != "ready":
+        raise ServeError(f"the server recorded in {path} is {status}"
+                         + ("; wait until it is ready" if status == "starting" else
+                            f"; start one with: modelship serve STORE --state {state} --detach"))
+    return info
 
 
 def alive(pid: int | None) -> bool:
@@ -143,8 +160,10 @@ def start(store: str | Path, state: str | Path, config: ServeConfig | None = Non
         raise ServeError(f"{store}: no .mar files; create one with: modelship archive ARTIFACT --out {store}")
     models = {m.stem: read_mar(m).name for m in mars}  # a broken .mar fails here, in one line
     old = state / STATE_FILE
-    if old.is_file() and alive(json.loads(old.read_text()).get("pid")):
-        raise ServeError(f"a server from {state} is still running; stop it: modelship serve --stop --state {state}")
+    if old.is_file():
+        prev = read_state(state, running=False)
+        if prev.get("status") != "stopped" and prev.get("pid") and _is_ours(prev)[0]:
+            raise ServeError(f"a server from {state} is still running; stop it: modelship serve --stop --state {state}")
     for p in range(config.port, config.port + PORTS):
         if not port_free(p):
             raise ServeError(f"port {p} on 127.0.0.1 is already in use; pass --port with a free base port "
@@ -170,20 +189,25 @@ def start(store: str | Path, state: str | Path, config: ServeConfig | None = Non
            "METRICS_LOCATION": str(state / "logs"), "TS_DISABLE_SYSTEM_METRICS": "false",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     exe = shutil.which("torchserve") or str(Path(sys.executable).with_name("torchserve"))
-    out = open(state / "logs" / "torchserve.out", "ab")
-    proc = subprocess.Popen([exe, "--start", "--foreground", "--ncs", "--model-store", str(store),
-                             "--ts-config", str(cfg)], cwd=state, env=env, stdout=out, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
-    info = {"inference_url": f"http://127.0.0.1:{config.port}", "management_url": f"http://127.0.0.1:{config.port + 1}",
-            "metrics_url": f"http://127.0.0.1:{config.port + 2}", "token": None, "management_token": None,
-            "models": sorted(models), "pid": proc.pid, "store": str(store), "state": str(state),
-            "max_request_bytes": config.max_request_bytes}
+    with open(state / "logs" / "torchserve.out", "ab") as out:  # the child keeps its own handle
+        proc = subprocess.Popen([exe, "--start", "--foreground", "--ncs", "--model-store", str(store),
+                                 "--ts-config", str(cfg)], cwd=state, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    info = {"status": "starting", "inference_url": f"http://127.0.0.1:{config.port}",
+            "management_url": f"http://127.0.0.1:{config.port + 1}", "metrics_url": f"http://127.0.0.1:{config.port + 2}",
+            "token": None, "management_token": None, "models": sorted(models), "pid": proc.pid,
+            "pid_started": _started(proc.pid), "store": str(store), "state": str(state),
+            "max_request_bytes": config.max_request_bytes,
+            "sockets": str(sockets) if sockets != state / "tmp" else None}
     try:
+        _write_state(state, info)  # from now on `serve --stop` finds it, even while it is still loading
         _wait_ready(proc, state, info, config)
-    except BaseException:
+        info["status"] = "ready"
+        _write_state(state, info)
+    except BaseException:  # a failed start, or a signal while starting: nothing is left running
         _kill_group(proc.pid)
+        _stopped(state, info)
         raise
-    _write_state(state, info)
     return info
 
 
@@ -367,12 +391,67 @@ def _kill_group(pid: int, timeout: float = 20.0) -> None:
             pass
 
 
+def _started(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def _is_ours(info: dict) -> tuple[bool, str]:
+    """Whether serve.json's pid is still the TorchServe this state started (the same process: its start time and
+    command line), and what runs under that pid otherwise."""
+    import psutil
+
+    try:
+        proc = psutil.Process(info["pid"])
+        cmd = " ".join(proc.cmdline())
+        started = proc.create_time()
+    except psutil.NoSuchProcess:
+        return False, "no process"
+    except psutil.Error as e:
+        return False, f"a process modelship cannot inspect ({type(e).__name__})"
+    recorded = info.get("pid_started")
+    same = recorded is None or abs(started - recorded) < 1.0
+    return same and ("torchserve" in cmd or "org.pytorch.serve" in cmd), cmd[:160]
+
+
+def _stopped(state: Path, info: dict) -> None:
+    """serve.json marked stopped, without its tokens (they died with the server); the sockets folder removed."""
+    if info.get("sockets"):
+        shutil.rmtree(info["sockets"], ignore_errors=True)
+    _write_state(Path(state), {**public(info), "status": "stopped", "token": None, "management_token": None})
+
+
 def stop(state: str | Path) -> bool:
-    """Stop the server recorded in STATE/serve.json; False if none was running."""
-    info = read_state(state)
+    """Stop the server recorded in STATE/serve.json (TorchServe and its workers); False if none was running.
+    Refuses to signal a process that is not the TorchServe this state started (a stale serve.json)."""
+    state = Path(state)
+    info = read_state(state, running=False)
     pid = info.get("pid")
-    running = alive(pid)
-    if pid:
+    if info.get("status") == "stopped" and not _group_alive(pid):
+        return False
+    ours, what = _is_ours(info) if pid else (False, "no pid")
+    if pid and not ours and alive(pid):
+        _stopped(state, info)
+        raise ServeError(f"pid {pid} in {state / STATE_FILE} is not the TorchServe this state started (it runs "
+                         f"'{what}'); nothing was signalled. The state is marked stopped; if a TorchServe of yours "
+                         "is still running, stop it by hand")
+    running = ours or _group_alive(pid)
+    if running:
         _kill_group(pid)
-    (Path(state) / STATE_FILE).unlink(missing_ok=True)
+    _stopped(state, info)
     return running
+
+
+def _group_alive(pgid: int | None) -> bool:
+    """A process group led by ``pgid`` still has members (TorchServe's Java and workers outlive a killed leader)."""
+    if not pgid:
+        return False
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
