@@ -14,8 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from modelship.bench import measure, write_figures
-from modelship.export.onnx_export import export
-from modelship.models.checkpoints import open_source
+import modelship as ms
 from modelship.models.train import train_artifact
 from modelship.runners import open_runner
 
@@ -27,8 +26,8 @@ def main():
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
-    art, module = open_source(train_artifact("cnn", tmp / "cnn").path)
-    onnx_art = export(art, module, tmp / "onnx")
+    art = train_artifact("cnn", tmp / "cnn")
+    onnx_art = ms.export(art, tmp / "onnx")
     torch_runner = open_runner(art)
     ort_runner = open_runner(onnx_art)
     opts = ort.SessionOptions()

@@ -21,15 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from modelship.bench import feed_for, measure, write_figures
-from modelship.export.onnx_export import export
+import modelship as ms
 from modelship.loadtests.golden import prepare
 from modelship.loadtests.runner import run_locust
-from modelship.models.checkpoints import open_source
 from modelship.models.train import train_artifact
 from modelship.runners import open_runner
-from modelship.serve import server
-from modelship.serve.archive import ModelConfig, archive
-from modelship.stages import gate_parity
+from modelship.serving import server
+from modelship.serving.archive import ModelConfig, archive
 
 
 def main():
@@ -44,9 +42,7 @@ def main():
     tmp = Path(tempfile.mkdtemp())
     if args.text:
         return write_figures(args.json, text_vs_ids(tmp, args.rounds, args.seconds))
-    src, module = open_source(train_artifact("cnn", tmp / "cnn").path)
-    onnx_art = export(src, module, tmp / "onnx")
-    gate_parity(onnx_art, reference=(src, module))
+    onnx_art = ms.export(train_artifact("cnn", tmp / "cnn"), tmp / "onnx")
     store = tmp / "store"
     one = {"workers": 1, "threads": 1}  # the same worker for both: the comparison is batching alone
     archive(onnx_art, store, name="nobatch", config=ModelConfig(batch_size=1, max_batch_delay_ms=0, **one))
@@ -149,9 +145,7 @@ def text_vs_ids(tmp: Path, rounds: int, seconds: float) -> dict:
     as a client would), both judged against the same golden outputs."""
     from modelship.models import text as text_model
 
-    src, module = open_source(train_artifact("text", tmp / "text").path)
-    art = export(src, module, tmp / "text-onnx")
-    gate_parity(art, reference=(src, module))
+    art = ms.export(train_artifact("text", tmp / "text"), tmp / "text-onnx")
     archive(art, tmp / "text-store", name="text", config=ModelConfig(batch_size=1, max_batch_delay_ms=0, workers=1))
     state = tmp / "text-state"
     server.start(tmp / "text-store", state, server.ServeConfig(port=server.free_port()))

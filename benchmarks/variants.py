@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from modelship.bench import feed_for, measure, write_figures
-from modelship.export.onnx_export import export
+from modelship.exporters.onnx_export import export
 from modelship.models.checkpoints import open_source
 from modelship.models.train import train_artifact
-from modelship.quantize.distill import distill
-from modelship.quantize.until_parity import until_parity
-from modelship.quantize.variants import make_variant
+from modelship.quantization.distill import distill
+from modelship.quantization.until_parity import until_parity
+from modelship.quantization.variants import make_variant
 from modelship.runners import open_runner
 from modelship.stages import parity_record
 

@@ -6,7 +6,7 @@ import time
 
 import numpy as np
 
-from .models import data as datasets
+from . import data as datasets
 from .runners import Runner
 
 

@@ -11,7 +11,6 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from .errors import ArtifactError
 from .integrity import SIGNING_KEY_ENV, check_seal, seal  # noqa: F401 — re-exported: the manifest's seal
@@ -49,7 +48,7 @@ class Manifest:
     parity: dict | None = None
     loader: str | None = None  # torch artifacts: zoo | pt2 | hf
     arch: dict | None = None  # zoo architecture name + config
-    data: dict | None = None  # evaluation / calibration data spec (see modelship.models.data)
+    data: dict | None = None  # evaluation / calibration data spec (see modelship.data)
     preprocess: dict | None = None  # raw text / image -> inputs (see modelship.preprocess); files in preprocess/
     extra: dict = field(default_factory=dict)  # stage-specific facts (quantization settings, TensorRT build info)
     integrity: dict | None = None  # sha256 (and HMAC with a signing key) of everything above: see seal()
@@ -166,24 +165,3 @@ def write_artifact(path: str | os.PathLike, manifest: Manifest) -> Artifact:
 
 def relpath(target: str | os.PathLike, start: str | os.PathLike) -> str:
     return os.path.relpath(Path(target).resolve(), Path(start).resolve())
-
-
-INHERITED_EXTRA = ("opset", "model_type", "distilled_from")  # facts a derived artifact keeps from its parent
-
-
-def inherited_extra(man: Manifest) -> dict:
-    return {k: v for k, v in man.extra.items() if k in INHERITED_EXTRA}
-
-
-def lineage(src: Artifact, out_dir: str | os.PathLike) -> dict[str, Any]:
-    """Fields a derived artifact in ``out_dir`` takes from its parent ``src`` (its preprocessing files are
-    copied beside it)."""
-    from .preprocess import carry
-
-    ref = src.resolve(src.manifest.reference) if src.manifest.reference else src.path
-    return {
-        "parent": relpath(src.path, out_dir),
-        "parent_sha256": src.manifest.sha256,
-        "reference": relpath(ref, out_dir),
-        "preprocess": carry(src, out_dir),
-    }

@@ -3,9 +3,8 @@
 ``manifest.preprocess`` says how (a ``TextSpec`` or an ``ImageSpec``); a tokenizer's files sit in the artifact's
 ``preprocess/`` folder, hashed in the spec, copied into every derived artifact and into the ``.mar``.
 ``open_preprocessor(artifact)`` is the one implementation that the handler, parity and the load test use.
-``reference_preprocessor(source)`` does the same job the original way: the source checkpoint's own tokenizer
-or image processor through transformers, or the zoo model's declared transform, so a preprocessing recorded
-wrong (a normalization constant, a length, a tokenizer file) fails parity against the PyTorch model.
+``modelship.models.reference`` does the same job the original way (the checkpoint's own tokenizer or image
+processor), so a preprocessing recorded wrong fails parity against the PyTorch model.
 """
 
 from __future__ import annotations
@@ -113,7 +112,7 @@ class TextPreprocessor:
         types = np.zeros((len(encs), n), np.int64)
         for i, e in enumerate(encs):
             ids[i, :len(e.ids)], mask[i, :len(e.ids)], types[i, :len(e.ids)] = e.ids, 1, e.type_ids
-        return _select({"input_ids": ids, "attention_mask": mask, "token_type_ids": types}, self.inputs), notes
+        return select_inputs({"input_ids": ids, "attention_mask": mask, "token_type_ids": types}, self.inputs), notes
 
 
 class ImagePreprocessor:
@@ -180,7 +179,7 @@ def image_array(img, spec: ImageSpec) -> np.ndarray:
     return ((x - mean) / std).astype(np.float32)
 
 
-def _select(feed: dict, names: list) -> dict:
+def select_inputs(feed: dict, names: list) -> dict:
     missing = [n for n in names if n not in feed]
     if missing:
         raise ArtifactError(f"the tokenizer makes {', '.join(feed)}; the model also takes {', '.join(missing)}")
@@ -211,7 +210,7 @@ def preprocessed(art, spec: dict, split: str, limit: int) -> dict:
     """The first ``limit`` samples of a split of ``spec`` as ``art`` takes them: raw samples (texts, images) through
     its recorded preprocessing (what serving runs), tensors as they are: the feed for calibration, INT8
     sensitivity and in-process benchmarks."""
-    from .models import data as datasets
+    from . import data as datasets
 
     if art.manifest.preprocess and datasets.has_raw(spec):
         raw, _ = datasets.load_raw(spec, split)
@@ -252,55 +251,3 @@ def record_tokenizer(tokenizer, out_dir: Path, max_length: int, truncation: str 
         if extra.name not in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             extra.unlink()
     return asdict(TextSpec(max_length=max_length, truncation=truncation, sha256=sha256_path(folder)))
-
-
-# ---- the original way (the reference) ------------------------------------------------------------------------
-
-def _tokenize(tok, max_length: int, names: list):
-    """A transformers tokenizer as a reference preprocessor: padded to the longest text, cut at ``max_length``."""
-    def text(texts):
-        enc = tok(list(texts), padding=True, truncation=True, max_length=max_length, return_tensors="np")
-        feed = {k: np.asarray(v, np.int64) for k, v in enc.items()}
-        feed.setdefault("token_type_ids", np.zeros_like(feed["input_ids"]))  # RoBERTa, DistilBERT: none
-        return _select(feed, names)
-    return text
-
-
-def reference_preprocessor(ref_art):
-    """Raw samples → the reference model's feed, done the way the source checkpoint does it (None when it has
-    no preprocessing): transformers' AutoTokenizer / AutoImageProcessor for a Hugging Face folder,
-    torchvision's transform for a torchvision model, the zoo entry's declared transform for a zoo model."""
-    spec = spec_from_dict(ref_art.manifest.preprocess)
-    if spec is None:
-        return None
-    from PIL import Image
-
-    names = [t.name for t in ref_art.manifest.inputs]
-    if ref_art.manifest.loader == "hf":
-        src = ref_art.model_path
-        if isinstance(spec, TextSpec):
-            from transformers import AutoTokenizer
-
-            return _tokenize(AutoTokenizer.from_pretrained(str(src), local_files_only=True), spec.max_length, names)
-        from transformers import AutoImageProcessor
-
-        proc = AutoImageProcessor.from_pretrained(str(src), local_files_only=True)
-        return lambda images: {names[0]: np.asarray(proc([Image.open(io.BytesIO(b)).convert("RGB") for b in images],
-                                                         return_tensors="np")["pixel_values"], np.float32)}
-    if ref_art.manifest.loader == "torchvision":  # torchvision's own transform for the architecture
-        from .models.checkpoints import tv_transform
-
-        t = tv_transform(ref_art.manifest.arch["name"])
-        return lambda images: {names[0]: np.stack([t(Image.open(io.BytesIO(b)).convert("RGB")).numpy()
-                                                   for b in images]).astype(np.float32)}
-    from .models import zoo
-
-    declared = spec_from_dict((zoo.entry((ref_art.manifest.arch or {}).get("name")).preprocess or {}))
-    if declared is None:
-        raise ArtifactError(f"{ref_art.path}: the zoo model declares no preprocessing, but its manifest records one")
-    if isinstance(declared, TextSpec):  # the encoder's own tokenizer, as the model was trained with it
-        from .models import text
-
-        return _tokenize(text.tokenizer(), declared.max_length, names)
-    image = ImagePreprocessor(declared, None, ref_art.manifest.inputs)  # the zoo's declared constants
-    return lambda images: image(images)[0]

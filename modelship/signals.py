@@ -50,12 +50,18 @@ def stopping():
     def handler(signum, frame):
         for s in SIGNALS:  # the shutdown that follows runs to its end
             signal.signal(s, signal.SIG_IGN)
-        received.signum = signum
+        for r in _ACTIVE:  # every enclosing block learns it too (a command that serves nests two)
+            r.signum = signum
         raise Stopped(signum)
 
     previous = {s: signal.signal(s, handler) for s in SIGNALS}
+    _ACTIVE.append(received)
     try:
         yield received
     finally:
+        _ACTIVE.remove(received)
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+_ACTIVE: list = []  # the Received of every stopping() block now open

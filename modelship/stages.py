@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .errors import ArtifactError
 from .manifest import MANIFEST, Artifact, write_artifact
-from .parity import compare, enforce, tolerance_of
+from .comparison import compare, enforce, tolerance_of
 from .runners import open_runner
 
 
@@ -70,7 +70,7 @@ def gate_parity(art: Artifact, reference=None, json_path: Path | None = None, **
     student with its own precision's tolerance (``conversion``), so a broken conversion cannot hide behind the
     student's looser bound."""
     from .models.checkpoints import open_source
-    from .parity import default_tolerance
+    from .comparison import default_tolerance
 
     rec = parity_record(art, reference, **kw)
     student = student_of(art)

@@ -4,6 +4,8 @@ import sys
 
 import pytest
 
+import modelship as ms
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # three workers on two cores: one compute thread each, no spinning pools
 
 
@@ -151,22 +153,9 @@ def cnn(shared):
     return shared("cnn", lambda out: train_artifact("cnn", out))
 
 
-def _exported(src, out, data=None):
-    """Export a PyTorch source (an artifact folder, a Hugging Face folder) to ONNX and pass its parity gate on
-    ``data``, as `modelship export SRC --data DATA` does."""
-    from modelship.export.onnx_export import export
-    from modelship.models.checkpoints import open_source
-    from modelship.stages import gate_parity
-
-    art, module = open_source(src, data=data)
-    onnx_art = export(art, module, out)
-    gate_parity(onnx_art, reference=(art, module))
-    return onnx_art
-
-
 @pytest.fixture(scope="session")
 def cnn_onnx(shared, cnn):
-    return shared("cnn-onnx", lambda out: _exported(cnn.path, out))
+    return shared("cnn-onnx", lambda out: ms.export(cnn, out))
 
 
 @pytest.fixture(scope="session")
@@ -184,7 +173,7 @@ def text(shared):
 @pytest.fixture(scope="session")
 def text_onnx(shared, text):
     """The text classifier exported to ONNX, its tokenizer with it, judged on the raw reviews."""
-    return shared("text-onnx", lambda out: _exported(text, out, data=str(text.parent / "reviews.csv")))
+    return shared("text-onnx", lambda out: ms.export(text, out, data=text.parent / "reviews.csv"))
 
 
 @pytest.fixture(scope="session")
@@ -195,36 +184,28 @@ def tuned_text_onnx(shared):
 
     def make(out):
         hf_models.fine_tune(hf_models.text_classifier(out / "hf", "bert"))
-        _exported(out / "hf", out / "onnx", data=str(hf_models.write_reviews_csv(out / "reviews.csv")))
+        ms.export(out / "hf", out / "onnx", data=hf_models.write_reviews_csv(out / "reviews.csv"))
     from modelship.manifest import load_artifact
     return load_artifact(shared("tuned-text", make) / "onnx")
 
 
 @pytest.fixture(scope="session")
 def cnn_int8(shared, cnn_onnx):
-    def make(out):
-        from modelship.quantize.variants import make_variant
-        from modelship.stages import gate_parity
-
-        gate_parity(make_variant(cnn_onnx, "static", out))
-    return shared("cnn-int8", make)
+    return shared("cnn-int8", lambda out: ms.quantize(cnn_onnx, "static", out))
 
 
 @pytest.fixture(scope="session")
 def served(work, cnn, cnn_onnx, cnn_int8, text_onnx):
     """One real TorchServe on 127.0.0.1 serving the digits CNN as torch, ONNX and static INT8 artifacts, and
     the text encoder as ONNX with a long batch delay (so concurrent requests share one batch)."""
-    from modelship.serve import server
-    from modelship.serve.archive import ModelConfig, archive
-
     import shutil
 
     from modelship.manifest import load_artifact, write_artifact
 
     store = work / "store"
-    archive(cnn, store, name="cnn-torch")
-    archive(cnn_onnx, store, name="cnn-onnx")
-    archive(cnn_int8, store, name="cnn-int8")
+    ms.archive(cnn, store, name="cnn-torch")
+    ms.archive(cnn_onnx, store, name="cnn-onnx")
+    ms.archive(cnn_int8, store, name="cnn-int8")
     # the same INT8, its verdict recorded as judged on a machine with the other INT8 arithmetic (a build box)
     elsewhere = work / "int8-judged-elsewhere"
     shutil.copytree(cnn_int8.path, elsewhere)
@@ -233,11 +214,10 @@ def served(work, cnn, cnn_onnx, cnn_int8, text_onnx):
     judged = art.manifest.parity["judged_on"]
     other = "saturating" if judged["int8"] == "exact" else "exact"
     art.manifest.parity["judged_on"] = {**judged, "int8": other, "kernels": "avx2" if other == "saturating" else "amx"}
-    archive(write_artifact(elsewhere, art.manifest), store, name="cnn-int8-elsewhere")
-    archive(text_onnx, store, name="text-onnx", config=ModelConfig(batch_size=8, max_batch_delay_ms=500))
-    info = server.start(store, work / "state", server.ServeConfig(port=server.free_port()))
-    yield info
-    server.stop(work / "state")
+    ms.archive(write_artifact(elsewhere, art.manifest), store, name="cnn-int8-elsewhere")
+    ms.archive(text_onnx, store, name="text-onnx", batch_size=8, max_batch_delay_ms=500)
+    with ms.serve(store, work / "state") as server:
+        yield server.info
 
 
 @pytest.fixture(scope="session")

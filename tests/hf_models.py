@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modelship.models import data as datasets
+from modelship import data as datasets
 
 MAX_LENGTH = 128
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)

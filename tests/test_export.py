@@ -35,7 +35,7 @@ def test_cnn_cli_train_export_parity(tmp_path):
 
 
 def test_mlp_export(tmp_path):
-    from modelship.export.onnx_export import export
+    from modelship.exporters.onnx_export import export
     from modelship.models.checkpoints import open_source
     from modelship.models.train import train_artifact
     from modelship.stages import gate_parity

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from modelship.runners.torch_runner import TorchRunner
-from modelship.serve.codec import softmax
+from modelship.serving.codec import softmax
 
 pytestmark = pytest.mark.serve
 

@@ -33,7 +33,7 @@ def test_onnxruntime_cuda_parity(request, artifact):
 
 def test_tensorrt_engine_parity(tmp_path, cnn_onnx):
     pytest.importorskip("tensorrt")
-    from modelship.export.tensorrt import build
+    from modelship.exporters.tensorrt import build
 
     art = build(cnn_onnx, tmp_path / "engine")
     rec = parity_record(art)

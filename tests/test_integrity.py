@@ -10,7 +10,7 @@ import pytest
 from conftest import cli, rewrite_mar
 from modelship.errors import ArtifactError, ServeError
 from modelship.manifest import MANIFEST, SIGNING_KEY_ENV, load_artifact, seal, write_artifact
-from modelship.serve.archive import archive, read_mar
+from modelship.serving.archive import archive, read_mar
 
 
 def _copy(art, dst):
@@ -158,7 +158,7 @@ def test_archive_record_is_signed_with_the_key(tmp_path, cnn_onnx, monkeypatch):
 
 def test_handler_checks_the_archive_again_inside_torchserve(tmp_path, cnn_onnx, monkeypatch):
     """Past serve's own check, the worker refuses an edited model config and startup fails fast."""
-    import modelship.serve.server as srv
+    import modelship.serving.server as srv
 
     store = tmp_path / "store"
     store.mkdir()

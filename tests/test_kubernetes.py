@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from modelship.serve.server import PORTS, ServeConfig
+from modelship.serving.server import PORTS, ServeConfig
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes"
 

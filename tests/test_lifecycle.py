@@ -15,8 +15,8 @@ import psutil
 import pytest
 
 from conftest import files_holding
-from modelship.serve import server
-from modelship.serve.archive import archive
+from modelship.serving import server
+from modelship.serving.archive import archive
 
 pytestmark = pytest.mark.serve
 MODELSHIP = str(Path(sys.executable).with_name("modelship"))

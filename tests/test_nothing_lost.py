@@ -7,7 +7,7 @@ import numpy as np
 
 from conftest import cli
 from modelship.manifest import sha256_path
-from modelship.models import data as datasets
+from modelship import data as datasets
 
 
 def test_pipeline_refuses_an_out_that_holds_its_weights(tmp_path):

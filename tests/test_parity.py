@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import cli
-from modelship.errors import ArtifactError, ParityError
+from modelship.errors import ArtifactError
 from modelship.manifest import load_artifact, write_artifact
-from modelship.models import data as datasets
-from modelship.parity import DEFAULT_TOLERANCES, record
+from modelship import data as datasets
+from modelship.comparison import DEFAULT_TOLERANCES, record
 from modelship.machine import kernel_facts
 from modelship.runners import open_runner
 
@@ -157,7 +157,7 @@ def test_every_variant_of_a_student_is_also_judged_against_the_student(tmp_path,
 
 
 def test_archive_refuses_a_student_that_failed_its_gate(tmp_path, cnn):
-    from modelship.serve.archive import archive
+    from modelship.serving.archive import archive
 
     p = cli("distill", cnn.path, "--out", tmp_path / "s", "--epochs", "1", "--max-accuracy-drop", "0")
     assert p.returncode == 1
@@ -235,7 +235,7 @@ def test_user_npz_is_recorded_and_checked(tmp_path, cnn):
 
 def test_fp16_io_end_to_end(tmp_path, cnn_onnx):
     """--fp16-io: the manifest says float16, parity feeds float16, the REST codec decodes and answers it."""
-    from modelship.serve.codec import Codec, softmax
+    from modelship.serving.codec import Codec, softmax
 
     cli("quantize", cnn_onnx.path, "--mode", "fp16", "--fp16-io", "--out", tmp_path / "h", check=0)
     art = load_artifact(tmp_path / "h")

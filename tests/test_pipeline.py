@@ -79,7 +79,7 @@ def test_pipeline_runs_on_the_users_text_model_with_its_own_data(tmp_path):
     assert imported["detail"]["preprocess"] == "text" and imported["detail"]["data"]["path"] == str(csv)
     for key, r in rows.items():
         lt = report["loadtests"][key]
-        assert lt["data"]["name"] == "text" and lt["checked"] == lt["requests"] > 20  # raw texts, each judged
+        assert lt["data"]["name"] == "text" and lt["checked"] == lt["requests"] > 0  # raw texts, each judged
         assert r["reference"] == "my-bert-torch" and r["served_agreement"] == 1.0 and r["loadtest_passed"]
     assert rows["torch"]["accuracy"] == rows["onnx"]["accuracy"] is not None  # measured on the CSV's labels
     assert json.loads((tmp_path / "run" / "loadtests" / "onnx" / "bodies.json").read_text())[0].startswith('{"inputs": "')
@@ -107,7 +107,7 @@ def test_pipeline_on_the_users_image_model_refuses_a_variant_its_data_cannot_jud
     assert fp16["parity_passed"] is True and fp16["loadtest_passed"]
     for key in ("torch", "onnx", "fp16"):
         lt = report["loadtests"][key]
-        assert lt["passed"] and lt["data"]["name"] == "images" and lt["checked"] == lt["requests"] > 20
+        assert lt["passed"] and lt["data"]["name"] == "images" and lt["checked"] == lt["requests"] > 0
     import base64
 
     body = json.loads((tmp_path / "run" / "loadtests" / "onnx" / "bodies.json").read_text())[0]

@@ -8,7 +8,7 @@ import pytest
 from conftest import cli
 from modelship.errors import ParityError
 from modelship.manifest import load_artifact
-from modelship.quantize.variants import QuantizeOptions, make_variant
+from modelship.quantization.variants import QuantizeOptions, make_variant
 
 
 def test_static_int8_digits_cli(tmp_path, cnn, cnn_onnx, int8_kernels):
@@ -117,7 +117,7 @@ def test_quantize_bad_input(tmp_path, cnn, cnn_onnx, case):
 
 
 def test_static_with_user_calibration_npz(tmp_path, cnn_onnx):
-    from modelship.models import data
+    from modelship import data
 
     feed, _ = data.load({"name": "digits"}, "train", cnn_onnx.manifest.inputs)
     np.savez(tmp_path / "calib.npz", pixels=feed["pixels"][:64])
@@ -127,7 +127,7 @@ def test_static_with_user_calibration_npz(tmp_path, cnn_onnx):
 
 def test_static_calibrates_a_text_model_on_its_raw_texts(tmp_path, text_onnx):
     """Calibration data of raw reviews goes through the artifact's own tokenizer, as serving does."""
-    from modelship.quantize.variants import calibration_feed
+    from modelship.quantization.variants import calibration_feed
 
     feed = calibration_feed(text_onnx, QuantizeOptions(calibration_samples=20))
     assert set(feed) == {t.name for t in text_onnx.manifest.inputs} and len(feed["input_ids"]) == 20
@@ -146,7 +146,7 @@ def test_distilled_student(tmp_path, cnn, student, seeds):
     """Over the seeds: <= 0.25x the teacher's parameters, accuracy >= teacher - 1 point, and at least as
     good on average as the same student trained without distillation (three seeds in the slow run; seed 0 is the
     session's student, distilled by the CLI)."""
-    from modelship.quantize.distill import distill
+    from modelship.quantization.distill import distill
 
     kd, plain = [], []
     for seed in seeds:
@@ -171,7 +171,7 @@ def test_until_parity_keeps_the_fewest_sensitive_nodes_in_float(tmp_path, tuned_
     float, records them, and the result passes. The tolerance is half the smallest difference that this machine's
     kernels give the plain and the per-channel builds, so both fail here whatever the kernels compute (saturating
     AVX2 sums differ from exact VNNI ones by a factor of ~3 on this model)."""
-    from modelship.quantize.until_parity import quantized_nodes
+    from modelship.quantization.until_parity import quantized_nodes
     from modelship.stages import gate_parity, parity_record
 
     plain = make_variant(tuned_text_onnx, "dynamic", tmp_path / "plain")
@@ -223,8 +223,8 @@ def test_until_parity_calibrates_once_per_method(tmp_path, cnn_onnx, monkeypatch
     ortq = importlib.import_module("onnxruntime.quantization.quantize")  # the module (the package exports a function)
 
     from modelship.errors import QuantizeError
-    from modelship.quantize import variants
-    from modelship.quantize.until_parity import until_parity
+    from modelship.quantization import variants
+    from modelship.quantization.until_parity import until_parity
 
     calibrated, built = [], []
     real_calibrator, real_build = ortq.create_calibrator, variants.MODES["static"].build
@@ -248,7 +248,7 @@ def test_until_parity_says_when_the_data_cannot_judge_any_int8(tmp_path, text_on
     """The untrained text model's logits are hair-thin apart: its INT8 gate is weak evidence whatever stays in
     float, so the search stops at once and says what would let it judge."""
     from modelship.errors import QuantizeError
-    from modelship.quantize.until_parity import until_parity
+    from modelship.quantization.until_parity import until_parity
 
     with pytest.raises(QuantizeError, match="cannot judge this model on this data .*--allow-weak-parity"):
         until_parity(text_onnx, "dynamic", tmp_path / "q")

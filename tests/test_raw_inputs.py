@@ -14,11 +14,12 @@ import hf_models
 from conftest import cli
 from modelship.errors import InputError
 from modelship.manifest import load_artifact, write_artifact
-from modelship.models import data as datasets
+from modelship import data as datasets
 from modelship.models.checkpoints import open_source
-from modelship.preprocess import open_preprocessor, reference_preprocessor
+from modelship.models.reference import reference_preprocessor
+from modelship.preprocess import open_preprocessor
 from modelship.runners.torch_runner import TorchRunner
-from modelship.serve.codec import Codec, softmax
+from modelship.serving.codec import Codec, softmax
 
 
 @pytest.mark.parametrize("family", ["bert", "distilbert", "roberta", "minilm", "vit"])
@@ -223,7 +224,7 @@ def test_json_labelled_text_plain_is_read_as_json_by_a_model_that_takes_no_text(
 
     from modelship.errors import InputError
     from modelship.preprocess import open_preprocessor
-    from modelship.serve.codec import Codec
+    from modelship.serving.codec import Codec
 
     codec = Codec(cnn_onnx.manifest, prep=open_preprocessor(cnn_onnx))
     body = _json.dumps({"inputs": np.zeros((1, 1, 8, 8)).tolist()}).encode()

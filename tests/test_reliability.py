@@ -13,11 +13,10 @@ import requests
 
 from conftest import cli
 from modelship.loadtests.summary import Gates
-from modelship.models import data as datasets
+from modelship import data as datasets
 from modelship.runners.torch_runner import TorchRunner
-from modelship.serve import server
-from modelship.serve.archive import ModelConfig, archive
-from modelship.serve.codec import softmax
+import modelship as ms
+from modelship.serving.codec import softmax
 
 pytestmark = pytest.mark.serve
 QUEUE = 16
@@ -26,10 +25,9 @@ QUEUE = 16
 @pytest.fixture(scope="module")
 def sturdy(work, cnn_onnx):
     store, state = work / "store-reliability", work / "state-reliability"
-    archive(cnn_onnx, store, name="cnn", config=ModelConfig(batch_size=8, max_batch_delay_ms=5))
-    info = server.start(store, state, server.ServeConfig(port=server.free_port(), job_queue_size=QUEUE))
-    yield info
-    server.stop(state)
+    ms.archive(cnn_onnx, store, name="cnn", batch_size=8, max_batch_delay_ms=5)
+    with ms.serve(store, state, job_queue_size=QUEUE) as running:
+        yield running.info
 
 
 @pytest.fixture(scope="module")
@@ -45,15 +43,18 @@ def _loadtest(info, tmp_path, *args):
     return p, json.loads((tmp_path / "r.json").read_text())
 
 
-@pytest.mark.parametrize("duration,kill_at", [("12s", "4s"), pytest.param("20s", "6s", marks=pytest.mark.slow)])
-def test_worker_killed_during_load_is_replaced_and_answers_stay_correct(sturdy, tmp_path, duration, kill_at):
+@pytest.mark.parametrize("duration,kill_at,ratio", [("12s", "4s", "0.03"),
+                                                     pytest.param("20s", "6s", "0.01", marks=pytest.mark.slow)])
+def test_worker_killed_during_load_is_replaced_and_answers_stay_correct(sturdy, tmp_path, duration, kill_at, ratio):
+    """A kill fails the requests the dead worker held (at most one per user: 4); the rest are answered, right. The
+    12 s run on a busy CI machine sends only a few hundred requests, so its ratio gate is 3 %; the slow run's 1 %."""
     p, r = _loadtest(sturdy, tmp_path, "--users", "4", "--duration", duration, "--kill-worker-at", kill_at,
-                     "--max-recovery-s", "15", "--max-failure-ratio", "0.01", "--warmup", "0")
+                     "--max-recovery-s", "15", "--max-failure-ratio", ratio, "--warmup", "0")
     assert p.returncode == 0, p.stderr
     f = r["fault"]
     assert f["killed_pid"] not in f["workers_after"] and len(f["workers_after"]) == 1
     assert f["answer_after_recovery_correct"] and 0 < f["recovery_s"] < 15
-    assert r["failures"] / r["requests"] < 0.01 and r["max_ms"] < 30_000  # none hung until the 30 s timeout
+    assert r["failures"] <= 4 and r["max_ms"] < 30_000  # only what was in flight; none hung until the 30 s timeout
     assert r["mismatches"] == 0 and r["checked"] == r["requests"] - r["failures"]
     assert "recovered in" in p.stdout
 

@@ -13,11 +13,11 @@ import requests
 
 from conftest import cli, rewrite_mar
 from modelship.errors import ArtifactError, MissingDependencyError, ServeError
-from modelship.models import data as datasets
+from modelship import data as datasets
 from modelship.runners import open_runner
-from modelship.serve import server
-from modelship.serve.archive import archive
-from modelship.serve.codec import softmax
+from modelship.serving import server
+from modelship.serving.archive import archive
+from modelship.serving.codec import softmax
 
 pytestmark = pytest.mark.serve
 
@@ -244,7 +244,7 @@ def test_tampered_model_file_does_not_load(tmp_path, cnn_onnx):
 
 def test_handler_refuses_tampered_file_inside_torchserve(tmp_path, cnn_onnx, monkeypatch):
     """Even past the CLI's own check, the worker refuses to load it and startup fails fast."""
-    import modelship.serve.server as srv
+    import modelship.serving.server as srv
 
     store = tmp_path / "store"
     store.mkdir()
@@ -301,7 +301,7 @@ def test_archive_refuses_unpassed_parity(tmp_path, cnn_onnx):
 
 def test_restart_after_a_failed_start(tmp_path, cnn_onnx, monkeypatch):
     """A failed start leaves its logs behind; the next start in the same state dir must not trip on them."""
-    import modelship.serve.server as srv
+    import modelship.serving.server as srv
 
     store = tmp_path / "store"
     store.mkdir()
@@ -317,3 +317,19 @@ def test_restart_after_a_failed_start(tmp_path, cnn_onnx, monkeypatch):
         assert (tmp_path / "state" / "logs.prev").is_dir()
     finally:
         srv.stop(tmp_path / "state")
+
+
+def test_an_archive_from_another_modelship_version_is_refused_by_name(tmp_path, cnn_onnx):
+    """Its handler imports that version's modules: refused before TorchServe starts, with what to do, instead of a
+    worker that dies at load."""
+    from modelship.integrity import seal_archive
+
+    good = archive(cnn_onnx, tmp_path / "good", name="cnn")
+    (tmp_path / "store").mkdir()
+    old = tmp_path / "store" / "cnn.mar"
+    rewrite_mar(good, old, edit=lambda n, d: d + b"\n# an older handler\n" if n == "handler.py" else d,
+                drop="modelship-integrity.json")
+    seal_archive(old)  # intact as that version wrote it: only the handler differs from this version's
+    p = cli("serve", tmp_path / "store", "--state", tmp_path / "s", "--detach", "--port", server.free_port())
+    assert p.returncode == 2 and "archived by another modelship version" in p.stderr
+    assert "archive the artifact again" in p.stderr and not (tmp_path / "s").exists()

@@ -8,8 +8,8 @@ import pytest
 
 from conftest import cli
 from modelship.errors import ArtifactError, EngineMismatchError, ExportError, MissingDependencyError
-from modelship.export import tensorrt as trt_export
-from modelship.quantize.variants import QuantizeOptions, make_variant
+from modelship.exporters import tensorrt as trt_export
+from modelship.quantization.variants import QuantizeOptions, make_variant
 
 try:
     import tensorrt  # noqa: F401
@@ -118,7 +118,7 @@ def test_archive_refuses_an_engine_smaller_than_a_request(tmp_path, cnn_onnx):
     import shutil
 
     from modelship.manifest import load_artifact, write_artifact
-    from modelship.serve.archive import ModelConfig, archive
+    from modelship.serving.archive import ModelConfig, archive
 
     shutil.copytree(cnn_onnx.path, tmp_path / "e")
     (tmp_path / "e" / "model.engine").write_bytes(b"engine")
@@ -145,8 +145,8 @@ def test_auto_provider_never_picks_tensorrt_silently(monkeypatch):
 def test_handler_splits_served_batches_to_the_engine_profile(cnn_onnx):
     """TorchServe may hand the handler batch_size x max_items samples; runs never exceed the runner's max batch."""
     from modelship.runners import open_runner
-    from modelship.serve.codec import Codec
-    from modelship.serve.handler import ModelshipHandler
+    from modelship.serving.codec import Codec
+    from modelship.serving.handler import ModelshipHandler
 
     h = ModelshipHandler()
     h.runner, h.codec = open_runner(cnn_onnx), Codec(cnn_onnx.manifest)

@@ -13,7 +13,7 @@ import torch
 
 from conftest import cli
 from modelship.manifest import load_artifact
-from modelship.parity import DEFAULT_TOLERANCES
+from modelship.comparison import DEFAULT_TOLERANCES
 
 
 class Heads(torch.nn.Module):
@@ -120,7 +120,7 @@ def test_a_classifier_with_small_margins_gets_a_verdict(many, tmp_path, int8_ker
 
 def test_a_broken_int8_of_a_small_margin_classifier_fails_with_the_number(many, tmp_path):
     """A variant whose logits all moved by 0.6 of the median margin: within the old 2.0 bound, beyond the scaled one."""
-    from modelship.parity import record, tolerance_of
+    from modelship.comparison import record, tolerance_of
     from modelship.runners import open_runner
 
     cli("export", many / "many.pt2", "--task", "classification", "--data", many / "data.npz", "--out", tmp_path / "o",

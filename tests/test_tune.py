@@ -17,7 +17,7 @@ TRIAL_KEYS = {"config", "rps", "p50_ms", "p95_ms", "p99_ms", "agreement", "max_a
 def test_tune_finds_a_configuration_inside_the_slo_and_its_winner_serves(tmp_path, cnn_onnx, cnn_int8):
     from modelship.loadtests.runner import loadtest
     from modelship.loadtests.summary import Gates
-    from modelship.serve import server
+    from modelship.serving import server
 
     out = tmp_path / "t"
     p = cli("tune", cnn_onnx.path, cnn_int8.path, "--slo-p95-ms", "200", "--out", out, "--budget-minutes", "1.5",
@@ -109,7 +109,7 @@ def test_archive_defaults_come_from_the_machine_and_the_model(tmp_path, monkeypa
     OMP_NUM_THREADS caps the cores; what the user gives is kept and the rest fills the cores."""
     import os
 
-    from modelship.serve import archive as ar
+    from modelship.serving import archive as ar
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
@@ -131,7 +131,7 @@ def test_archive_defaults_come_from_the_machine_and_the_model(tmp_path, monkeypa
 
 
 def test_tune_takes_a_pipeline_runs_main_model_variants_that_passed(tmp_path, cnn_onnx, cnn_int8):
-    from modelship.tune import expand
+    from modelship.tuning import expand
 
     run = tmp_path / "run"
     run.mkdir()

@@ -16,11 +16,11 @@ import numpy as np
 
 from ..errors import ArtifactError, ServeError
 from ..manifest import load_artifact
-from ..models import data as datasets
-from ..parity import Tolerance, beyond, bound_text, collect, served_tolerance
-from ..serve.archive import read_mar
-from ..serve.codec import DESCRIBE, SERVED_ON, softmax
-from ..serve.server import read_state
+from .. import data as datasets
+from ..comparison import Tolerance, beyond, bound_text, collect, served_tolerance
+from ..serving.archive import read_mar
+from ..serving.codec import DESCRIBE, SERVED_ON, softmax
+from ..serving.server import read_state
 
 
 @dataclass
@@ -104,7 +104,7 @@ def prepare(state: str | Path, model: str, out_dir: Path, reference: str | Path 
     outputs = [t.name for t in served.outputs]
     content_type, binary = "application/json", False
     if served.preprocess and datasets.has_raw(spec):  # what users send: raw texts, encoded images
-        from ..preprocess import reference_preprocessor
+        from ..models.reference import reference_preprocessor
 
         raw, _ = datasets.load_raw(spec, "test")
         raw = raw[:samples] if samples else raw
@@ -168,7 +168,7 @@ TOKEN_ENV = "MODELSHIP_TOKEN"  # how Locust processes get the bearer token: neve
 def request_headers(spec: dict) -> dict:
     import os
 
-    from ..serve.server import bearer
+    from ..serving.server import bearer
 
     return {"Content-Type": spec.get("content_type", "application/json"),
             **bearer(spec.get("token") or os.environ.get(TOKEN_ENV))}

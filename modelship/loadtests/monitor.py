@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 import time
 
-from ..serve import workers
+from ..serving import workers
 from .golden import probe
 
 

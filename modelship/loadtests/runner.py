@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import ArtifactError, GateError
 from ..machine import differences
-from ..serve.server import free_port, read_state
+from ..serving.server import free_port, read_state
 from .golden import TOKEN_ENV, prepare, probe, retarget
 from .monitor import Monitor
 from .summary import Gates, kind_of, summarize

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import ArtifactError, MissingDependencyError
 from ..manifest import MANIFEST, Artifact, Manifest, TensorSpec, is_artifact, load_artifact, sha256_path
-from . import data as datasets
+from .. import data as datasets
 from . import zoo
 
 

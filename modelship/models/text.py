@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ArtifactError
-from . import data as datasets
+from .. import data as datasets
 
 ENCODER = "all-MiniLM-L6-v2"
 LABELS = datasets.DRUGREVIEW_LABELS

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data as datasets
+from .. import data as datasets
 from .zoo import ZooEntry
 
 

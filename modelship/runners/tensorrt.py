@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import EngineMismatchError, ModelshipError
-from ..export.tensorrt import check_compatible, check_shapes, device_facts, max_batch, require_tensorrt
+from ..exporters.tensorrt import check_compatible, check_shapes, device_facts, max_batch, require_tensorrt
 from ..manifest import Artifact
 from .base import Runner
 

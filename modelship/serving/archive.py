@@ -115,7 +115,7 @@ def archive(art: Artifact, store: str | Path, name: str | None = None, config: M
     if not force:
         check_gates(art)
     if man.format == "tensorrt":  # one request must fit the engine's profile; bigger served batches are split
-        from ..export.tensorrt import max_batch
+        from ..exporters.tensorrt import max_batch
 
         limit = max_batch((man.extra.get("tensorrt") or {}).get("profile"))
         if limit and config.max_items > limit:
@@ -175,6 +175,9 @@ def read_mar(path: str | Path) -> Manifest:
                     if n.startswith(("/", "\\")) or not (Path(tmp) / n).resolve().is_relative_to(Path(tmp).resolve()):
                         raise ArtifactError(f"{path}: member '{n}' escapes the archive; refusing it")
                 verify_archive(z, str(path))
+                if HANDLER.name in names and z.read(HANDLER.name) != HANDLER.read_bytes():
+                    raise ArtifactError(f"{path}: archived by another modelship version (its {HANDLER.name} is not "
+                                        "this one's, and it imports this one's modules); archive the artifact again")
                 members = [n for n in names if n == man.file or n.startswith(man.file.rstrip("/") + "/")]
                 if not members:
                     raise ArtifactError(f"{path}: model file '{man.file}' named by the manifest is not inside")

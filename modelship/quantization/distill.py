@@ -12,8 +12,9 @@ import torch
 
 from ..bench import measure
 from ..errors import ArtifactError
-from ..manifest import Artifact, lineage, write_artifact
-from ..models import data as datasets
+from ..lineage import lineage
+from ..manifest import Artifact, write_artifact
+from .. import data as datasets
 from ..models import train as training
 from ..models import zoo
 from ..models.checkpoints import open_source

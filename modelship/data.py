@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ArtifactError
-from ..manifest import sha256_path
+from .errors import ArtifactError
+from .manifest import sha256_path
 
 SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2, "calib": 3}
 

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import ArtifactError, QuantizeError
-from ..manifest import Artifact, inherited_extra, lineage, write_artifact
-from ..models import data as datasets
+from ..lineage import inherited_extra, lineage
+from ..manifest import Artifact, write_artifact
+from .. import data as datasets
 from ..paths import check_out, data_path
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")

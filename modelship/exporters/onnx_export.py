@@ -13,8 +13,9 @@ import torch
 
 from ..errors import ExportError
 from . import DEFAULT_OPSET
-from ..manifest import Artifact, Manifest, inherited_extra, lineage, relpath, write_artifact
-from ..models import data as datasets
+from ..lineage import inherited_extra, lineage
+from ..manifest import Artifact, Manifest, relpath, write_artifact
+from .. import data as datasets
 from ..paths import check_out, data_path
 
 
@@ -41,7 +42,7 @@ OPTIMIZER_TYPES = {"bert": "bert", "roberta": "bert", "distilbert": "bert", "xlm
 def example_feed(src: Artifact, batch: int = 2) -> dict:
     man = src.manifest
     if datasets.has_raw(man.data) and man.preprocess:  # raw samples, preprocessed the source's own way
-        from ..preprocess import reference_preprocessor
+        from ..models.reference import reference_preprocessor
 
         raw, _ = datasets.load_raw(man.data, "test")
         return reference_preprocessor(src)(raw[:batch])

@@ -55,6 +55,7 @@ class Step:
     status: str = "pending"  # ok | failed | skipped
     seconds: float = 0.0
     error: str | None = None
+    kind: str | None = None  # what failed (modelship.errors.KINDS)
     detail: dict = field(default_factory=dict)
 
 
@@ -95,7 +96,7 @@ def _train(key: str):
 
 def _import(run: Run):
     """The user's SOURCE, opened with its --data and --task, copied into the run folder as the root artifact."""
-    from .models import data as datasets
+    from . import data as datasets
     from .models.checkpoints import open_source, save_source
 
     src, _ = open_source(run.cfg.source, data=run.cfg.data, task=run.cfg.task, weights=run.cfg.weights,
@@ -106,45 +107,36 @@ def _import(run: Run):
             "data": datasets.describe(man.data), "preprocess": (man.preprocess or {}).get("kind")}
 
 
+def _judge(run: Run):
+    from .convert import Judge
+
+    return Judge(allow_weak=run.cfg.allow_weak)
+
+
 def _export(key: str, src_key: str):
     def step(run: Run):
-        from .export.onnx_export import export
-        from .models.checkpoints import open_source
-        from .stages import gate_parity
+        from . import convert
 
-        src, module = open_source(run.arts[src_key].path)
-        art = export(src, module, run.out / run.served_name(key))
-        # on the evaluation data: digit PNGs, raw review texts, the user's --data
-        gate_parity(art, reference=(src, module), allow_weak=run.cfg.allow_weak)
-        run.arts[key] = art
+        # judged on the evaluation data: digit PNGs, raw review texts, the user's --data
+        run.arts[key] = convert.export(run.arts[src_key].path, run.out / run.served_name(key), judge=_judge(run))
     return step
 
 
 def _variant(key: str, src_key: str, mode: str):
     def step(run: Run):
-        from .quantize.variants import make_variant
-        from .stages import gate_parity
+        from . import convert
 
-        art = make_variant(run.arts[src_key], mode, run.out / f"{run.name}-{key}")
-        gate_parity(art, allow_weak=run.cfg.allow_weak)
-        run.arts[key] = art
+        run.arts[key] = convert.quantize(run.arts[src_key], mode, run.out / f"{run.name}-{key}", judge=_judge(run))
     return step
 
 
 def _distill(run: Run):
-    from .export.onnx_export import export
-    from .models.checkpoints import open_source
-    from .parity import DEFAULT_TOLERANCES
-    from .quantize.distill import distill
-    from .stages import gate_parity
+    from . import convert
 
-    art, report = distill(run.arts["torch"].path, run.out / f"{run.name}-student-torch")
-    gate_parity(art, reference=open_source(run.arts["torch"].path), tolerance=DEFAULT_TOLERANCES["student"])
-    src, module = open_source(art.path)
-    onnx_art = export(src, module, run.out / f"{run.name}-student-onnx")
-    gate_parity(onnx_art)  # judged against the teacher; the conversion against the student itself
-    run.arts["student"] = onnx_art
-    return {"distillation": report}
+    student = convert.distill(run.arts["torch"], run.out / f"{run.name}-student-torch")
+    # judged against the teacher; the conversion against the student itself
+    run.arts["student"] = convert.export(student, run.out / f"{run.name}-student-onnx")
+    return {"distillation": student.manifest.extra["distillation"]}
 
 
 SERVED = ("torch", "onnx", "int8-dynamic", "int8-static", "fp16", "student", "text-onnx")
@@ -152,7 +144,7 @@ OPTIONAL = ("int8-dynamic", "int8-static", "fp16", "student")  # --variants: the
 
 
 def _archive(run: Run):
-    from .serve.archive import archive
+    from .serving.archive import archive
 
     store = run.out / "model-store"
     for key in SERVED:
@@ -164,7 +156,7 @@ def _archive(run: Run):
 
 
 def _serve(run: Run):
-    from .serve import server
+    from .serving import server
 
     port = run.cfg.port or server.free_port()
     run.arts["server"] = server.start(run.arts["store"], run.state, server.ServeConfig(port=port))
@@ -185,7 +177,7 @@ def _loadtest(run: Run, key: str):
 
 
 def _stop(run: Run):
-    from .serve import server
+    from .serving import server
 
     server.stop(run.state)
 
@@ -196,7 +188,7 @@ TUNE_TOP = 2  # tune searches the variants with the most requests/s in the pipel
 def _tune(run: Run):
     """modelship tune, on a private server of its own, over the main model's TUNE_TOP variants whose load tests
     passed with the most requests/s (a short budget goes further on two than spread over six)."""
-    from .tune import Space, TuneOptions, tune_artifacts
+    from .tuning import Space, TuneOptions, tune_artifacts
 
     keys = [k for k, r in run.results.items() if r["passed"] and not k.startswith("text")]
     if not keys:
@@ -277,9 +269,9 @@ def _step(run: Run, steps: list, label: str, fn, needs, progress) -> None:
             s.detail = fn() or {}
             s.status = "ok"
         except ModelshipError as e:
-            s.status, s.error = "failed", str(e)
+            s.status, s.error, s.kind = "failed", str(e), e.kind
         except Exception as e:  # noqa: BLE001 — recorded in the report, never hidden
-            s.status, s.error = "failed", f"{type(e).__name__}: {e}"
+            s.status, s.error, s.kind = "failed", f"{type(e).__name__}: {e}", "errors"
             s.detail = {"traceback": traceback.format_exc(limit=5)}
         s.seconds = round(time.perf_counter() - t0, 2)
     if progress:

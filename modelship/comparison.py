@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from .errors import ArtifactError, ModelshipError, ParityError
-from .models import data as datasets
+from . import data as datasets
 from .runners import Runner
 
 
@@ -134,12 +134,15 @@ def evaluation_feeds(ref_art, cand_art, spec: dict | None, split: str):
     """(reference feed, candidate feed, labels): the same tensors for both, or, for a candidate with its own
     preprocessing and raw data, raw samples preprocessed two ways: the original way for the reference, the
     recorded way (what serving does) for the candidate."""
-    from .preprocess import open_preprocessor, reference_preprocessor
+    from .models.reference import reference_preprocessor
+    from .preprocess import open_preprocessor
 
     prep = open_preprocessor(cand_art)
     if prep is None or not datasets.has_raw(spec):
         feed, labels = datasets.load(spec, split, cand_art.manifest.inputs)
         return feed, feed, labels
+    if spec.get("name") in ("text", "images") and not spec.get("labels") and cand_art.manifest.labels:
+        spec = {**spec, "labels": cand_art.manifest.labels}  # labels in the user's file may be the model's names
     raw, labels = datasets.load_raw(spec, split)
     original = reference_preprocessor(ref_art)
     if original is None:

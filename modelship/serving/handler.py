@@ -18,7 +18,7 @@ from modelship.integrity import verify_folder
 from modelship.manifest import load_artifact
 from modelship.preprocess import open_preprocessor
 from modelship.runners import open_runner
-from modelship.serve.codec import DESCRIBE, SERVED_ON, Codec, error_body
+from modelship.serving.codec import DESCRIBE, SERVED_ON, Codec, error_body
 
 log = logging.getLogger("modelship")
 

@@ -162,7 +162,7 @@ def until_parity(art: Artifact, mode: str, out: str | Path, opts: QuantizeOption
 
 def _exclude(art, mode, full, opts, data, judge, attempt, tmp, log, attempts) -> list[dict]:
     """The fewest most-sensitive nodes to keep in float so that the gate passes (see the module docstring)."""
-    from ..parity import collect
+    from ..comparison import collect
     from ..preprocess import preprocessed
     from ..runners import open_runner
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ArtifactError, EngineMismatchError, ExportError, MissingDependencyError
-from ..manifest import Artifact, Manifest, inherited_extra, lineage, write_artifact
+from ..lineage import inherited_extra, lineage
+from ..manifest import Artifact, Manifest, write_artifact
 
 # (min, opt, max) per named dim. The batch max covers parity's batches (64) and the most samples one request may
 # carry by default (--max-items 64); the handler splits bigger served batches into runs of at most this many.

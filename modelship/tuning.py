@@ -44,7 +44,7 @@ class Config:
 
     def model_config(self):
         """The archive's model config for this configuration."""
-        from .serve.archive import ModelConfig
+        from .serving.archive import ModelConfig
 
         return ModelConfig(batch_size=self.batch_size, max_batch_delay_ms=self.max_batch_delay_ms,
                            workers=self.workers, threads=self.threads)
@@ -82,7 +82,7 @@ class TuneOptions:
 def expand(paths: list[Path]) -> dict[str, Artifact]:
     """Artifacts to tune, by name: artifact folders, or a run folder (``modelship pipeline``'s output) whose
     artifacts passed their gates."""
-    from .serve.archive import check_gates
+    from .serving.archive import check_gates
 
     out: dict[str, Artifact] = {}
     for p in paths:
@@ -139,8 +139,8 @@ class Tuner:
     # ---- one configuration ------------------------------------------------------------------------------
     def measure(self, cfg: Config) -> dict | None:
         """Serve ``cfg`` and raise concurrency until the SLO breaks or throughput stops growing."""
-        from .serve import server
-        from .serve.archive import archive
+        from .serving import server
+        from .serving.archive import archive
 
         if self.left_s() < 2 * self._level_cost():
             self.skip(cfg, "budget", f"{self.left_s():.0f} s of the budget left")
@@ -271,7 +271,7 @@ class Tuner:
                               f"{knob}={t['config'][knob]} did not gain over {cur['name']}")
 
     def run(self) -> dict:
-        from .serve import server
+        from .serving import server
 
         if not self.arts:
             raise ModelshipError("nothing to tune: no artifacts given")
@@ -338,7 +338,7 @@ def write_winner(result: dict, arts: dict[str, Artifact], out: Path) -> Path | N
     ready for ``modelship serve OUT/model-store``."""
     import yaml
 
-    from .serve.archive import archive
+    from .serving.archive import archive
 
     best = result["best"]
     if best is None:
