@@ -90,6 +90,27 @@ def files_holding(secrets, *roots) -> list:
     return found
 
 
+def label_shifted(onnx_folder, dst):
+    """A copy of an ONNX artifact whose classifier (its last Gemm) has its rows rolled by one class: every label
+    moves. Re-hashed, so it loads as a well-formed artifact that gives wrong answers."""
+    import shutil
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from modelship.manifest import load_artifact, write_artifact
+
+    shutil.copytree(onnx_folder, dst)
+    model = onnx.load(str(dst / "model.onnx"))
+    last = [n for n in model.graph.node if n.op_type == "Gemm"][-1]
+    for init in model.graph.initializer:
+        if init.name in last.input[1:]:
+            init.CopyFrom(numpy_helper.from_array(np.roll(numpy_helper.to_array(init), 1, axis=0), init.name))
+    onnx.save(model, str(dst / "model.onnx"))
+    return write_artifact(dst, load_artifact(dst, verify=False).manifest)
+
+
 def rewrite_mar(src, dst, edit=None, add=None, drop=None):
     """Copy a .mar, passing each member through ``edit(name, data) -> data``, leaving out ``drop`` and adding
     ``add`` members: how tests tamper with archives."""

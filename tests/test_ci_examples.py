@@ -18,7 +18,6 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -175,21 +174,11 @@ def test_gitlab_ci_example_runs(tmp_path, user_venv, user_model):
 def test_a_label_shifted_variant_fails_exactly_its_gates(tmp_path, user_venv, user_model):
     """A candidate artifact whose classifier rows are rolled by one class: its parity and served-agreement cases
     fail with those gates' messages; every other case passes; the job exits non-zero."""
-    import onnx
-    from onnx import numpy_helper
-
     import modelship as ms
-    from modelship.manifest import load_artifact, write_artifact
+    from conftest import label_shifted
 
-    shifted = tmp_path / "shifted"
-    ms.export(user_model, shifted, task="classification", data="digits")
-    graph = onnx.load(str(shifted / "model.onnx"))
-    last = [n for n in graph.graph.node if n.op_type == "Gemm"][-1]
-    for init in graph.graph.initializer:
-        if init.name in last.input[1:]:
-            init.CopyFrom(numpy_helper.from_array(np.roll(numpy_helper.to_array(init), 1, axis=0), init.name))
-    onnx.save(graph, str(shifted / "model.onnx"))
-    write_artifact(shifted, load_artifact(shifted, verify=False).manifest)
+    ms.export(user_model, tmp_path / "exported", task="classification", data="digits")
+    shifted = label_shifted(tmp_path / "exported", tmp_path / "shifted").path
     project = make_project(tmp_path / "repo", user_model, f'candidates = {{shifted = "{shifted}"}}\n')
     done = run_steps(github_commands(), project, user_venv)
     cmd, p, _ = done[-1]

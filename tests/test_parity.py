@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import cli
+from conftest import cli, label_shifted
 from modelship.errors import ArtifactError
 from modelship.manifest import load_artifact, write_artifact
 from modelship import data as datasets
@@ -131,25 +131,13 @@ def test_student_is_judged_against_its_teacher(tmp_path, cnn, student):
 def test_every_variant_of_a_student_is_also_judged_against_the_student(tmp_path, cnn, student, int8_kernels):
     """The student's INT8 carries a `conversion` record against the student at INT8's own tolerance, as its export
     does at FP32's: a label-shifted INT8 of the student fails it, whatever the student tolerance says."""
-    import onnx
-    from onnx import numpy_helper
-
     cli("export", student.path, "--out", tmp_path / "s-onnx", check=0)
     cli("quantize", tmp_path / "s-onnx", "--mode", "dynamic", "--out", tmp_path / "s-int8", check=0)
     rec = load_artifact(tmp_path / "s-int8").manifest.parity
     assert rec["reference"] == str(cnn.path) and rec["tolerance"]["min_top1_agreement"] == 0.95  # vs the teacher
     conv = rec["conversion"]
     assert conv["passed"] and conv["reference"] == str(student.path) and conv["tolerance"]["min_top1_agreement"] == 0.99
-    # the same ONNX with its classifier's rows rolled by one class: every label moves
-    shifted = tmp_path / "shifted"
-    shutil.copytree(tmp_path / "s-onnx", shifted)
-    model = onnx.load(str(shifted / "model.onnx"))
-    last = [n for n in model.graph.node if n.op_type == "Gemm"][-1]
-    for init in model.graph.initializer:
-        if init.name in last.input[1:]:
-            init.CopyFrom(numpy_helper.from_array(np.roll(numpy_helper.to_array(init), 1, axis=0), init.name))
-    onnx.save(model, str(shifted / "model.onnx"))
-    write_artifact(shifted, load_artifact(shifted, verify=False).manifest)
+    shifted = label_shifted(tmp_path / "s-onnx", tmp_path / "shifted").path  # every label moves
     p = cli("quantize", shifted, "--mode", "dynamic", "--out", tmp_path / "bad-int8")
     rec = load_artifact(tmp_path / "bad-int8").manifest.parity
     assert p.returncode == 1 and not rec["conversion"]["passed"] and rec["kind"] == "parity"
