@@ -30,7 +30,7 @@ from .convert import Judge, artifact, compile, data_spec, distill, export, quant
 from .errors import GateError, InputError, ModelshipError, ServeError
 from .manifest import Artifact, load_artifact  # noqa: F401 — the API
 
-__all__ = ["export", "quantize", "distill", "compile", "parity", "archive", "serve", "loadtest", "tune", "pipeline",
+__all__ = ["export", "quantize", "distill", "compile", "parity", "archive", "serve", "loadtest", "promote", "tune", "pipeline",
            "Judge", "Server", "Result", "ParityResult", "LoadResult", "TuneResult", "PipelineResult", "Artifact",
            "load_artifact"]
 
@@ -128,13 +128,21 @@ def parity(candidates, reference=None, *, data=None, split: str = "test", judge:
 
 def archive(art, store, *, name: str | None = None, batch_size: int = 8, max_batch_delay_ms: int = 5,
             workers: int | None = None, threads: int | None = None, response_timeout_s: int = 30,
-            max_items: int = 64, provider: str | None = None, device: str = "cpu", force: bool = False) -> Path:
-    """``STORE/NAME.mar`` for TorchServe (name: the artifact folder's); refuses an artifact without a passed parity
-    record unless ``force``. Workers and threads default from the machine and the model."""
+            max_items: int = 64, provider: str | None = None, device: str = "cpu", force: bool = False,
+            version: str = "1.0", shadow_rate: float = 0.0, shadow_reference=None, shadow_capture=None,
+            shadow_capture_mb: float = 64.0, shadow_queue: int = 256) -> Path:
+    """``STORE/NAME.mar`` for TorchServe (name: the artifact folder's; ``version``: its model version); refuses an
+    artifact without a passed parity record unless ``force``. Workers and threads default from the machine and the
+    model. ``shadow_rate``: the fraction of live requests re-run on the reference (``shadow_reference``, default
+    the root PyTorch model, packed in the archive) and judged; ``shadow_capture``: a folder for the inputs of
+    mismatches (at most ``shadow_capture_mb``); ``shadow_queue``: samples waiting per worker (more are dropped)."""
     from .serving.archive import ModelConfig, archive as pack
 
-    cfg = ModelConfig(batch_size, max_batch_delay_ms, workers, response_timeout_s, max_items, threads, provider, device)
-    return pack(artifact(art), store, name=name, config=cfg, force=force)
+    cfg = ModelConfig(batch_size, max_batch_delay_ms, workers, response_timeout_s, max_items, threads, provider, device,
+                      shadow_rate=shadow_rate, shadow_capture=str(shadow_capture) if shadow_capture else None,
+                      shadow_capture_mb=shadow_capture_mb, shadow_queue=shadow_queue)
+    return pack(artifact(art), store, name=name, config=cfg, force=force, version=version,
+                shadow_reference_of=shadow_reference)
 
 
 def _gates(slo_p95_ms, max_failure_ratio, min_agreement, max_recovery_s, max_memory_growth):
@@ -266,6 +274,7 @@ class Server:
 def serve(store, state=None, *, port: int | None = None, max_request_bytes: int = 1 << 20, job_queue_size: int = 100,
           token_expiration_min: int = 24 * 60, auth: bool = True, startup_timeout_s: float = 120.0,
           model_api: bool = False) -> Server:
+    # model_api: new versions can be registered by the management token's holder (modelship promote)
     """Start TorchServe on 127.0.0.1 (token auth on, model registration off) serving the ``.mar`` files of ``store``
     and return once every model is ready. ``state``: the folder for serve.json, config and logs (default: a new
     0700 temporary folder, removed on stop); ``port``: the inference port (default: a free one)."""
@@ -286,6 +295,22 @@ def serve(store, state=None, *, port: int | None = None, max_request_bytes: int 
             shutil.rmtree(temporary, ignore_errors=True)
         raise
     return Server(info, temporary, signals)
+
+
+def promote(state, model: str, candidate=None, *, samples: int = 200, slo_p95_ms: float | None = None,
+            min_agreement: float | None = None, reference=None, rollback: bool = False, log=lambda msg: None):
+    """Register ``candidate`` (a .mar of a new version) beside the served ``model`` of the server in ``state``
+    (started with ``allow_promote``), judge ``samples`` of its answers against the reference and the current
+    version, then make it the default version or unregister it (GateError, the version kept). ``rollback``:
+    the version the last promote replaced becomes the default again. Evidence in STATE/promote.json."""
+    from . import promote as p
+
+    if rollback:
+        return p.rollback(state, model, log=log)
+    if candidate is None:
+        raise ModelshipError("promote needs a CANDIDATE .mar (or rollback=True)")
+    return p.promote(state, model, candidate, samples=samples, slo_p95_ms=slo_p95_ms, min_agreement=min_agreement,
+                     reference=reference, log=log)
 
 
 def tune(sources, out, slo_p95_ms: float, *, budget_minutes: float = 10.0, seconds: float = 5.0,

@@ -181,17 +181,30 @@ def archive(artifact: Path = typer.Argument(..., help="Any artifact directory (t
             threads: Optional[int] = O(None, min=1, help="Threads per worker (default: from the machine and model)."),
             response_timeout_s: int = O(30, min=1), max_items: int = O(64, min=1, help="Most samples per request."),
             provider: Optional[str] = ProviderOpt, device: str = DeviceOpt, json_path: Optional[Path] = JsonOpt,
-            force: bool = O(False, "--force", help="Archive even without a passed parity record.")):
+            force: bool = O(False, "--force", help="Archive even without a passed parity record."),
+            version: str = O("1.0", "--version", help="Model version (modelship promote registers a new one)."),
+            shadow_rate: float = O(0.0, min=0.0, max=1.0, help="Fraction of live requests re-run on the reference "
+                                   "and judged (shadow parity; 0: off)."),
+            shadow_reference: Optional[Path] = O(None, help="FP32 artifact the shadow runs (default: the root "
+                                                 "PyTorch model)."),
+            shadow_capture: Optional[Path] = O(None, help="Folder for the inputs of shadow mismatches (0600 .npz "
+                                               "files modelship parity --data replays; off unless given)."),
+            shadow_capture_mb: float = O(64.0, min=0.0, help="Most MB the captured inputs may take."),
+            shadow_queue: int = O(256, min=1, help="Shadow samples waiting per worker; more are dropped and counted.")):
     """Pack an artifact into a TorchServe .mar (model file, manifest, handler, model config)."""
     import zipfile
 
     import yaml
     mar = api.archive(artifact, out, name=name, batch_size=batch_size, max_batch_delay_ms=max_batch_delay_ms,
                       workers=workers, threads=threads, response_timeout_s=response_timeout_s, max_items=max_items,
-                      provider=provider, device=device, force=force)
+                      provider=provider, device=device, force=force, version=version, shadow_rate=shadow_rate,
+                      shadow_reference=shadow_reference, shadow_capture=shadow_capture,
+                      shadow_capture_mb=shadow_capture_mb, shadow_queue=shadow_queue)
     cfg = yaml.safe_load(zipfile.ZipFile(mar).read("model-config.yaml"))
     console.print(f"{cfg['minWorkers']} worker(s) × {cfg['handler']['threads']} thread(s)"
                   + (" (from this machine and model)" if workers is None or threads is None else ""))
+    if shadow_rate:
+        console.print(f"shadow parity: {shadow_rate:g} of requests re-run on the reference packed inside")
     console.print(f"archived {artifact} → {mar} ({mar.stat().st_size / 1e6:.2f} MB)")
     write_json(json_path, {"mar": str(mar), "name": mar.stem, "config": cfg})
 
@@ -202,11 +215,13 @@ def serve(store: Optional[Path] = typer.Argument(None, help="Model store with .m
           detach: bool = O(False, "--detach", help="Return once ready."), stop: bool = O(False, "--stop"),
           rotate_token: bool = O(False, "--rotate-token", help="Replace the running server's token(s)."),
           token_type: str = O("inference", "--token-type", help="With --rotate-token: inference, management, both."),
-          port: int = O(8080, "--port", help="Inference port; management, metrics, gRPC = PORT+1..PORT+4."),
+          port: int = O(8080, "--port", help="Inference port; management, metrics, gRPC = PORT+1..PORT+4; shadow metrics PORT+5."),
           max_request_bytes: int = O(1 << 20, help="Bodies over this get HTTP 413."),
           job_queue_size: int = O(100, help="Queued requests per model before TorchServe answers 503."),
           token_expiration_min: int = O(24 * 60), no_auth: bool = O(False, "--no-auth", help="Not for production."),
           startup_timeout_s: float = O(120, help="Give up if models are not ready by then."),
+          allow_promote: bool = O(False, "--allow-promote", help="Open model registration to the management "
+                                  "token's holder (modelship promote)."),
           json_path: Optional[Path] = JsonOpt):
     """Run TorchServe on 127.0.0.1 with token auth on and model registration off."""
     from .serving import server
@@ -224,11 +239,13 @@ def serve(store: Optional[Path] = typer.Argument(None, help="Model store with .m
         raise ModelshipError("serve needs a STORE folder of .mar files (or --stop)")
     with err.status("starting TorchServe and waiting for models…"):
         running = api.serve(store, state, port=port, max_request_bytes=max_request_bytes, job_queue_size=job_queue_size,
-                            token_expiration_min=token_expiration_min, auth=not no_auth, startup_timeout_s=startup_timeout_s)
+                            token_expiration_min=token_expiration_min, auth=not no_auth, startup_timeout_s=startup_timeout_s,
+                            model_api=allow_promote)
     info = running.info
     write_json(json_path, server.public(info))  # tokens stay in serve.json (0600) only
     console.print(f"serving {', '.join(info['models'])} at {info['inference_url']}/predictions/NAME "
-                  f"(token in {Path(state) / server.STATE_FILE}; metrics {info['metrics_url']}/metrics)")
+                  f"(token in {Path(state) / server.STATE_FILE}; metrics {info['metrics_url']}/metrics and "
+                  f"{info['shadow_metrics_url']}/metrics)")
     if detach:
         return running.detach()  # it keeps running; `serve --stop` stops it
     running.wait()  # until Ctrl-C, SIGTERM or SIGHUP: TorchServe and its workers stop with it
@@ -247,6 +264,37 @@ def predict(file: Path = typer.Argument(..., help="A .json request body or a .np
     if r.status_code != 200:
         raise ModelshipError(f"HTTP {r.status_code}: {payload.get('message', payload)}")
     console.print_json(data=payload)
+
+
+@app.command()
+def promote(candidate: Optional[Path] = typer.Argument(None, help="The new version's .mar (modelship archive "
+                                                      "--name NAME --version V)."),
+            state: Path = O(..., "--state", help="State of a server started with --allow-promote."),
+            model: str = O(..., "--model", help="The served model the candidate replaces."),
+            samples: int = O(200, "--samples", min=1, help="Answers judged before deciding."),
+            slo_p95_ms: Optional[float] = O(None, "--slo-p95-ms", help="Refuse a candidate slower than this at p95."),
+            min_agreement: Optional[float] = O(None, "--min-agreement", help="Agreement floor (default: the "
+                                               "candidate's precision's; FP32 1.0)."),
+            reference: Optional[Path] = O(None, help="Reference model (default: the candidate's)."),
+            rollback: bool = O(False, "--rollback", help="Make the version the last promote replaced the default."),
+            json_path: Optional[Path] = JsonOpt):
+    """Register a new version beside the served one, judge it on live-path answers, then make it the default or
+    unregister it; --rollback undoes the last promote."""
+    from dataclasses import asdict
+
+    if not rollback and candidate is None:
+        raise ModelshipError("promote needs a CANDIDATE .mar (or --rollback)")
+    try:
+        res = api.promote(state, model, candidate, samples=samples, slo_p95_ms=slo_p95_ms, min_agreement=min_agreement,
+                          reference=reference, rollback=rollback, log=lambda m: err.print(m, highlight=False))
+    except GateError as e:
+        console.print(tables.promote_table(e.result))
+        write_json(json_path, asdict(e.result))
+        raise
+    if not rollback:
+        console.print(tables.promote_table(res))
+    console.print(f"{model}: version {res.version} is the default (was {res.previous})")
+    write_json(json_path, asdict(res))
 
 
 @app.command()

@@ -302,3 +302,71 @@ def enforce(rec: dict) -> dict:
         raise ParityError(f"parity failed for {rec['artifact']} ({rec['backend']}, {rec['precision']}): "
                           + "; ".join(rec["failures"]), rec)
     return rec
+
+
+@dataclass
+class Verdict:
+    label_ok: bool | None  # classifiers: the served label index equals the reference's
+    within: bool  # every returned output within tolerance (and none missing)
+    diff: float  # worst |served - reference| over every output of this answer
+    why: str = ""
+    served_on: dict | None = None  # where the answer was computed (the handler's Modelship-Served-On header)
+
+    @property
+    def ok(self) -> bool:
+        return self.within and self.label_ok is not False
+
+
+def _judge(name: str, got, want: np.ndarray, atol, rtol, cap=None) -> tuple[bool, float, str]:
+    got = np.asarray(got, dtype=np.float64)
+    if got.shape != want.shape:
+        return False, float("inf"), f"output '{name}' has shape {list(got.shape)}, reference {list(want.shape)}"
+    d = np.abs(got - want)
+    diff = float(d.max()) if d.size else 0.0
+    if atol is not None and np.any(beyond(want, d, atol, rtol, cap)):
+        return False, diff, f"output '{name}' |diff| {diff:.3g} > {bound_text(atol, rtol, cap)}"
+    return True, diff, ""
+
+
+def check(spec: dict, golden, i: int, payload: dict) -> Verdict:
+    """The verdict on a served answer (``payload``, as the REST API returns it) to sample ``i`` of ``golden`` (the
+    reference's outputs: ``out0``.. by output position, and a classifier's ``probabilities`` and ``index``),
+    judged with ``spec``'s task, outputs and tolerance: what the load test and shadow parity both decide with."""
+    tol = Tolerance.from_dict(spec["tolerance"])
+    problems, worst, label_ok, within = [], 0.0, None, True
+    expected = list(spec["outputs"])
+    returned = dict(payload.get("outputs") or {})
+    if spec["task"] == "classification":
+        first = expected.pop(0)
+        label_ok = payload["index"] == int(golden["index"][i])
+        if not label_ok:
+            problems.append(f"label index {payload['index']}, reference {int(golden['index'][i])}")
+        ok, diff, why = _judge("probabilities", payload["probabilities"], golden["probabilities"][i],
+                               tol.max_prob_diff, 0.0)
+        worst, within = max(worst, diff), within and ok
+        problems += [why] if why else []
+        returned.pop(first, None)
+    for name in expected:
+        if name not in returned:
+            problems.append(f"output '{name}' is missing from the answer")
+            worst, within = float("inf"), False
+            continue
+        key = f"out{spec['outputs'].index(name)}"  # golden arrays are stored by output position
+        ok, diff, why = _judge(name, returned.pop(name), golden[key][i], *tol.for_output(name))
+        worst, within = max(worst, diff), within and ok
+        problems += [why] if why else []
+    if returned:
+        problems.append(f"unexpected output(s) {', '.join(sorted(returned))}")
+        within = False
+    return Verdict(label_ok, within, worst, f"sample {i}: " + "; ".join(problems) if problems else "")
+
+
+def golden_of(task: str, outputs: list[str], ref: dict) -> dict:
+    """The reference's outputs as ``check`` reads them (see ``check``)."""
+    golden = {f"out{j}": np.asarray(ref[o], dtype=np.float32) for j, o in enumerate(outputs)}
+    if task == "classification":  # the softmax the REST codec answers with
+        z = np.asarray(ref[outputs[0]], dtype=np.float64)
+        z = np.exp(z - z.max(-1, keepdims=True))
+        golden["probabilities"] = (z / z.sum(-1, keepdims=True)).astype(np.float32)
+        golden["index"] = golden["probabilities"].argmax(-1)
+    return golden

@@ -107,3 +107,21 @@ def pipeline_table(report: dict) -> Table:
 
     return table(f"pipeline {report['model']}", [h for _, h, _ in COLS],
                  [[cell(r[k], f) for k, _, f in COLS] for r in report["variants"]])
+
+
+def promote_table(r) -> Table:
+    """What a promote judged: the current version beside the candidate."""
+    t = Table(title=f"promote {r.model}: version {r.version} {r.decision.upper()}")
+    for c in ("", f"version {r.previous} (current)", f"version {r.version} (candidate)"):
+        t.add_column(c)
+    f = lambda v, spec: "—" if v is None else format(v, spec)
+    t.add_row("answers judged", str(r.samples), str(r.samples))
+    t.add_row("p95 ms", f(r.p95_ms_current, ".1f"), f(r.p95_ms_candidate, ".1f")
+              + (f" (SLO {r.slo_p95_ms:g})" if r.slo_p95_ms is not None else ""))
+    t.add_row("agreement with the reference", "", f(r.agreement_reference, ".4f"))
+    t.add_row("agreement with the current", "", f(r.agreement_current, ".4f"))
+    t.add_row("max |diff| vs reference / current", "", f"{f(r.max_abs_diff_reference, '.3g')} / "
+                                                      f"{f(r.max_abs_diff_current, '.3g')}")
+    for x in r.failures:
+        t.add_row(f"[red]{x['kind']}[/]", "", x["message"])
+    return t

@@ -9,7 +9,7 @@ import modelship as ms
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # three workers on two cores: one compute thread each, no spinning pools
 
 
-SERVERS = {"served", "sturdy"}  # fixtures that start a TorchServe: their tests share one worker
+SERVERS = {"served", "sturdy", "shadow_server"}  # fixtures that start a TorchServe: their tests share one worker
 FIRST = ("test_readme.py", "test_pipeline.py", "test_tune.py")  # the longest runs start first, so no worker waits on them at the end
 
 

@@ -9,7 +9,7 @@ output it returns, matched by name, shape-checked, within the artifact's precisi
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -17,73 +17,19 @@ import numpy as np
 from ..errors import ArtifactError, ServeError
 from ..manifest import load_artifact
 from .. import data as datasets
-from ..comparison import Tolerance, beyond, bound_text, collect, served_tolerance
+from ..comparison import Verdict, check, collect, golden_of, served_tolerance  # noqa: F401 — check: the one verdict
 from ..serving.archive import read_mar
-from ..serving.codec import DESCRIBE, SERVED_ON, softmax
+from ..serving.codec import DESCRIBE, SERVED_ON
 from ..serving.server import read_state
-
-
-@dataclass
-class Verdict:
-    label_ok: bool | None  # classifiers: the served label index equals the reference's
-    within: bool  # every returned output within tolerance (and none missing)
-    diff: float  # worst |served - reference| over every output of this answer
-    why: str = ""
-    served_on: dict | None = None  # where the answer was computed (the handler's Modelship-Served-On header)
-
-    @property
-    def ok(self) -> bool:
-        return self.within and self.label_ok is not False
-
-
-def _judge(name: str, got, want: np.ndarray, atol, rtol, cap=None) -> tuple[bool, float, str]:
-    got = np.asarray(got, dtype=np.float64)
-    if got.shape != want.shape:
-        return False, float("inf"), f"output '{name}' has shape {list(got.shape)}, reference {list(want.shape)}"
-    d = np.abs(got - want)
-    diff = float(d.max()) if d.size else 0.0
-    if atol is not None and np.any(beyond(want, d, atol, rtol, cap)):
-        return False, diff, f"output '{name}' |diff| {diff:.3g} > {bound_text(atol, rtol, cap)}"
-    return True, diff, ""
-
-
-def check(spec: dict, golden, i: int, payload: dict) -> Verdict:
-    """The verdict on the answer to sample ``i``; ``golden`` is the loaded golden.npz."""
-    tol = Tolerance.from_dict(spec["tolerance"])
-    problems, worst, label_ok, within = [], 0.0, None, True
-    expected = list(spec["outputs"])
-    returned = dict(payload.get("outputs") or {})
-    if spec["task"] == "classification":
-        first = expected.pop(0)
-        label_ok = payload["index"] == int(golden["index"][i])
-        if not label_ok:
-            problems.append(f"label index {payload['index']}, reference {int(golden['index'][i])}")
-        ok, diff, why = _judge("probabilities", payload["probabilities"], golden["probabilities"][i],
-                               tol.max_prob_diff, 0.0)
-        worst, within = max(worst, diff), within and ok
-        problems += [why] if why else []
-        returned.pop(first, None)
-    for name in expected:
-        if name not in returned:
-            problems.append(f"output '{name}' is missing from the answer")
-            worst, within = float("inf"), False
-            continue
-        key = f"out{spec['outputs'].index(name)}"  # golden arrays are stored by output position
-        ok, diff, why = _judge(name, returned.pop(name), golden[key][i], *tol.for_output(name))
-        worst, within = max(worst, diff), within and ok
-        problems += [why] if why else []
-    if returned:
-        problems.append(f"unexpected output(s) {', '.join(sorted(returned))}")
-        within = False
-    return Verdict(label_ok, within, worst, f"sample {i}: " + "; ".join(problems) if problems else "")
 
 
 def prepare(state: str | Path, model: str, out_dir: Path, reference: str | Path | None = None,
             samples: int | None = None, data: dict | None = None, overrides: dict | None = None,
-            per_output: dict | None = None) -> dict:
+            per_output: dict | None = None, mar: Path | None = None) -> dict:
     """Write the request bodies and the golden outputs of the root PyTorch model for one served model.
     ``data``: the user's evaluation data (default: the served artifact's); ``overrides`` / ``per_output``:
-    the command line's changes to the served artifact's precision tolerance."""
+    the command line's changes to the served artifact's precision tolerance; ``mar``: the archive served
+    (default: STORE/MODEL.mar; another version's for modelship promote)."""
     from ..models.checkpoints import open_source
     from ..runners.torch_runner import TorchRunner
     from ..stages import reference_of
@@ -91,7 +37,7 @@ def prepare(state: str | Path, model: str, out_dir: Path, reference: str | Path 
     info = read_state(state)
     if model not in info["models"]:
         raise ServeError(f"model '{model}' is not served from {state}; served: {', '.join(info['models'])}")
-    served = read_mar(Path(info["store"]) / f"{model}.mar")
+    served = read_mar(mar or Path(info["store"]) / f"{model}.mar")
     source = (served.extra.get("archive") or {}).get("source")
     if reference:
         ref_art, module = open_source(reference)
@@ -128,10 +74,7 @@ def prepare(state: str | Path, model: str, out_dir: Path, reference: str | Path 
     if missing:
         raise ArtifactError(f"the reference {ref_art.path} has no output(s) {', '.join(missing)} that '{model}' answers")
     out_dir.mkdir(parents=True, exist_ok=True)
-    golden = {f"out{j}": ref[o] for j, o in enumerate(outputs)}
-    if served.task == "classification":
-        probs = softmax(ref[outputs[0]])
-        golden.update(probabilities=probs, index=probs.argmax(-1))
+    golden = golden_of(served.task, outputs, ref)
     np.savez(out_dir / "golden.npz", **golden)
     (out_dir / "bodies.json").write_text(json.dumps(bodies))
     tol = served_tolerance(served).adjusted(overrides, per_output)

@@ -18,11 +18,13 @@ import yaml
 from ..errors import ArtifactError, ServeError
 from ..machine import cores
 from ..integrity import check_seal, seal, seal_archive, verify_archive
-from ..manifest import MANIFEST, Artifact, Manifest, inside, sha256_path, size_mb
+from ..manifest import MANIFEST, Artifact, Manifest, inside, sha256_path, size_mb, write_artifact
 from ..preprocess import FOLDER as PREPROCESS
 
 HANDLER = Path(__file__).with_name("handler.py")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z_.-]{0,31}$")
+SHADOW_REFERENCE = "shadow-reference"  # the folder inside a .mar holding the reference that shadow parity runs
 
 
 @dataclass
@@ -37,6 +39,10 @@ class ModelConfig:
     threads: int | None = None  # compute threads per worker; None: from the machine and the model
     provider: str | None = None
     device: str = "cpu"
+    shadow_rate: float = 0.0  # the fraction of live requests re-run on the reference (shadow parity); 0: off
+    shadow_queue: int = 256  # samples waiting for the reference; a full queue drops (and counts) the sample
+    shadow_capture: str | None = None  # folder for the inputs of mismatched answers (off unless given)
+    shadow_capture_mb: float = 64.0  # the most those inputs may take
 
     def for_model(self, art: Artifact) -> "ModelConfig":
         """This config with workers and threads filled in from the machine and the model where not given."""
@@ -48,9 +54,14 @@ class ModelConfig:
             raise ArtifactError(f"batch delay {self.max_batch_delay_ms} ms with batch size {self.batch_size}: "
                                 "expected 1 ms or more (TorchServe takes 0 as its 100 ms default); with batch "
                                 "size 1 the delay is never waited")
+        if not 0.0 <= self.shadow_rate <= 1.0:
+            raise ArtifactError(f"shadow rate {self.shadow_rate}: expected a fraction of requests from 0 to 1")
         handler = {"max_items": self.max_items, "threads": self.threads, "device": self.device}
         if self.provider:
             handler["provider"] = self.provider
+        if self.shadow_rate:
+            handler["shadow"] = {"rate": self.shadow_rate, "queue": self.shadow_queue,
+                                 "capture": self.shadow_capture, "capture_mb": self.shadow_capture_mb}
         return {"minWorkers": self.workers, "maxWorkers": self.workers, "batchSize": self.batch_size,
                 "maxBatchDelay": self.max_batch_delay_ms, "responseTimeout": self.response_timeout_s,
                 "handler": handler}
@@ -104,13 +115,54 @@ def archiver() -> str:
     return exe
 
 
+def shadow_reference(art: Artifact, reference: str | Path | None = None) -> Artifact:
+    """The model shadow parity re-runs sampled requests on: ``reference`` (an FP32 artifact of the same inputs and
+    outputs), or the root PyTorch model of ``art``'s lineage — what the load test judges served answers against."""
+    from ..manifest import load_artifact
+    from ..stages import reference_of
+
+    if reference is None:
+        return reference_of(art)[0]
+    ref = load_artifact(reference)
+    if ref.manifest.precision != "fp32":
+        raise ArtifactError(f"{reference}: a {ref.manifest.precision} artifact; a shadow reference must be FP32 "
+                            "(the root PyTorch model, or its FP32 ONNX export)")
+    if [t.name for t in ref.manifest.inputs] != [t.name for t in art.manifest.inputs] or \
+            [t.name for t in ref.manifest.outputs] != [t.name for t in art.manifest.outputs]:
+        raise ArtifactError(f"{reference}: its inputs/outputs ({', '.join(t.name for t in ref.manifest.inputs)} -> "
+                            f"{', '.join(t.name for t in ref.manifest.outputs)}) are not those of {art.path}; "
+                            "expected a reference of the same model")
+    return ref
+
+
+def _pack_reference(ref: Artifact, dst: Path) -> None:
+    """``ref``'s model file and a manifest for it in ``dst`` (a folder inside the archive)."""
+    dst.mkdir(parents=True)
+    man = Manifest.from_dict(ref.manifest.to_dict())
+    man.reference, man.parity = None, None  # run as it is: its own lineage is not needed to serve it
+    if ref.model_path.is_dir():
+        shutil.copytree(ref.model_path, dst / man.file)
+    else:
+        (dst / man.file).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ref.model_path, dst / man.file)
+    write_artifact(dst, man)
+
+
 def archive(art: Artifact, store: str | Path, name: str | None = None, config: ModelConfig | None = None,
-            force: bool = False) -> Path:
-    """Write ``STORE/NAME.mar``; refuses artifacts without a passed parity record unless ``force``."""
+            force: bool = False, version: str = "1.0", shadow_reference_of: str | Path | None = None) -> Path:
+    """Write ``STORE/NAME.mar``; refuses artifacts without a passed parity record unless ``force``. With a shadow
+    rate in ``config``, the reference (``shadow_reference_of``, or the root PyTorch model) travels inside it."""
     config = (config or ModelConfig()).for_model(art)
     name = name or art.path.name
     if not NAME_RE.match(name):
         raise ArtifactError(f"model name '{name}': expected letters, digits, '-', '_' or '.' (at most 64)")
+    if not VERSION_RE.match(version):
+        raise ArtifactError(f"version '{version}': expected letters, digits, '.', '-' or '_' (at most 32), e.g. 2.0")
+    if shadow_reference_of is not None and not config.shadow_rate:
+        raise ArtifactError("a shadow reference was given without a shadow rate; pass --shadow-rate (e.g. 0.01)")
+    if config.shadow_capture and not Path(config.shadow_capture).is_absolute():
+        config = replace(config, shadow_capture=str(Path(config.shadow_capture).resolve()))
+    ref = shadow_reference(art, shadow_reference_of) if config.shadow_rate else None
     man = art.manifest
     if not force:
         check_gates(art)
@@ -140,10 +192,14 @@ def archive(art: Artifact, store: str | Path, name: str | None = None, config: M
             serialized = ["--serialized-file", str(model_path)]
         if man.preprocess and (art.path / PREPROCESS).is_dir():  # the tokenizer travels with the model
             shutil.copytree(art.path / PREPROCESS, folders / PREPROCESS)
+        if ref is not None:
+            _pack_reference(ref, folders / SHADOW_REFERENCE)
+            served.extra["archive"]["shadow_reference"] = str(ref.path)
+            (tmp / MANIFEST).write_text(json.dumps(seal(served.to_dict()), indent=2))
         if folders.is_dir():
             extra.append(str(folders))
 
-        cmd = [archiver(), "--model-name", name, "--version", "1.0", "--handler", str(HANDLER),
+        cmd = [archiver(), "--model-name", name, "--version", version, "--handler", str(HANDLER),
                *serialized, "--extra-files", ",".join(extra), "--config-file", str(tmp / "model-config.yaml"),
                "--export-path", str(store), "--force"]
         # the archiver stages files in TMPDIR/NAME: a folder of our own, so two archives of one name never collide

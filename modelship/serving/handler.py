@@ -9,6 +9,7 @@ import json
 import logging
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 
@@ -42,6 +43,20 @@ class ModelshipHandler:
             raise
         self.codec = Codec(self.artifact.manifest, max_items=int(opts.get("max_items", 64)), prep=prep)
         self.served_on = json.dumps(kernel_facts(self.runner.provider))  # answered to requests that ask (load tests)
+        self.shadow = None
+        if (opts.get("shadow") or {}).get("rate"):
+            from modelship.serving.archive import SHADOW_REFERENCE
+            from modelship.serving.shadow import Shadow
+
+            s = opts["shadow"]
+            version = ((getattr(context, "manifest", None) or {}).get("model") or {}).get("modelVersion", "1.0")
+            try:
+                self.shadow = Shadow(Path(model_dir) / SHADOW_REFERENCE, self.artifact.manifest,
+                                     getattr(context, "model_name", self.artifact.manifest.name), version, s["rate"],
+                                     s.get("queue", 256), s.get("capture"), s.get("capture_mb", 64.0))
+            except ModelshipError as e:
+                log.error("modelship: refusing to load %s: its shadow reference: %s", model_dir, e)
+                raise
         self.initialized = True
 
     def handle(self, data, context):
@@ -77,6 +92,8 @@ class ModelshipHandler:
                 for (i, req), out in zip(chunk, outs):
                     if out is not None:
                         answers[i] = self._reply(context, i, self.codec.encode(req, out))
+                        if self.shadow is not None:  # sampled and queued; judged off the request path
+                            self.shadow.offer(req.feed, out, data[i].get("body"), _request_id(context, i))
                 spent["encode"] += time.perf_counter() - t2
         timing = ", ".join(f"{k};dur={v * 1e3:.3f}" for k, v in spent.items())
         for i in range(len(data)):
@@ -142,6 +159,13 @@ def _header(context, idx, name: str) -> str | None:
     try:
         return context.get_request_header(idx, name) or context.get_request_header(idx, name.lower())
     except Exception:  # noqa: BLE001 — a context without headers (tests, the in-process path)
+        return None
+
+
+def _request_id(context, idx) -> str | None:
+    try:
+        return context.get_request_id(idx)
+    except Exception:  # noqa: BLE001 — a context without request ids (the in-process path)
         return None
 
 

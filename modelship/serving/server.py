@@ -42,13 +42,15 @@ FATAL_LOG = re.compile(r"(modelship: refusing to load.*|ModuleNotFoundError.*|Lo
 
 @dataclass
 class ServeConfig:
-    port: int = 8080  # inference; management = port+1, metrics = port+2, gRPC inference/management = port+3/+4
+    port: int = 8080  # inference; management = port+1, metrics = port+2, gRPC inference/management = port+3/+4,
+    # modelship's own metrics (shadow parity) = port+5
     max_request_bytes: int = 1 << 20
     job_queue_size: int = 100
     token_auth: bool = True
     token_expiration_min: int = 24 * 60
     startup_timeout_s: float = 120.0
-    model_api: bool = False  # registration through the management API (modelship tune's private server only)
+    model_api: bool = False  # registration through the management API, for the management token's holder only
+    # (modelship tune's private server, and serve --allow-promote for modelship promote)
 
     def properties(self, store: Path) -> str:
         host = "http://127.0.0.1"
@@ -61,7 +63,8 @@ class ServeConfig:
             "grpc_management_address": "127.0.0.1",
             "grpc_management_port": str(self.port + 4),
             "model_store": str(store),
-            "load_models": "all",
+            # the store's models, by name: a candidate modelship promote keeps there (.promote-*.mar) is not one
+            "load_models": ",".join(m.name for m in visible_mars(store)),
             "enable_model_api": "true" if self.model_api else "false",
             "disable_token_authorization": "false" if self.token_auth else "true",
             "token_expiration_min": str(self.token_expiration_min),
@@ -76,6 +79,10 @@ class ServeConfig:
             "async_logging": "true",
         }
         return "".join(f"{k}={v}\n" for k, v in lines.items())
+
+
+def visible_mars(store: Path) -> list[Path]:
+    return sorted(m for m in Path(store).glob("*.mar") if not m.name.startswith("."))
 
 
 def check_java() -> str:
@@ -101,7 +108,8 @@ def port_free(port: int) -> bool:
             return False
 
 
-PORTS = 5  # inference, management, metrics, gRPC inference, gRPC management
+PORTS = 6  # inference, management, metrics, gRPC inference, gRPC management, modelship's metrics
+METRICS_DIR = "metrics"  # in the state folder: every worker's prometheus-client counters (multiprocess mode)
 
 
 def free_port(span: int = PORTS) -> int:
@@ -155,7 +163,7 @@ def start(store: str | Path, state: str | Path, config: ServeConfig | None = Non
     store, state = Path(store).resolve(), Path(state).resolve()
     if not store.is_dir():
         raise ServeError(f"{store}: model store not found; expected a folder of .mar files (modelship archive)")
-    mars = sorted(store.glob("*.mar"))
+    mars = visible_mars(store)
     if not mars and not config.model_api:  # with the model API, models are registered once it runs
         raise ServeError(f"{store}: no .mar files; create one with: modelship archive ARTIFACT --out {store}")
     models = {m.stem: read_mar(m).name for m in mars}  # a broken .mar fails here, in one line
@@ -180,6 +188,8 @@ def start(store: str | Path, state: str | Path, config: ServeConfig | None = Non
     (state / "tmp").mkdir(exist_ok=True)
     for stale in ("key_file.json", STATE_FILE):
         (state / stale).unlink(missing_ok=True)
+    shutil.rmtree(state / METRICS_DIR, ignore_errors=True)  # counters start from zero with the server
+    (state / METRICS_DIR).mkdir()
     cfg = state / "config.properties"
     cfg.write_text(config.properties(store))
     # TorchServe names each worker's Unix socket java.io.tmpdir/.ts.sock.9000, 9001, ... (TEMP sets it): a
@@ -187,14 +197,22 @@ def start(store: str | Path, state: str | Path, config: ServeConfig | None = Non
     sockets = state / "tmp" if len(str(state)) < 80 else Path(tempfile.mkdtemp(prefix="modelship-"))  # 108-byte limit
     env = {**os.environ, "TMPDIR": str(state / "tmp"), "TEMP": str(sockets), "LOG_LOCATION": str(state / "logs"),
            "METRICS_LOCATION": str(state / "logs"), "TS_DISABLE_SYSTEM_METRICS": "false",
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "PROMETHEUS_MULTIPROC_DIR": str(state / METRICS_DIR)}
     exe = shutil.which("torchserve") or str(Path(sys.executable).with_name("torchserve"))
+    # modelship's metrics exporter starts in TorchServe's session and process group (a shell starts it, then
+    # becomes TorchServe): every stop that ends TorchServe's group ends it too
+    env.update(MODELSHIP_PY=sys.executable, MODELSHIP_METRICS_PORT=str(config.port + 5),
+               MODELSHIP_METRICS_LOG=str(state / "logs" / "metrics.out"))
+    launch = ('"$MODELSHIP_PY" -m modelship.serving.metrics "$PROMETHEUS_MULTIPROC_DIR" "$MODELSHIP_METRICS_PORT" '
+              '>> "$MODELSHIP_METRICS_LOG" 2>&1 < /dev/null & exec "$@"')
     with open(state / "logs" / "torchserve.out", "ab") as out:  # the child keeps its own handle
-        proc = subprocess.Popen([exe, "--start", "--foreground", "--ncs", "--model-store", str(store),
-                                 "--ts-config", str(cfg)], cwd=state, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(["/bin/sh", "-c", launch, "sh", exe, "--start", "--foreground", "--ncs",
+                                 "--model-store", str(store), "--ts-config", str(cfg)], cwd=state, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     info = {"status": "starting", "inference_url": f"http://127.0.0.1:{config.port}",
             "management_url": f"http://127.0.0.1:{config.port + 1}", "metrics_url": f"http://127.0.0.1:{config.port + 2}",
+            "shadow_metrics_url": f"http://127.0.0.1:{config.port + 5}", "model_api": config.model_api,
             "token": None, "management_token": None, "models": sorted(models), "pid": proc.pid,
             "pid_started": _started(proc.pid), "store": str(store), "state": str(state),
             "max_request_bytes": config.max_request_bytes,

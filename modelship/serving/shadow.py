@@ -1,0 +1,161 @@
+"""Shadow parity: a sampled fraction of live requests re-run on the variant's reference, off the request path.
+
+The handler offers each answered request (its decoded inputs and the outputs it answered with); a fraction
+``rate`` is put on a bounded queue without waiting, and a full queue drops the sample and counts it. One thread
+per worker runs the reference (packed in the .mar) on the queued inputs and judges the served answer with the
+load test's own verdict (``comparison.check``, the served tolerance). Metrics go through prometheus-client: in
+multiprocess mode under TorchServe (``PROMETHEUS_MULTIPROC_DIR``, set by ``modelship serve``, whose exporter
+serves the sum of every worker), in one in-process registry otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import queue
+import random
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from ..comparison import check, collect, golden_of, served_tolerance
+from ..manifest import Manifest, load_artifact
+from ..runners import open_runner
+
+log = logging.getLogger("modelship")
+
+DIFF_BUCKETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
+LABELS = ("model", "version")
+_metrics = None
+_metrics_lock = threading.Lock()
+
+
+def metrics():
+    """The shadow metrics (created once per process; labelled by model and version)."""
+    global _metrics
+    with _metrics_lock:
+        if _metrics is None:
+            from prometheus_client import Counter, Histogram
+
+            _metrics = {
+                "sampled": Counter("modelship_shadow_sampled", "Live requests sampled for a shadow check", LABELS),
+                "checked": Counter("modelship_shadow_checked", "Sampled requests re-run on the reference and judged",
+                                   LABELS),
+                "mismatch": Counter("modelship_shadow_mismatch", "Checked requests whose served answer the reference "
+                                    "disagreed with (kind: label, or a difference beyond the tolerance)",
+                                    LABELS + ("kind",)),
+                "dropped": Counter("modelship_shadow_dropped", "Sampled requests not checked (reason: queue_full, "
+                                   "reference_error)", LABELS + ("reason",)),
+                "diff": Histogram("modelship_shadow_abs_diff", "Worst absolute difference of a checked answer from "
+                                  "the reference, over every output", LABELS, buckets=DIFF_BUCKETS),
+            }
+    return _metrics
+
+
+class Shadow:
+    """Re-runs sampled requests of one served model version on its reference, in a thread of its own."""
+
+    def __init__(self, reference_dir: Path, served: Manifest, model: str, version: str, rate: float,
+                 queue_size: int = 256, capture: str | None = None, capture_mb: float = 64.0):
+        from .codec import Codec
+
+        self.rate, self.model, self.version = float(rate), model, str(version)
+        self.spec = {"task": served.task, "outputs": [t.name for t in served.outputs],
+                     "tolerance": asdict(served_tolerance(served))}
+        self.codec = Codec(served)
+        self.reference = open_runner(load_artifact(reference_dir, verify=True), threads=1)
+        self.capture = Path(capture) if capture else None
+        self.capture_bytes = int(capture_mb * 1e6)
+        self.queue: queue.Queue = queue.Queue(maxsize=max(1, int(queue_size)))
+        m = metrics()
+        self.sampled, self.checked = m["sampled"].labels(model, self.version), m["checked"].labels(model, self.version)
+        self.mismatch = {k: m["mismatch"].labels(model, self.version, k) for k in ("label", "tolerance")}
+        self.dropped = {k: m["dropped"].labels(model, self.version, k) for k in ("queue_full", "reference_error")}
+        self.diff = m["diff"].labels(model, self.version)
+        self._thread = threading.Thread(target=self._loop, name=f"modelship-shadow-{model}", daemon=True)
+        self._thread.start()
+
+    def offer(self, feed: dict, outputs: dict, body, request_id: str | None) -> None:
+        """On the request path: sample, and queue without waiting (a full queue drops and counts)."""
+        if self.rate < 1.0 and random.random() >= self.rate:
+            return
+        self.sampled.inc()
+        try:
+            self.queue.put_nowait((feed, outputs, body, request_id))
+        except queue.Full:
+            self.dropped["queue_full"].inc()
+
+    def _loop(self) -> None:
+        while True:
+            feed, outputs, body, request_id = self.queue.get()
+            try:
+                self._judge(feed, outputs, body, request_id)
+            except Exception as e:  # noqa: BLE001 — a check that could not run is counted, never fatal
+                self.dropped["reference_error"].inc()
+                log.warning("modelship shadow: request %s could not be re-run on the reference (%s: %s)",
+                            request_id, type(e).__name__, e)
+            finally:
+                self.queue.task_done()
+
+    def _judge(self, feed: dict, outputs: dict, body, request_id: str | None) -> None:
+        golden = golden_of(self.spec["task"], self.spec["outputs"], collect(self.reference, feed))
+        n = len(next(iter(outputs.values())))
+        verdicts = [check(self.spec, golden, i, self.codec.simple_item(outputs, i)) for i in range(n)]
+        worst = max(v.diff for v in verdicts)
+        self.checked.inc()
+        self.diff.observe(worst if np.isfinite(worst) else 1e30)
+        bad = [v for v in verdicts if not v.ok]
+        if not bad:
+            return
+        kind = "label" if any(v.label_ok is False for v in bad) else "tolerance"
+        self.mismatch[kind].inc()
+        digest = input_hash(body, feed)
+        log.warning("modelship shadow mismatch: model %s version %s request %s input sha256 %s kind %s "
+                    "max|diff| %.4g: %s", self.model, self.version, request_id, digest, kind, worst, bad[0].why)
+        if self.capture is not None:
+            self._keep(feed, digest, request_id)
+
+    def _keep(self, feed: dict, digest: str, request_id: str | None) -> None:
+        """The inputs of a mismatch as an .npz (one array per input name: ``modelship parity --data`` reads it),
+        owner-only, while the capture folder holds less than its cap."""
+        try:
+            self.capture.mkdir(parents=True, exist_ok=True, mode=0o700)
+            used = sum(p.stat().st_size for p in self.capture.glob("*.npz"))
+            size = sum(np.asarray(v).nbytes for v in feed.values())
+            if used + size > self.capture_bytes:
+                log.warning("modelship shadow: capture folder %s is full (%.1f MB cap); not keeping request %s",
+                            self.capture, self.capture_bytes / 1e6, request_id)
+                return
+            path = self.capture / f"{self.model}-{self.version}-{time.strftime('%Y%m%dT%H%M%S')}-{digest[:12]}.npz"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **{k: np.asarray(v) for k, v in feed.items()})
+        except OSError as e:
+            log.warning("modelship shadow: could not keep the inputs of request %s in %s: %s", request_id,
+                        self.capture, e)
+
+    def drain(self, timeout_s: float = 30.0) -> bool:
+        """Wait until every queued sample is judged (in-process use and tests); False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while self.queue.unfinished_tasks:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+
+def input_hash(body, feed: dict) -> str:
+    """sha256 of the request body as sent (of the decoded inputs where there is no body): names the input in logs
+    without holding it."""
+    h = hashlib.sha256()
+    if isinstance(body, (bytes, bytearray, str)):
+        h.update(body.encode() if isinstance(body, str) else bytes(body))
+    else:
+        for k in sorted(feed):
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(feed[k]).tobytes())
+    return h.hexdigest()
