@@ -72,7 +72,8 @@ def test_token_from_secret_is_checked_before_torchserve(k8s):
     conf = k8s["cm"]["default.conf.template"]
     props = _props(k8s["cm"]["config.properties"])
     inference_port = int(props["inference_address"].rsplit(":", 1)[1])
-    assert set(re.findall(r"proxy_pass http://127\.0\.0\.1:(\d+)", conf)) == {str(inference_port)}
+    clients = conf[:conf.index("listen 9090;")]  # the clients' server; the metrics one is tested below
+    assert set(re.findall(r"proxy_pass http://127\.0\.0\.1:(\d+)", clients)) == {str(inference_port)}
     main = conf[conf.index("location / {"):]
     assert '$http_authorization != "Bearer ${MODELSHIP_TOKEN}"' in main and "return 401" in main
     ping = conf[conf.index("location = /ping"):conf.index("location / {")]
@@ -86,12 +87,15 @@ def test_token_from_secret_is_checked_before_torchserve(k8s):
 
 def test_only_the_proxy_listens_and_probes_hit_ping(k8s):
     proxy = k8s["containers"]["auth-proxy"]
-    (port,) = proxy["ports"]
+    ports = {p["name"]: p["containerPort"] for p in proxy["ports"]}
+    port = {"name": "http", "containerPort": ports["http"]}
     conf = k8s["cm"]["default.conf.template"]
-    assert int(re.search(r"listen (\d+);", conf).group(1)) == port["containerPort"]
+    assert sorted(int(x) for x in re.findall(r"listen (\d+);", conf)) == sorted(ports.values())
     base = ServeConfig().port
-    assert port["containerPort"] not in range(base, base + PORTS)  # no clash with TorchServe's loopback ports
-    assert "ports" not in k8s["containers"]["torchserve"]
+    for p in ports.values():
+        assert p not in range(base, base + PORTS)  # no clash with TorchServe's loopback ports
+    for c in k8s["pod"]["containers"]:
+        assert c["name"] == "auth-proxy" or "ports" not in c
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         get = proxy[probe]["httpGet"]
         assert get["path"] == "/ping" and get["port"] == port["name"]
@@ -102,8 +106,7 @@ def test_service_and_autoscaler_point_at_the_deployment(k8s):
     labels = k8s["dep"]["spec"]["template"]["metadata"]["labels"]
     assert svc["spec"]["selector"].items() <= labels.items()
     assert k8s["dep"]["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    (sp,) = svc["spec"]["ports"]
-    assert sp["targetPort"] == k8s["containers"]["auth-proxy"]["ports"][0]["name"]
+    assert {p["targetPort"] for p in svc["spec"]["ports"]} == {p["name"] for p in k8s["containers"]["auth-proxy"]["ports"]}
     hpa = k8s["docs"]["HorizontalPodAutoscaler", "modelship"]
     target = hpa["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", k8s["dep"]["metadata"]["name"])
@@ -124,3 +127,63 @@ def test_model_store_can_be_filled_and_shared(k8s):
     served = {v["name"]: v.get("persistentVolumeClaim", {}).get("claimName") for v in k8s["pod"]["volumes"]}
     assert pvc["metadata"]["name"] in served.values()
     assert "runs/demo/model-store" in (DEPLOY / "model-store.yaml").read_text()  # where the pipeline writes
+
+
+@pytest.fixture(scope="module")
+def monitoring():
+    folder = DEPLOY / "monitoring"
+    kust = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    docs = {}
+    for name in kust["resources"]:
+        if name != "..":
+            doc = yaml.safe_load((folder / name).read_text())
+            docs[doc["kind"]] = doc
+    return kust, docs
+
+
+def test_shadow_metrics_reach_prometheus(k8s):
+    """The workers write their counters where the sidecar reads them, the sidecar serves modelship's exporter on
+    the port nginx forwards /metrics to, and the pod says where to scrape."""
+    ts, side = k8s["containers"]["torchserve"], k8s["containers"]["shadow-metrics"]
+    folder = {e["name"]: e.get("value") for e in ts["env"]}["PROMETHEUS_MULTIPROC_DIR"]
+    assert side["command"][:3] == ["python", "-m", "modelship.serving.metrics"] and side["command"][3] == folder
+    mount = lambda c: {m["mountPath"]: m["name"] for m in c["volumeMounts"]}[folder]
+    assert mount(ts) == mount(side)
+    assert "emptyDir" in {v["name"]: v for v in k8s["pod"]["volumes"]}[mount(ts)]
+    conf = k8s["cm"]["default.conf.template"]
+    metrics_server = conf[conf.index("listen 9090;"):]
+    assert f"proxy_pass http://127.0.0.1:{side['command'][4]}/metrics;" in metrics_server
+    props = _props(k8s["cm"]["config.properties"])
+    assert f"proxy_pass {props['metrics_address']}/metrics;" in metrics_server  # TorchServe's own, beside
+    assert "proxy_pass http://127.0.0.1:8080" not in metrics_server  # no inference without the token there
+    assert int(side["command"][4]) == ServeConfig().port + 5  # the port `modelship serve` uses
+    notes = k8s["dep"]["spec"]["template"]["metadata"]["annotations"]
+    ports = {p["name"]: p["containerPort"] for p in k8s["containers"]["auth-proxy"]["ports"]}
+    assert notes["prometheus.io/scrape"] == "true" and int(notes["prometheus.io/port"]) == ports["metrics"]
+
+
+def test_service_monitor_and_alert_rules(k8s, monitoring):
+    from modelship.serving.shadow import metrics
+
+    kust, docs = monitoring
+    assert ".." in kust["resources"]  # the monitoring overlay is the Deployment plus these
+    sm = docs["ServiceMonitor"]
+    svc = k8s["docs"]["Service", "modelship"]
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    ports = {p["name"] for p in svc["spec"]["ports"]}
+    assert {e["port"] for e in sm["spec"]["endpoints"]} == {"metrics"} <= ports
+    conf = k8s["cm"]["default.conf.template"]
+    for e in sm["spec"]["endpoints"]:
+        assert f"location = {e['path']} {{" in conf
+    rule = docs["PrometheusRule"]
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    exported = {m._name + "_total" if m._type == "counter" else m._name for m in metrics().values()}
+    rules = [r for g in rule["spec"]["groups"] for r in g["rules"]]
+    for r in rules:
+        assert {"alert", "expr", "labels", "annotations"} <= r.keys() and r["labels"]["severity"]
+        names = set(re.findall(r"\b(modelship_[a-z_]+)\b", r["expr"]))
+        assert names and names <= exported, names - exported
+        assert r["expr"].count("(") == r["expr"].count(")")
+    mismatch = next(r for r in rules if "mismatch" in r["expr"])
+    assert mismatch["expr"].rstrip().endswith("> 0") and mismatch["labels"]["severity"] == "critical"

@@ -64,7 +64,7 @@ class ServeConfig:
             "grpc_management_port": str(self.port + 4),
             "model_store": str(store),
             # the store's models, by name: a candidate modelship promote keeps there (.promote-*.mar) is not one
-            "load_models": ",".join(m.name for m in visible_mars(store)),
+            "load_models": ",".join(m.name for m in visible_mars(store)) or "all",
             "enable_model_api": "true" if self.model_api else "false",
             "disable_token_authorization": "false" if self.token_auth else "true",
             "token_expiration_min": str(self.token_expiration_min),
