@@ -39,7 +39,8 @@ class Promotion:
     version: str
     previous: str | None
     samples: int = 0
-    agreement_reference: float | None = None  # share of candidate answers the reference's verdict accepts
+    agreement_reference: float | None = None  # share of candidate labels equal to the reference's
+    beyond_tolerance: int = 0  # candidate answers beyond the served tolerance of the reference's
     agreement_current: float | None = None  # share of candidate labels equal to the current version's
     max_abs_diff_reference: float | None = None
     max_abs_diff_current: float | None = None
@@ -210,7 +211,7 @@ def _judge(info: dict, spec: dict, model: str, current: str, version: str, sampl
     hdr = golden.request_headers({**spec, "token": info.get("token")})
     url = info["inference_url"] + f"/predictions/{model}/"
     lat = {current: [], version: []}
-    ok_ref = label_same = judged = errors = 0
+    ok_ref = beyond = label_same = judged = errors = 0
     diff_ref = diff_cur = 0.0
     example = ""
     with requests.Session() as http:
@@ -234,7 +235,8 @@ def _judge(info: dict, spec: dict, model: str, current: str, version: str, sampl
                 continue
             judged += 1
             verdict = golden.check(spec, ref, i, answers[version])
-            ok_ref += verdict.ok
+            ok_ref += verdict.label_ok is not False
+            beyond += not verdict.within
             diff_ref = max(diff_ref, verdict.diff)
             same, d = _versus(answers[version], answers[current])
             label_same += same
@@ -245,6 +247,7 @@ def _judge(info: dict, spec: dict, model: str, current: str, version: str, sampl
     result.p95_ms_current = float(np.percentile(lat[current], 95))
     result.p95_ms_candidate = float(np.percentile(lat[version], 95))
     result.max_abs_diff_reference, result.max_abs_diff_current = diff_ref, diff_cur
+    result.beyond_tolerance = beyond
     fail = result.failures
     if errors:
         fail.append(asdict(GateFailure("errors", f"{errors} of {samples} samples were not answered by both versions "
@@ -261,6 +264,10 @@ def _judge(info: dict, spec: dict, model: str, current: str, version: str, sampl
                                                      f"(95% upper bound {upper:.4f}) < {floor}"
                                                      + (f"; e.g. {example}" if what == "the reference" and example
                                                         else ""))))
+    if beyond:  # as the load test judges: no answer beyond the tolerance
+        fail.append(asdict(GateFailure("parity", f"difference: {beyond} of {judged} answers beyond the "
+                                                 f"{spec.get('precision')} tolerance of the reference's (max |diff| "
+                                                 f"{diff_ref:.3g}; e.g. {example})")))
     if result.slo_p95_ms is not None and result.p95_ms_candidate > result.slo_p95_ms:
         fail.append(asdict(GateFailure("slo", f"latency: version {version} p95 {result.p95_ms_candidate:.1f} ms > SLO "
                                               f"{result.slo_p95_ms:g} ms (version {current}: "

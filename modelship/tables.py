@@ -119,6 +119,7 @@ def promote_table(r) -> Table:
     t.add_row("p95 ms", f(r.p95_ms_current, ".1f"), f(r.p95_ms_candidate, ".1f")
               + (f" (SLO {r.slo_p95_ms:g})" if r.slo_p95_ms is not None else ""))
     t.add_row("agreement with the reference", "", f(r.agreement_reference, ".4f"))
+    t.add_row("answers beyond its tolerance", "", str(r.beyond_tolerance))
     t.add_row("agreement with the current", "", f(r.agreement_current, ".4f"))
     t.add_row("max |diff| vs reference / current", "", f"{f(r.max_abs_diff_reference, '.3g')} / "
                                                       f"{f(r.max_abs_diff_current, '.3g')}")

@@ -74,3 +74,30 @@ def test_python_api_example_runs_as_written(tmp_path, monkeypatch):
     assert scope["res"].passed and scope["res"].checked == scope["res"].requests > 0
     assert scope["int8"].manifest.precision == "int8" and all(r.passed for r in scope["results"])
     assert scope["server"].stopped and not (tmp_path / "runs/x/store").joinpath("serve.json").exists()
+
+
+def test_parity_in_production_block_runs_as_written(tmp_path, cnn, cnn_onnx, cnn_int8):
+    """The README's shadow-and-promote block, on the quick start's models (copied to runs/x/ under their names).
+    For CI: a free port instead of 9080 (and its metrics port instead of 9085), and a p95 SLO of 2000 ms instead
+    of 50 ms (other test workers share the cores)."""
+    import shutil
+
+    block = next(b for b in re.findall(r"```sh\n(.*?)```", README.read_text(), re.S)
+                 if b.startswith("# parity in production"))
+    for art in (cnn, cnn_onnx, cnn_int8):
+        shutil.copytree(art.path, tmp_path / "runs/x" / art.path.name)
+    port = server.free_port()
+    run = (block.replace("M=.venv/bin/modelship", f"M={Path(sys.executable).with_name('modelship')}")
+           .replace("--port 9080", f"--port {port}").replace("127.0.0.1:9085", f"127.0.0.1:{port + 5}")
+           .replace("--slo-p95-ms 50", "--slo-p95-ms 2000"))
+    assert str(port + 5) in run and "--slo-p95-ms 2000" in run
+    try:
+        p = subprocess.run(["bash", "-euo", "pipefail", "-c", run], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=600)
+    finally:
+        if (tmp_path / "runs/p/state/serve.json").is_file():
+            server.stop(tmp_path / "runs/p/state")
+    assert p.returncode == 0, f"stdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}"
+    assert "version 2.0 PROMOTED" in p.stdout and "version 2.0 is the default (was 1.0)" in p.stdout
+    assert 'modelship_shadow_checked_total{model="digits",version="2.0"}' in p.stdout  # each version counts
+    assert "version 1.0 is the default (was 2.0)" in p.stdout and "stopped" in p.stdout

@@ -206,7 +206,8 @@ def test_a_wrong_or_slow_candidate_is_refused_and_never_answers_a_client(shadow_
     assert "refused" in p.stderr and "agreement with the reference" in p.stderr
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["decision"] == "refused" and r["samples"] == 50 and r["agreement_reference"] == 0.0
-    assert [f["kind"] for f in r["failures"]] == ["parity", "parity"]
+    assert [f["kind"] for f in r["failures"]] == ["parity"] * 3  # labels vs reference and current; differences
+    assert r["beyond_tolerance"] == 50 and r["agreement_current"] == 0.0
     assert versions(info, "good") == (["1.0"], "1.0")  # unregistered; the current version stays the default
     assert not list(shadow_server["store"].glob(".promote-*"))
     from modelship.runners import open_runner
@@ -220,6 +221,7 @@ def test_a_wrong_or_slow_candidate_is_refused_and_never_answers_a_client(shadow_
     assert p.returncode == 1
     s = json.loads((tmp_path / "s.json").read_text())
     assert [f["kind"] for f in s["failures"]] == ["slo"] and s["agreement_reference"] == 1.0
+    assert s["beyond_tolerance"] == 0
     assert s["p95_ms_candidate"] > 100 > s["p95_ms_current"]
     assert versions(info, "good") == (["1.0"], "1.0")
     record = json.loads((state / "promote.json").read_text())
