@@ -298,10 +298,12 @@ def serve(store, state=None, *, port: int | None = None, max_request_bytes: int 
 
 
 def promote(state, model: str, candidate=None, *, samples: int = 200, slo_p95_ms: float | None = None,
-            min_agreement: float | None = None, reference=None, rollback: bool = False, log=lambda msg: None):
+            min_agreement: float | None = None, reference=None, live: int | None = None, rollback: bool = False,
+            log=lambda msg: None):
     """Register ``candidate`` (a .mar of a new version) beside the served ``model`` of the server in ``state``
     (started with ``allow_promote``), judge ``samples`` of its answers against the reference and the current
-    version, then make it the default version or unregister it (GateError, the version kept). ``rollback``:
+    version (and up to ``live``, default as many, live requests the current version's shadow sampled, against
+    the current version), then make it the default version or unregister it (GateError, the version kept). ``rollback``:
     the version the last promote replaced becomes the default again. Evidence in STATE/promote.json."""
     from . import promote as p
 
@@ -310,7 +312,7 @@ def promote(state, model: str, candidate=None, *, samples: int = 200, slo_p95_ms
     if candidate is None:
         raise ModelshipError("promote needs a CANDIDATE .mar (or rollback=True)")
     return p.promote(state, model, candidate, samples=samples, slo_p95_ms=slo_p95_ms, min_agreement=min_agreement,
-                     reference=reference, log=log)
+                     reference=reference, live=live, log=log)
 
 
 def tune(sources, out, slo_p95_ms: float, *, budget_minutes: float = 10.0, seconds: float = 5.0,

@@ -276,6 +276,8 @@ def promote(candidate: Optional[Path] = typer.Argument(None, help="The new versi
             min_agreement: Optional[float] = O(None, "--min-agreement", help="Agreement floor (default: the "
                                                "candidate's precision's; FP32 1.0)."),
             reference: Optional[Path] = O(None, help="Reference model (default: the candidate's)."),
+            live: Optional[int] = O(None, "--live", min=0, help="Live requests to replay from the current version's "
+                                    "shadow samples (default: as many as --samples; 0: none)."),
             rollback: bool = O(False, "--rollback", help="Make the version the last promote replaced the default."),
             json_path: Optional[Path] = JsonOpt):
     """Register a new version beside the served one, judge it on live-path answers, then make it the default or
@@ -286,7 +288,7 @@ def promote(candidate: Optional[Path] = typer.Argument(None, help="The new versi
         raise ModelshipError("promote needs a CANDIDATE .mar (or --rollback)")
     try:
         res = api.promote(state, model, candidate, samples=samples, slo_p95_ms=slo_p95_ms, min_agreement=min_agreement,
-                          reference=reference, rollback=rollback, log=lambda m: err.print(m, highlight=False))
+                          reference=reference, live=live, rollback=rollback, log=lambda m: err.print(m, highlight=False))
     except GateError as e:
         console.print(tables.promote_table(e.result))
         write_json(json_path, asdict(e.result))

@@ -38,10 +38,11 @@ class Promotion:
     decision: str  # promoted | refused | rolled back
     version: str
     previous: str | None
-    samples: int = 0
+    samples: int = 0  # evaluation samples judged (against the reference and the current version)
+    live: int = 0  # live requests replayed from the shadow spool (judged against the current version)
     agreement_reference: float | None = None  # share of candidate labels equal to the reference's
     beyond_tolerance: int = 0  # candidate answers beyond the served tolerance of the reference's
-    agreement_current: float | None = None  # share of candidate labels equal to the current version's
+    agreement_current: float | None = None  # share of candidate labels equal to the current version's (all)
     max_abs_diff_reference: float | None = None
     max_abs_diff_current: float | None = None
     p95_ms_current: float | None = None
@@ -137,8 +138,9 @@ def _clear_kept(info: dict, model: str, default: str, every: list[str]) -> None:
 
 def promote(state: str | Path, model: str, candidate: str | Path, samples: int = 200,
             slo_p95_ms: float | None = None, min_agreement: float | None = None, reference: str | Path | None = None,
-            log=lambda msg: None) -> Promotion:
-    """Register ``candidate`` as a new version of ``model``, judge it on ``samples`` answers, and make it the
+            live: int | None = None, log=lambda msg: None) -> Promotion:
+    """Register ``candidate`` as a new version of ``model``, judge it on ``samples`` answers to its evaluation data
+    and on up to ``live`` (default: as many) live requests the current version's shadow sampled, and make it the
     default or unregister it. Raises GateError (with the Promotion as its result) when it is refused."""
     state = Path(state).resolve()
     info = read_state(state)
@@ -168,8 +170,10 @@ def promote(state: str | Path, model: str, candidate: str | Path, samples: int =
     try:
         with tempfile.TemporaryDirectory() as tmp:
             spec = golden.prepare(state, model, Path(tmp), reference=reference, mar=hidden)
-            log(f"judging {samples} answers of version {version} beside version {current}")
-            _judge(info, spec, model, current, version, samples, min_agreement, result)
+            replay = spooled(state, model, current, samples if live is None else live)
+            log(f"judging {samples} answers of version {version} beside version {current}"
+                + (f", and {len(replay)} live requests its shadow sampled" if replay else ""))
+            _judge(info, spec, model, current, version, samples, min_agreement, result, replay)
     except BaseException:
         _api(info, "DELETE", f"/models/{model}/{version}")
         hidden.unlink(missing_ok=True)
@@ -201,8 +205,22 @@ def _swap_store_file(state: Path, store: Path, model: str, previous: str, new: P
     os.replace(tmp, live)
 
 
+def spooled(state: Path, model: str, version: str, n: int) -> list[tuple[str, bytes]]:
+    """The newest ``n`` live requests to ``model`` ``version`` that its shadow parity sampled (content type, body)."""
+    from .serving.server import SPOOL_DIR
+
+    out = []
+    for path in sorted((state / SPOOL_DIR / model / version).glob("*.req"), reverse=True)[:n]:
+        try:
+            head, _, body = path.read_bytes().partition(b"\n")
+        except OSError:  # deleted by the worker as newer ones came
+            continue
+        out.append((head.decode(errors="replace"), body))
+    return out
+
+
 def _judge(info: dict, spec: dict, model: str, current: str, version: str, samples: int,
-           min_agreement: float | None, result: Promotion) -> None:
+           min_agreement: float | None, result: Promotion, replay: list | None = None) -> None:
     import requests
 
     # bytes: sent in one piece with the headers (a str body waits out Nagle and a delayed ACK, ~40 ms)
@@ -214,14 +232,16 @@ def _judge(info: dict, spec: dict, model: str, current: str, version: str, sampl
     ok_ref = beyond = label_same = judged = errors = 0
     diff_ref = diff_cur = 0.0
     example = ""
+    # (index into the evaluation data or None for a live request, body, headers)
+    work = [(k % len(bodies), bodies[k % len(bodies)], hdr) for k in range(samples)]
+    work += [(None, body, {**hdr, "Content-Type": ct}) for ct, body in replay or []]
     with requests.Session() as http:
-        for k in range(samples):
-            i = k % len(bodies)
+        for k, (i, body, headers) in enumerate(work):
             answers = {}
             for v in ((current, version) if k % 2 == 0 else (version, current)):  # neither always goes first
                 t0 = time.perf_counter()
                 try:
-                    r = http.post(url + v, data=bodies[i], headers=hdr, timeout=30)
+                    r = http.post(url + v, data=body, headers=headers, timeout=30)
                 except requests.RequestException as e:
                     r = None
                     example = example or f"version {v}: {type(e).__name__}: {e}"
@@ -231,36 +251,41 @@ def _judge(info: dict, spec: dict, model: str, current: str, version: str, sampl
                 elif r is not None:
                     example = example or f"version {v}: HTTP {r.status_code} {r.text[:200]}"
             if version not in answers or current not in answers:
-                errors += 1
+                if current in answers or i is not None:  # a live request the current version refuses is no fault
+                    errors += 1
+                continue
+            same, d = _versus(answers[version], answers[current])
+            label_same += same
+            diff_cur = max(diff_cur, d)
+            if i is None:
+                result.live += 1
                 continue
             judged += 1
             verdict = golden.check(spec, ref, i, answers[version])
             ok_ref += verdict.label_ok is not False
             beyond += not verdict.within
             diff_ref = max(diff_ref, verdict.diff)
-            same, d = _versus(answers[version], answers[current])
-            label_same += same
-            diff_cur = max(diff_cur, d)
             if not verdict.ok and not example:
                 example = verdict.why
     result.samples = judged
-    result.p95_ms_current = float(np.percentile(lat[current], 95))
+    result.p95_ms_current = float(np.percentile(lat[current], 95))  # every request sent, live ones too
     result.p95_ms_candidate = float(np.percentile(lat[version], 95))
     result.max_abs_diff_reference, result.max_abs_diff_current = diff_ref, diff_cur
     result.beyond_tolerance = beyond
     fail = result.failures
     if errors:
-        fail.append(asdict(GateFailure("errors", f"{errors} of {samples} samples were not answered by both versions "
-                                                 f"(e.g. {example})")))
+        fail.append(asdict(GateFailure("errors", f"{errors} of {len(work)} requests were not answered by both "
+                                                 f"versions (e.g. {example})")))
     if not judged:
         return
+    both = judged + result.live
     result.agreement_reference = ok_ref / judged
-    result.agreement_current = label_same / judged
+    result.agreement_current = label_same / both
     floor = min_agreement if min_agreement is not None else (spec["tolerance"] or {}).get("min_top1_agreement") or 1.0
-    for what, agree in (("the reference", ok_ref), (f"version {current}", label_same)):
-        upper = wilson_upper(agree, judged)
+    for what, agree, n in (("the reference", ok_ref, judged), (f"version {current}", label_same, both)):
+        upper = wilson_upper(agree, n)
         if upper < floor:  # judged as the load test judges: a short sample cannot fail a variant on chance alone
-            fail.append(asdict(GateFailure("parity", f"agreement with {what}: {agree / judged:.4f} of {judged} answers "
+            fail.append(asdict(GateFailure("parity", f"agreement with {what}: {agree / n:.4f} of {n} answers "
                                                      f"(95% upper bound {upper:.4f}) < {floor}"
                                                      + (f"; e.g. {example}" if what == "the reference" and example
                                                         else ""))))
@@ -275,15 +300,26 @@ def _judge(info: dict, spec: dict, model: str, current: str, version: str, sampl
 
 
 def _versus(a: dict, b: dict) -> tuple[bool, float]:
-    """Whether two answers give the same label (no label: always), and their largest difference over every
-    number they answer with."""
-    same = a.get("index") == b.get("index")
-    flat = lambda x: np.concatenate([np.ravel(np.asarray(v, dtype=np.float64)) for v in x]) if x else np.zeros(0)
-    va = flat([a["probabilities"]] * ("probabilities" in a) + [a.get("outputs", {})[k] for k in sorted(a.get("outputs", {}))])
-    vb = flat([b["probabilities"]] * ("probabilities" in b) + [b.get("outputs", {})[k] for k in sorted(b.get("outputs", {}))])
-    if va.shape != vb.shape:
+    """Whether two answers to one request give the same labels (none: always), and their largest difference over
+    every number they answer with (one item, a batch's "predictions", or v2 "outputs")."""
+    (la, va), (lb, vb) = _numbers(a), _numbers(b)
+    if va.shape != vb.shape or len(la) != len(lb):
         return False, float("inf")
-    return same, float(np.abs(va - vb).max()) if va.size else 0.0
+    return la == lb, float(np.abs(va - vb).max()) if va.size else 0.0
+
+
+def _numbers(answer: dict) -> tuple[list, np.ndarray]:
+    items = answer["predictions"] if "predictions" in answer else [answer]
+    labels, parts = [], []
+    for it in items:
+        labels.append(it.get("index"))
+        if "probabilities" in it:
+            parts.append(np.ravel(np.asarray(it["probabilities"], dtype=np.float64)))
+        outs = it.get("outputs") or {}
+        if isinstance(outs, list):  # the v2 form: [{"name", "data", ...}]
+            outs = {o.get("name"): o.get("data") for o in outs}
+        parts += [np.ravel(np.asarray(outs[k], dtype=np.float64)) for k in sorted(outs)]
+    return labels, np.concatenate(parts) if parts else np.zeros(0)
 
 
 def rollback(state: str | Path, model: str, log=lambda msg: None) -> Promotion:

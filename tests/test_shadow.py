@@ -94,6 +94,7 @@ def shadow_server(tmp_path_factory, cnn, cnn_onnx):
     assert info["shadow_metrics_url"] in p.stdout
     yield {"info": info, "work": work, "state": work / "state", "store": store, "wrong": wrong}
     cli("serve", "--stop", "--state", work / "state", check=0)
+    assert not (work / "state" / "spool").exists()  # sampled users' requests do not outlive the server
 
 
 def ms_free_port():
@@ -114,6 +115,11 @@ def test_every_sampled_request_is_checked_or_dropped(shadow_server):
     assert value(m, "modelship_shadow_mismatch_total", model="good") == 0
     assert value(m, "modelship_shadow_abs_diff_count", model="good") == 40
     assert value(m, "modelship_shadow_abs_diff_bucket", model="good", le="0.0001") == 40  # ONNX vs PyTorch: ~1e-7
+    # --allow-promote: each sampled request kept as sent, owner-only, in the 0700 state folder, for promote
+    spool = sorted((shadow_server["state"] / "spool" / "good" / "1.0").glob("*.req"))
+    assert len(spool) == 40 and all(p.stat().st_mode & 0o777 == 0o600 for p in spool)
+    head, _, body = spool[0].read_bytes().partition(b"\n")
+    assert head.startswith(b"application/json") and json.loads(body)["inputs"] == x[0].tolist()
 
     # a queue of one under 8 concurrent clients: samples are dropped, and each one is accounted for
     codes = []
@@ -208,6 +214,7 @@ def test_a_wrong_or_slow_candidate_is_refused_and_never_answers_a_client(shadow_
     assert r["decision"] == "refused" and r["samples"] == 50 and r["agreement_reference"] == 0.0
     assert [f["kind"] for f in r["failures"]] == ["parity"] * 3  # labels vs reference and current; differences
     assert r["beyond_tolerance"] == 50 and r["agreement_current"] == 0.0
+    assert r["live"] == 50  # and 50 live requests that version 1.0's shadow sampled, replayed to both
     assert versions(info, "good") == (["1.0"], "1.0")  # unregistered; the current version stays the default
     assert not list(shadow_server["store"].glob(".promote-*"))
     from modelship.runners import open_runner
@@ -245,6 +252,7 @@ def test_a_good_candidate_is_promoted_under_load_and_rolled_back(shadow_server, 
     assert outcome["p"].returncode == 0, outcome["p"].stderr
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["decision"] == "promoted" and r["agreement_reference"] == r["agreement_current"] == 1.0
+    assert r["samples"] == 60 and r["live"] == 60  # the load test's own requests, sampled by the shadow, replayed
     # before, during and after the switch: every request answered, every answer right
     assert load.requests > 100 and load.failures == 0 and load.checked == load.requests and load.mismatches == 0
     assert versions(info, "good") == (["1.0", "2.0"], "2.0")

@@ -68,9 +68,8 @@ class ModelshipHandler:
         groups = {}
         spent = {"decode": 0.0, "infer": 0.0, "encode": 0.0}
         for i, row in enumerate(data):
-            body = row.get("body") if row.get("body") is not None else row.get("data")
             try:
-                req = self.codec.decode(body, _content_type(context, i))
+                req = self.codec.decode(_body(row), _content_type(context, i))
                 groups.setdefault(tuple((k, v.shape[1:]) for k, v in sorted(req.feed.items())), []).append((i, req))
             except Exception as e:  # noqa: BLE001
                 answers[i] = self._error(context, i, e)
@@ -93,7 +92,8 @@ class ModelshipHandler:
                     if out is not None:
                         answers[i] = self._reply(context, i, self.codec.encode(req, out))
                         if self.shadow is not None:  # sampled and queued; judged off the request path
-                            self.shadow.offer(req.feed, out, data[i].get("body"), _request_id(context, i))
+                            self.shadow.offer(req.feed, out, _body(data[i]), _request_id(context, i),
+                                              _content_type(context, i))
                 spent["encode"] += time.perf_counter() - t2
         timing = ", ".join(f"{k};dur={v * 1e3:.3f}" for k, v in spent.items())
         for i in range(len(data)):
@@ -160,6 +160,10 @@ def _header(context, idx, name: str) -> str | None:
         return context.get_request_header(idx, name) or context.get_request_header(idx, name.lower())
     except Exception:  # noqa: BLE001 — a context without headers (tests, the in-process path)
         return None
+
+
+def _body(row: dict):
+    return row.get("body") if row.get("body") is not None else row.get("data")
 
 
 def _request_id(context, idx) -> str | None:

@@ -110,6 +110,7 @@ def port_free(port: int) -> bool:
 
 PORTS = 6  # inference, management, metrics, gRPC inference, gRPC management, modelship's metrics
 METRICS_DIR = "metrics"  # in the state folder: every worker's prometheus-client counters (multiprocess mode)
+SPOOL_DIR = "spool"  # in the state folder, with --allow-promote: live requests sampled by shadow parity
 
 
 def free_port(span: int = PORTS) -> int:
@@ -189,6 +190,7 @@ def start(store: str | Path, state: str | Path, config: ServeConfig | None = Non
     for stale in ("key_file.json", STATE_FILE):
         (state / stale).unlink(missing_ok=True)
     shutil.rmtree(state / METRICS_DIR, ignore_errors=True)  # counters start from zero with the server
+    shutil.rmtree(state / SPOOL_DIR, ignore_errors=True)  # and no request of an earlier run is kept
     (state / METRICS_DIR).mkdir()
     cfg = state / "config.properties"
     cfg.write_text(config.properties(store))
@@ -199,6 +201,10 @@ def start(store: str | Path, state: str | Path, config: ServeConfig | None = Non
            "METRICS_LOCATION": str(state / "logs"), "TS_DISABLE_SYSTEM_METRICS": "false",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "PROMETHEUS_MULTIPROC_DIR": str(state / METRICS_DIR)}
+    if config.model_api:  # shadow parity keeps the requests it samples for modelship promote to replay
+        from .shadow import SPOOL_ENV
+
+        env[SPOOL_ENV] = str(state / SPOOL_DIR)
     exe = shutil.which("torchserve") or str(Path(sys.executable).with_name("torchserve"))
     # modelship's metrics exporter starts in TorchServe's session and process group (a shell starts it, then
     # becomes TorchServe): every stop that ends TorchServe's group ends it too
@@ -440,6 +446,7 @@ def _stopped(state: Path, info: dict) -> None:
     """serve.json marked stopped, without its tokens (they died with the server); the sockets folder removed."""
     if info.get("sockets"):
         shutil.rmtree(info["sockets"], ignore_errors=True)
+    shutil.rmtree(Path(state) / SPOOL_DIR, ignore_errors=True)  # users' requests do not outlive the server
     _write_state(Path(state), {**public(info), "status": "stopped", "token": None, "management_token": None})
 
 

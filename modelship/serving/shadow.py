@@ -28,6 +28,9 @@ from ..runners import open_runner
 
 log = logging.getLogger("modelship")
 
+SPOOL_ENV = "MODELSHIP_SPOOL"  # set by `modelship serve --allow-promote`: sampled live requests kept for promote
+SPOOL_KEEP = 500  # the newest requests kept per model version; older ones are deleted
+
 DIFF_BUCKETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 LABELS = ("model", "version")
 _metrics = None
@@ -76,23 +79,28 @@ class Shadow:
         self.mismatch = {k: m["mismatch"].labels(model, self.version, k) for k in ("label", "tolerance")}
         self.dropped = {k: m["dropped"].labels(model, self.version, k) for k in ("queue_full", "reference_error")}
         self.diff = m["diff"].labels(model, self.version)
+        spool = os.environ.get(SPOOL_ENV)
+        self.spool = Path(spool) / model if spool else None
+        self._spooled = 0
         self._thread = threading.Thread(target=self._loop, name=f"modelship-shadow-{model}", daemon=True)
         self._thread.start()
 
-    def offer(self, feed: dict, outputs: dict, body, request_id: str | None) -> None:
+    def offer(self, feed: dict, outputs: dict, body, request_id: str | None, content_type: str | None = None) -> None:
         """On the request path: sample, and queue without waiting (a full queue drops and counts)."""
         if self.rate < 1.0 and random.random() >= self.rate:
             return
         self.sampled.inc()
         try:
-            self.queue.put_nowait((feed, outputs, body, request_id))
+            self.queue.put_nowait((feed, outputs, body, request_id, content_type))
         except queue.Full:
             self.dropped["queue_full"].inc()
 
     def _loop(self) -> None:
         while True:
-            feed, outputs, body, request_id = self.queue.get()
+            feed, outputs, body, request_id, content_type = self.queue.get()
             try:
+                if self.spool is not None:
+                    self._spool(body, content_type)
                 self._judge(feed, outputs, body, request_id)
             except Exception as e:  # noqa: BLE001 — a check that could not run is counted, never fatal
                 self.dropped["reference_error"].inc()
@@ -137,6 +145,27 @@ class Shadow:
         except OSError as e:
             log.warning("modelship shadow: could not keep the inputs of request %s in %s: %s", request_id,
                         self.capture, e)
+
+    def _spool(self, body, content_type: str | None) -> None:
+        """The request as the client sent it, for ``modelship promote`` to replay: owner-only files in the server's
+        state folder (0700), the newest ``SPOOL_KEEP`` per model version."""
+        import json
+
+        data = json.dumps(body).encode() if isinstance(body, (dict, list)) else \
+            body.encode() if isinstance(body, str) else bytes(body or b"")
+        folder = self.spool / self.version
+        try:
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            path = folder / f"{time.time_ns()}-{os.getpid()}.req"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write((content_type or "application/json").encode() + b"\n" + data)
+            self._spooled += 1
+            if self._spooled % 50 == 0:
+                for old in sorted(folder.glob("*.req"))[:-SPOOL_KEEP]:
+                    old.unlink(missing_ok=True)
+        except OSError as e:
+            log.warning("modelship shadow: could not spool a request in %s: %s", folder, e)
 
     def drain(self, timeout_s: float = 30.0) -> bool:
         """Wait until every queued sample is judged (in-process use and tests); False on timeout."""
