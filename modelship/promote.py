@@ -45,6 +45,8 @@ class Promotion:
     agreement_current: float | None = None  # share of candidate labels equal to the current version's (all)
     max_abs_diff_reference: float | None = None
     max_abs_diff_current: float | None = None
+    agreement: float | None = None  # the lower of the two agreements
+    max_abs_diff: float | None = None  # the worst difference from the reference
     p95_ms_current: float | None = None
     p95_ms_candidate: float | None = None
     slo_p95_ms: float | None = None
@@ -281,6 +283,8 @@ def _judge(info: dict, spec: dict, model: str, current: str, version: str, sampl
     both = judged + result.live
     result.agreement_reference = ok_ref / judged
     result.agreement_current = label_same / both
+    result.agreement = min(result.agreement_reference, result.agreement_current)
+    result.max_abs_diff = diff_ref
     floor = min_agreement if min_agreement is not None else (spec["tolerance"] or {}).get("min_top1_agreement") or 1.0
     for what, agree, n in (("the reference", ok_ref, judged), (f"version {current}", label_same, both)):
         upper = wilson_upper(agree, n)

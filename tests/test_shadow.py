@@ -253,6 +253,9 @@ def test_a_good_candidate_is_promoted_under_load_and_rolled_back(shadow_server, 
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["decision"] == "promoted" and r["agreement_reference"] == r["agreement_current"] == 1.0
     assert r["samples"] == 60 and r["live"] == 60  # the load test's own requests, sampled by the shadow, replayed
+    record = json.loads((state / "promote.json").read_text())
+    for key in ("samples", "agreement", "max_abs_diff", "p95_ms_current", "p95_ms_candidate", "decision"):
+        assert record[key] is not None, key
     # before, during and after the switch: every request answered, every answer right
     assert load.requests > 100 and load.failures == 0 and load.checked == load.requests and load.mismatches == 0
     assert versions(info, "good") == (["1.0", "2.0"], "2.0")
