@@ -22,6 +22,7 @@ def pytest_report_header(config):
             f"onnxruntime {f['onnxruntime']})"]
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group markers set here
 def pytest_collection_modifyitems(config, items):
     try:
         import torch

@@ -47,7 +47,14 @@ def _tree(pid: int) -> list[psutil.Process]:
 
 
 def _locusts(pid: int) -> list[psutil.Process]:
-    return [p for p in _tree(pid) if "locust" in " ".join(p.cmdline())]
+    return [p for p in _tree(pid) if "locust" in _cmdline(p)]
+
+
+def _cmdline(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:  # gone, or a zombie not yet reaped by its parent: not running
+        return ""
 
 
 class Command:
@@ -115,8 +122,8 @@ def test_a_signal_stops_a_foreground_serve_and_everything_it_started(tmp_path, s
         tokens = (_state(state)["token"], _state(state)["management_token"])
         _wait(lambda: (tmp_path / "serve-out.json").is_file(), 30, "serve --json")
         assert files_holding(tokens, tmp_path) == []  # --json and the logs hold no token
-        assert any("java" in " ".join(p.cmdline()) for p in cmd.watch())  # TorchServe's frontend ...
-        _wait(lambda: any("model_service_worker" in " ".join(p.cmdline()) for p in cmd.watch()), 30, "workers")
+        assert any("java" in _cmdline(p) for p in cmd.watch())  # TorchServe's frontend ...
+        _wait(lambda: any("model_service_worker" in _cmdline(p) for p in cmd.watch()), 30, "workers")
         code = cmd.signal_and_wait(sig)
         assert code == 0, (state / "../command.log").read_text()
         assert cmd.leftovers() == []  # ... and its Python workers are gone
@@ -133,7 +140,7 @@ def test_sigterm_while_torchserve_is_still_starting(tmp_path, store):
     state, port = tmp_path / "state", server.free_port()
     cmd = Command("serve", store, "--state", state, "--port", port, "--detach", cwd=tmp_path)
     try:
-        _wait(lambda: _state(state).get("status") == "starting" and any("java" in " ".join(p.cmdline())
+        _wait(lambda: _state(state).get("status") == "starting" and any("java" in _cmdline(p)
                                                                         for p in cmd.watch()), 120, "TorchServe")
         code = cmd.signal_and_wait(signal.SIGTERM)
         assert code == 128 + signal.SIGTERM

@@ -156,3 +156,17 @@ def test_agreement_gate_judges_what_the_run_can_show():
     assert run(92, 93, 0.99) == [] and run(1000, 1000, 1.0) == []
     assert run(950, 1000, 0.99)[0].startswith("agreement: 0.9500 (95% upper bound 0.96")
     assert run(999, 1000, 1.0)[0].startswith("agreement: 0.9990")
+
+
+def test_a_starved_load_generator_is_measured_again_but_a_failing_server_is_not():
+    """A level with no request after the warm-up is measured once more only when the server answered every request it
+    got (each user's first, then the load generator got no CPU); failures or requests cut off at the stop are
+    verdicts on the server and stand."""
+    from modelship.loadtests.runner import starved
+
+    idle = {"locust_responses": 4, "requests": 0, "failures": 0, "failures_in_warmup": 0, "cancelled_at_stop": 0}
+    assert starved(idle)
+    assert not starved({**idle, "requests": 3})
+    assert not starved({**idle, "failures_in_warmup": 1})
+    assert not starved({**idle, "cancelled_at_stop": 4})  # hung requests: the server's
+    assert not starved({**idle, "locust_responses": 0})

@@ -77,6 +77,15 @@ def _end(procs: list, grace_s: float = 5.0) -> None:
             p.wait()
 
 
+def starved(r: dict) -> bool:
+    """A level whose load generator measured nothing after the warm-up while every request it sent was answered
+    (each user's first request only): on a machine short of CPU, Locust itself got no time for the rest of a short
+    run. Not a verdict on the server — a failed or refused request, or a hang, is one."""
+    started, answered = r.get("locust_responses") or 0, r.get("requests", 0)
+    return (answered == 0 and started > 0 and not r.get("failures") and not r.get("failures_in_warmup")
+            and not r.get("cancelled_at_stop"))
+
+
 def parse_duration(text: str) -> float:
     units = {"s": 1, "m": 60, "h": 3600}
     try:
@@ -128,6 +137,13 @@ def loadtest(state, model, out_dir, users=(4,), spawn_rate=None, duration_s=30.0
         try:
             r = run_locust(spec, out_dir, u, spawn_rate or u, duration_s, workers, tag=f"locust_u{u}", rate=rate,
                            warmup_s=warmup_s)
+            if starved(r) and kill_worker_at_s is None:  # measured nothing: measure again, once, and say so
+                first = r
+                r = run_locust(spec, out_dir, u, spawn_rate or u, duration_s, workers, tag=f"locust_u{u}_again",
+                               rate=rate, warmup_s=warmup_s)
+                r["measured_again"] = (f"the first run answered {first['locust_responses']} request(s), none after "
+                                       f"the {warmup_s:g} s warm-up and none failed: the load generator, not the "
+                                       f"server, got no time (its log: {first['log']})")
         finally:
             mon.done.set()
             mon.join(timeout=90)

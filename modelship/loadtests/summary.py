@@ -104,6 +104,7 @@ def summarize(out_dir: Path, tag: str, spec: dict, users: int, duration_s: float
     return {
         "model": spec.get("model"), "users": users, "warmup_s": warmup_s, "requests": len(rows),
         "failures": sum(1 for s in rows if not s[2]), "cancelled_at_stop": cancelled,
+        "failures_in_warmup": sum(1 for s in counts.get("samples", []) if s[0] < warmup_s and not s[2]),
         "max_ms": float(lat.max()) if len(lat) else None,  # slowest request, failed ones included
         "rps": len(rows) / span if span else _num(final.get("rps")),
         "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99), "mean_ms": float(lat.mean()) if len(lat) else None,
