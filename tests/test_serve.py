@@ -62,6 +62,7 @@ def test_open_inference_protocol_v2(served, cnn_onnx):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["id"] == "req-1" and body["outputs"][0]["name"] == "logits" and body["outputs"][0]["shape"] == [3, 10]
+    assert (body["model_name"], body["model_version"]) == ("cnn-onnx", "1.0")  # as served, not the manifest's name
     np.testing.assert_allclose(np.array(body["outputs"][0]["data"]).reshape(3, 10),
                                open_runner(cnn_onnx).infer({"pixels": x})["logits"], atol=1e-5)
 

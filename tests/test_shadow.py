@@ -197,6 +197,12 @@ def test_a_wrong_or_slow_candidate_is_refused_and_never_answers_a_client(shadow_
     shifted = write_artifact(shifted.path, shifted.manifest)
     mar = ms.archive(shifted, tmp_path / "c1", name="good", version="2.0")
     x, served, stop = digits(200), [], threading.Event()
+    for xi in x[:50]:  # live traffic for promote to replay: version 1.0's shadow keeps each sampled request
+        assert post(info, "/predictions/good", xi).status_code == 200
+    spool = state / "spool" / "good" / "1.0"
+    deadline = time.monotonic() + 30
+    while len(list(spool.glob("*.req"))) < 50 and time.monotonic() < deadline:
+        time.sleep(0.1)
 
     def client():  # a client of the model during the promote: every answer the current version's
         while not stop.is_set():
@@ -256,6 +262,9 @@ def test_a_good_candidate_is_promoted_under_load_and_rolled_back(shadow_server, 
     record = json.loads((state / "promote.json").read_text())
     for key in ("samples", "agreement", "max_abs_diff", "p95_ms_current", "p95_ms_candidate", "decision"):
         assert record[key] is not None, key
+    print(f"promote under load: {load.requests} requests, {load.failures} failed, {load.mismatches} wrong, p95 "
+          f"{load.p95_ms:.1f} ms; promote judged {r['samples']} + {r['live']} live, p95 current "
+          f"{r['p95_ms_current']:.1f} ms, candidate {r['p95_ms_candidate']:.1f} ms")
     # before, during and after the switch: every request answered, every answer right
     assert load.requests > 100 and load.failures == 0 and load.checked == load.requests and load.mismatches == 0
     assert versions(info, "good") == (["1.0", "2.0"], "2.0")

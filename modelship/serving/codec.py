@@ -37,8 +37,10 @@ class Request:
 
 
 class Codec:
-    def __init__(self, manifest: Manifest, max_items: int = 64, prep=None):
+    def __init__(self, manifest: Manifest, max_items: int = 64, prep=None, model_name: str | None = None,
+                 model_version: str | None = None):
         self.manifest = manifest
+        self.model_name, self.model_version = model_name, model_version  # as served (v2 answers name them)
         self.max_items = max_items
         self.specs = {t.name: t for t in manifest.inputs}
         self.prep = prep  # the artifact's preprocessing (modelship.preprocess), or None: tensors only
@@ -249,9 +251,11 @@ class Codec:
     # ---- encoding ----------------------------------------------------------------------------
     def encode(self, req: Request, outputs: dict) -> dict:
         if req.protocol == "v2":
-            resp = {"model_name": self.manifest.name, "outputs": [
+            resp = {"model_name": self.model_name or self.manifest.name, "outputs": [
                 {"name": k, "shape": list(v.shape), "datatype": V2_DTYPES.get(str(v.dtype), "FP32"),
                  "data": v.reshape(-1).tolist()} for k, v in outputs.items()]}
+            if self.model_version:
+                resp["model_version"] = self.model_version
             if req.request_id is not None:
                 resp["id"] = req.request_id
             if req.notes and any(req.notes):

@@ -41,7 +41,9 @@ class ModelshipHandler:
         except ModelshipError as e:
             log.error("modelship: refusing to load %s: %s", model_dir, e)
             raise
-        self.codec = Codec(self.artifact.manifest, max_items=int(opts.get("max_items", 64)), prep=prep)
+        version = ((getattr(context, "manifest", None) or {}).get("model") or {}).get("modelVersion")
+        self.codec = Codec(self.artifact.manifest, max_items=int(opts.get("max_items", 64)), prep=prep,
+                           model_name=getattr(context, "model_name", None), model_version=version)
         self.served_on = json.dumps(kernel_facts(self.runner.provider))  # answered to requests that ask (load tests)
         self.shadow = None
         if (opts.get("shadow") or {}).get("rate"):
@@ -49,10 +51,10 @@ class ModelshipHandler:
             from modelship.serving.shadow import Shadow
 
             s = opts["shadow"]
-            version = ((getattr(context, "manifest", None) or {}).get("model") or {}).get("modelVersion", "1.0")
             try:
                 self.shadow = Shadow(Path(model_dir) / SHADOW_REFERENCE, self.artifact.manifest,
-                                     getattr(context, "model_name", self.artifact.manifest.name), version, s["rate"],
+                                     getattr(context, "model_name", self.artifact.manifest.name), version or "1.0",
+                                     s["rate"],
                                      s.get("queue", 256), s.get("capture"), s.get("capture_mb", 64.0))
             except ModelshipError as e:
                 log.error("modelship: refusing to load %s: its shadow reference: %s", model_dir, e)
