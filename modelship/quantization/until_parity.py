@@ -8,6 +8,9 @@ recover accuracy, then keep the fewest, most sensitive nodes in float until the 
    output's spread), after the labels it flips.
 3. The most sensitive nodes stay in float: one, two, four, ... then a bisection to the fewest that pass.
    If the gate fails with every node but the least sensitive one in float, no INT8 variant can pass: stop.
+4. Pruning: the ranking is an estimate from one node at a time, and nodes act together (one node in float can
+   pass where two fail), so each node kept in float goes back to INT8 in turn, the least sensitive first, and
+   stays there when the gate still passes. The result is minimal: no single node of it can be quantized again.
 
 The manifest records each attempt, the nodes kept in float with their sensitivity, and the latency cost.
 """
@@ -199,8 +202,11 @@ def _exclude(art, mode, full, opts, data, judge, attempt, tmp, log, attempts) ->
         + ", ".join(f"{s['node']} ({s['sensitivity']:.3g})" for s in sens[:3]))
 
     def passes(k: int) -> bool:
-        o = replace(opts, exclude_nodes=opts.exclude_nodes + [s["node"] for s in sens[:k]])
-        _, rec = attempt(f"{k} most sensitive node(s) in float", o)
+        return passes_with(sens[:k], f"{k} most sensitive node(s) in float")
+
+    def passes_with(kept: list[dict], step: str) -> bool:
+        o = replace(opts, exclude_nodes=opts.exclude_nodes + [s["node"] for s in kept])
+        _, rec = attempt(step, o)
         return bool(rec and rec["passed"])
 
     most = len(sens) - 1
@@ -221,4 +227,13 @@ def _exclude(art, mode, full, opts, data, judge, attempt, tmp, log, attempts) ->
             hi = mid
         else:
             lo = mid
-    return sens[:hi]
+    kept = sens[:hi]
+    for s in reversed(sens[:hi]):  # pruning, the least sensitive first (step 4 above)
+        if len(kept) == 1:
+            break  # the build with no node in float is the one that failed
+        fewer = [k for k in kept if k is not s]
+        if passes_with(fewer, f"{s['node']} back to INT8 ({len(fewer)} in float)"):
+            kept = fewer
+    if len(kept) < hi:
+        log(f"pruning returned {hi - len(kept)} of the {hi} node(s) to INT8: {len(kept)} stay in float")
+    return kept
