@@ -1,7 +1,8 @@
 """modelship: take a trained PyTorch model to production and prove it still gives the same answers.
 
 ``import modelship as ms`` gives the Python API (``ms.export``, ``ms.quantize``, ``ms.distill``, ``ms.compile``,
-``ms.parity``, ``ms.archive``, ``ms.serve``, ``ms.loadtest``, ``ms.tune``, ``ms.pipeline``; see ``modelship.api``),
+``ms.parity``, ``ms.archive``, ``ms.serve``, ``ms.loadtest``, ``ms.promote``, ``ms.tune``, ``ms.pipeline``; see
+``modelship.api``),
 loaded on first use so that importing a part of modelship (the TorchServe handler does) stays light."""
 
 __version__ = "0.1.0"
@@ -16,7 +17,7 @@ for _k, _v in {"TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS"
                "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "TORCH_CPP_LOG_LEVEL": "ERROR"}.items():
     _os.environ.setdefault(_k, _v)
 
-_API = {"export", "quantize", "distill", "compile", "parity", "archive", "serve", "loadtest", "tune", "pipeline",
+_API = {"export", "quantize", "distill", "compile", "parity", "archive", "serve", "loadtest", "promote", "tune", "pipeline",
         "Judge", "Server", "Result", "ParityResult", "LoadResult", "TuneResult", "PipelineResult", "Artifact",
         "load_artifact"}
 

@@ -228,6 +228,16 @@ class Server:
         """``loadtest`` against this server (same options)."""
         return loadtest(self.state, model, **kw)
 
+    def promote(self, model: str, candidate=None, **kw):
+        """``promote`` on this server (started with ``allow_promote=True``; same options, ``rollback=True`` too)."""
+        return promote(self.state, model, candidate, **kw)
+
+    def metrics(self) -> str:
+        """modelship's Prometheus metrics (shadow parity), as a scrape returns them."""
+        import requests
+
+        return requests.get(f"{self.info['shadow_metrics_url']}/metrics", timeout=10).text
+
     def wait(self) -> None:
         """Block while TorchServe runs; a signal (SIGTERM, SIGHUP, SIGINT) or Ctrl-C stops it and returns; TorchServe
         exiting by itself raises ServeError."""
@@ -273,11 +283,11 @@ class Server:
 
 def serve(store, state=None, *, port: int | None = None, max_request_bytes: int = 1 << 20, job_queue_size: int = 100,
           token_expiration_min: int = 24 * 60, auth: bool = True, startup_timeout_s: float = 120.0,
-          model_api: bool = False) -> Server:
-    # model_api: new versions can be registered by the management token's holder (modelship promote)
+          model_api: bool = False, allow_promote: bool = False) -> Server:
     """Start TorchServe on 127.0.0.1 (token auth on, model registration off) serving the ``.mar`` files of ``store``
     and return once every model is ready. ``state``: the folder for serve.json, config and logs (default: a new
-    0700 temporary folder, removed on stop); ``port``: the inference port (default: a free one)."""
+    0700 temporary folder, removed on stop); ``port``: the inference port (default: a free one); ``allow_promote``
+    (or ``model_api``): new model versions can be registered by the management token's holder (``promote``)."""
     from .serving import server
     from .signals import stopping
 
@@ -288,7 +298,7 @@ def serve(store, state=None, *, port: int | None = None, max_request_bytes: int 
         info = server.start(store, state or temporary, server.ServeConfig(
             port=port or server.free_port(), max_request_bytes=max_request_bytes, job_queue_size=job_queue_size,
             token_auth=auth, token_expiration_min=token_expiration_min, startup_timeout_s=startup_timeout_s,
-            model_api=model_api))
+            model_api=model_api or allow_promote))
     except BaseException:
         signals.close()
         if temporary is not None:

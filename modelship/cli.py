@@ -240,7 +240,7 @@ def serve(store: Optional[Path] = typer.Argument(None, help="Model store with .m
     with err.status("starting TorchServe and waiting for models…"):
         running = api.serve(store, state, port=port, max_request_bytes=max_request_bytes, job_queue_size=job_queue_size,
                             token_expiration_min=token_expiration_min, auth=not no_auth, startup_timeout_s=startup_timeout_s,
-                            model_api=allow_promote)
+                            allow_promote=allow_promote)
     info = running.info
     write_json(json_path, server.public(info))  # tokens stay in serve.json (0600) only
     console.print(f"serving {', '.join(info['models'])} at {info['inference_url']}/predictions/NAME "

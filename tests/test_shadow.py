@@ -121,6 +121,14 @@ def test_every_sampled_request_is_checked_or_dropped(shadow_server):
     head, _, body = spool[0].read_bytes().partition(b"\n")
     assert head.startswith(b"application/json") and json.loads(body)["inputs"] == x[0].tolist()
 
+    # the Python API reads the same scrape
+    import contextlib
+    server = ms.Server(info, None, contextlib.ExitStack())
+    try:
+        assert 'modelship_shadow_checked_total{model="good",version="1.0"} 40.0' in server.metrics()
+    finally:
+        server.detach()  # the fixture's server: left running
+
     # a queue of one under 8 concurrent clients: samples are dropped, and each one is accounted for
     codes = []
 
