@@ -196,6 +196,15 @@ def test_registration_needs_the_management_token(shadow_server):
                           headers={"Authorization": f"Bearer {token}"} if token else {}, timeout=30)
         assert r.status_code in (400, 401, 403), r.text
     assert versions(info, "good")[0] == ["1.0"]
+    # a rollback with no promote of its own to undo changes nothing and says why (the Python API's way in)
+    import contextlib
+    server = ms.Server(info, None, contextlib.ExitStack())
+    try:
+        with pytest.raises(ms.ServeError, match="roll back|not .* that the last promote"):
+            server.promote("good", rollback=True)
+    finally:
+        server.detach()
+    assert versions(info, "good")[1] == "1.0"
 
 
 def test_a_wrong_or_slow_candidate_is_refused_and_never_answers_a_client(shadow_server, cnn, cnn_onnx, tmp_path):
