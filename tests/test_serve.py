@@ -67,6 +67,63 @@ def test_open_inference_protocol_v2(served, cnn_onnx):
                                open_runner(cnn_onnx).infer({"pixels": x})["logits"], atol=1e-5)
 
 
+def _binary(info, path, head: dict, blobs: list[bytes]):
+    """A request in the Open Inference Protocol's binary tensor extension, built by the spec: the JSON header, its
+    length in Inference-Header-Content-Length, then each input's raw bytes."""
+    h = json.dumps(head).encode()
+    return requests.post(f"{info['inference_url']}{path}", data=h + b"".join(blobs), timeout=30,
+                         headers={"Inference-Header-Content-Length": str(len(h)),
+                                  "Authorization": f"Bearer {info['token']}"})
+
+
+def _split(r):
+    n = int(r.headers["Inference-Header-Content-Length"])
+    return json.loads(r.content[:n]), r.content[n:]
+
+
+def test_open_inference_protocol_binary_tensors(served, cnn_onnx, text_onnx):
+    x = np.random.default_rng(1).random((3, 1, 8, 8), dtype=np.float32)
+    want = open_runner(cnn_onnx).infer({"pixels": x})["logits"]
+    tensor = {"name": "pixels", "shape": [3, 1, 8, 8], "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}
+    # binary in, binary out (what Triton's client sends by default: binary_data_output)
+    r = _binary(served, "/v2/models/cnn-onnx/infer", {"inputs": [tensor], "parameters": {"binary_data_output": True}},
+                [x.tobytes()])
+    assert r.status_code == 200, r.text
+    head, rest = _split(r)
+    (out,) = head["outputs"]
+    assert (out["name"], out["shape"], out["datatype"]) == ("logits", [3, 10], "FP32") and "data" not in out
+    assert out["parameters"]["binary_data_size"] == len(rest) == 3 * 10 * 4 and head["model_name"] == "cnn-onnx"
+    np.testing.assert_allclose(np.frombuffer(rest, "<f4").reshape(3, 10), want, atol=1e-5)
+    # binary in, JSON out when the client does not ask for bytes
+    r = _binary(served, "/v2/models/cnn-onnx/infer", {"inputs": [tensor]}, [x.tobytes()])
+    assert "Inference-Header-Content-Length" not in r.headers
+    np.testing.assert_allclose(np.array(r.json()["outputs"][0]["data"]).reshape(3, 10), want, atol=1e-5)
+    # raw text as BYTES elements (4-byte little-endian length, then the UTF-8 bytes), one output asked as bytes
+    texts = ["Worked well, no side effects.", "Made me dizzy and sick."]
+    blob = b"".join(len(t.encode()).to_bytes(4, "little") + t.encode() for t in texts)
+    r = _binary(served, "/v2/models/text-onnx/infer",
+                {"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES",
+                             "parameters": {"binary_data_size": len(blob)}}],
+                 "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]}, [blob])
+    assert r.status_code == 200, r.text
+    head, rest = _split(r)
+    json_texts = requests.post(f"{served['inference_url']}/predictions/text-onnx", json={"inputs": texts}, timeout=30,
+                               headers={"Authorization": f"Bearer {served['token']}"}).json()["predictions"]
+    got = np.frombuffer(rest, "<f4").reshape(2, -1)
+    assert [int(g.argmax()) for g in got] == [p["index"] for p in json_texts]
+    # malformed: a header length past the body, sizes that do not add up -> 400 saying what is wrong
+    bad = _binary(served, "/v2/models/cnn-onnx/infer", {"inputs": [{**tensor, "parameters": {"binary_data_size": 9999}}]},
+                  [x.tobytes()])
+    assert bad.status_code == 400 and "binary_data_size" in bad.json()["message"]
+    bad = _binary(served, "/v2/models/cnn-onnx/infer", {"inputs": [tensor]}, [x.tobytes() + b"xx"])
+    assert bad.status_code == 400 and "belong to no input" in bad.json()["message"]
+    h = json.dumps({"inputs": [tensor]}).encode()
+    bad = requests.post(f"{served['inference_url']}/v2/models/cnn-onnx/infer", data=h + x.tobytes(), timeout=30,
+                        headers={"Inference-Header-Content-Length": str(len(h) + x.nbytes + 1),
+                                 "Authorization": f"Bearer {served['token']}"})
+    assert bad.status_code == 400 and "Inference-Header-Content-Length" in bad.json()["message"]
+
+
 def test_fault_in_one_request_of_a_batch_fails_only_that_request(served, text_onnx):
     """Eight concurrent requests share one dynamic batch; one carries a token id beyond the vocabulary, which
     makes ONNX Runtime's Gather raise inside the batched call. Only that request gets its 500."""

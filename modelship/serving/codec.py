@@ -30,6 +30,7 @@ class Request:
     batched: bool  # simple JSON: the client sent a list of samples
     request_id: str | None = None
     notes: list | None = None  # raw inputs: one dict per sample added to its answer ({"truncated": true})
+    binary_outputs: set | bool = False  # v2 binary tensor extension: True (every output) or the output names
 
     @property
     def items(self) -> int:
@@ -46,7 +47,11 @@ class Codec:
         self.prep = prep  # the artifact's preprocessing (modelship.preprocess), or None: tensors only
 
     # ---- decoding ----------------------------------------------------------------------------
-    def decode(self, body, content_type: str | None = None) -> Request:
+    def decode(self, body, content_type: str | None = None, header_length: str | None = None) -> Request:
+        """A request body as it came; ``header_length``: the ``Inference-Header-Content-Length`` header of the
+        Open Inference Protocol's binary tensor extension (a JSON header, then the tensors' raw bytes)."""
+        if header_length is not None:
+            return self._decode_binary(body, header_length)
         ct = (content_type or "").split(";")[0].strip().lower()
         kind = self.prep.kind if self.prep else None
         # text/* is raw text for a text model; for any other model, a body that is JSON is read as JSON (clients
@@ -76,7 +81,9 @@ class Codec:
             raise InputError(f"unknown key(s) {', '.join(sorted(unknown))}; expected 'inputs' (and optionally 'id')")
         inputs = body["inputs"]
         if isinstance(inputs, list) and inputs and all(isinstance(x, dict) and "datatype" in x for x in inputs):
-            return self._decode_v2(inputs, body.get("id"))
+            req = self._decode_v2(inputs, body.get("id"))
+            req.binary_outputs = _binary_outputs(body)
+            return req
         raw = self._raw_simple(inputs) if self.prep else None
         if raw is not None:
             return raw
@@ -131,6 +138,72 @@ class Codec:
         req = Request(feed, "simple", bool(batched))
         self._check_shapes(req)
         return req
+
+    def _decode_binary(self, body, header_length) -> Request:
+        """The binary tensor extension: ``header_length`` bytes of JSON (inputs whose ``parameters.binary_data_size``
+        says how many of the following bytes are theirs, in order), then the raw tensors (little-endian; BYTES
+        elements each after a 4-byte length)."""
+        try:
+            n = int(header_length)
+        except (TypeError, ValueError):
+            raise InputError(f"Inference-Header-Content-Length {str(header_length)[:20]!r}: expected the JSON "
+                             "header's length in bytes") from None
+        raw = bytes(body if isinstance(body, (bytes, bytearray)) else str(body).encode())
+        if not 0 < n <= len(raw):
+            raise InputError(f"Inference-Header-Content-Length {n}: the body has {len(raw)} bytes; expected the "
+                             "length of its JSON header")
+        try:
+            head = json.loads(raw[:n].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise InputError(f"the binary request's JSON header is not JSON ({e})") from None
+        if not isinstance(head, dict) or not isinstance(head.get("inputs"), list) or not head["inputs"]:
+            raise InputError("the binary request's JSON header needs a non-empty 'inputs' list")
+        rest, at = memoryview(raw)[n:], 0
+        tensors = []
+        for t in head["inputs"]:
+            if not isinstance(t, dict):
+                raise InputError("each Open Inference Protocol input must be an object")
+            size = (t.get("parameters") or {}).get("binary_data_size")
+            if size is None:
+                tensors.append(t)
+                continue
+            if not isinstance(size, int) or size < 0 or at + size > len(rest):
+                raise InputError(f"input '{t.get('name')}': binary_data_size {size!r} runs past the "
+                                 f"{len(rest)} bytes after the header")
+            chunk, at = bytes(rest[at:at + size]), at + size
+            tensors.append({**t, "data": self._from_bytes(t, chunk)})
+        if at != len(rest):
+            raise InputError(f"{len(rest) - at} bytes after the header belong to no input (binary_data_size)")
+        req = self._decode_v2(tensors, head.get("id"))
+        req.binary_outputs = _binary_outputs(head)
+        return req
+
+    def _from_bytes(self, t: dict, chunk: bytes):
+        name, dtype = t.get("name"), t.get("datatype")
+        if dtype == "BYTES":
+            items, i = [], 0
+            while i < len(chunk):
+                if i + 4 > len(chunk):
+                    raise InputError(f"input '{name}': BYTES data ends inside an element's 4-byte length")
+                k = int.from_bytes(chunk[i:i + 4], "little")
+                items.append(chunk[i + 4:i + 4 + k])
+                i += 4 + k
+            if i != len(chunk):
+                raise InputError(f"input '{name}': BYTES element lengths run past its binary_data_size")
+            if self.prep is not None and self.prep.kind == "image":
+                import base64
+
+                return [base64.b64encode(x).decode() for x in items]
+            try:
+                return [x.decode("utf-8") for x in items]
+            except UnicodeDecodeError:
+                raise InputError(f"input '{name}': BYTES elements are not UTF-8 text") from None
+        np_dtype = V2_NUMPY.get(dtype)
+        if np_dtype is None:
+            raise InputError(f"input '{name}': datatype {dtype!r} is not one this model takes")
+        if len(chunk) % np.dtype(np_dtype).itemsize:
+            raise InputError(f"input '{name}': {len(chunk)} bytes are not whole {dtype} values")
+        return np.frombuffer(chunk, dtype=np.dtype(np_dtype).newbyteorder("<"))
 
     def _decode_v2(self, tensors: list, request_id) -> Request:
         by_name = {}
@@ -249,18 +322,27 @@ class Codec:
         return '{"inputs": {' + ", ".join(f'"{n}": <{fmt_shape(s.shape[1:])}>' for n, s in self.specs.items()) + "}}"
 
     # ---- encoding ----------------------------------------------------------------------------
-    def encode(self, req: Request, outputs: dict) -> dict:
+    def encode(self, req: Request, outputs: dict) -> dict | Binary:
         if req.protocol == "v2":
-            resp = {"model_name": self.model_name or self.manifest.name, "outputs": [
-                {"name": k, "shape": list(v.shape), "datatype": V2_DTYPES.get(str(v.dtype), "FP32"),
-                 "data": v.reshape(-1).tolist()} for k, v in outputs.items()]}
+            tensors, blobs = [], []
+            for k, v in outputs.items():
+                datatype = V2_DTYPES.get(str(v.dtype), "FP32")
+                t = {"name": k, "shape": list(v.shape), "datatype": datatype}
+                if req.binary_outputs is True or (req.binary_outputs and k in req.binary_outputs):
+                    blob = np.ascontiguousarray(v, dtype=np.dtype(V2_NUMPY[datatype]).newbyteorder("<")).tobytes()
+                    t["parameters"] = {"binary_data_size": len(blob)}
+                    blobs.append(blob)
+                else:
+                    t["data"] = v.reshape(-1).tolist()
+                tensors.append(t)
+            resp = {"model_name": self.model_name or self.manifest.name, "outputs": tensors}
             if self.model_version:
                 resp["model_version"] = self.model_version
             if req.request_id is not None:
                 resp["id"] = req.request_id
             if req.notes and any(req.notes):
                 resp["parameters"] = {"truncated": [bool(n.get("truncated")) for n in req.notes]}
-            return resp
+            return Binary(resp, blobs) if blobs else resp
         items = [{**self.simple_item(outputs, i), **(req.notes[i] if req.notes else {})} for i in range(req.items)]
         return {"predictions": items} if req.batched else items[0]
 
@@ -302,6 +384,27 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = np.asarray(logits, dtype=np.float64)
     z = np.exp(z - z.max(-1, keepdims=True))
     return (z / z.sum(-1, keepdims=True)).astype(np.float32)
+
+
+@dataclass
+class Binary:
+    """An Open Inference Protocol answer in the binary tensor extension: the JSON header, then the outputs' bytes."""
+
+    header: dict
+    blobs: list
+
+    def body(self) -> tuple[bytes, int]:
+        head = json.dumps(self.header).encode()
+        return head + b"".join(self.blobs), len(head)
+
+
+def _binary_outputs(body: dict) -> set | bool:
+    """Which outputs the client asked for as raw bytes: all (``parameters.binary_data_output``), or those it names
+    with ``parameters.binary_data``."""
+    params = body.get("parameters") if isinstance(body.get("parameters"), dict) else {}
+    asked = body.get("outputs") if isinstance(body.get("outputs"), list) else []
+    named = {o.get("name") for o in asked if isinstance(o, dict) and (o.get("parameters") or {}).get("binary_data")}
+    return True if params.get("binary_data_output") and not asked else named
 
 
 def error_body(code: int, message: str) -> dict:

@@ -19,7 +19,9 @@ from modelship.integrity import verify_folder
 from modelship.manifest import load_artifact
 from modelship.preprocess import open_preprocessor
 from modelship.runners import open_runner
-from modelship.serving.codec import DESCRIBE, SERVED_ON, Codec, error_body
+from modelship.serving.codec import DESCRIBE, SERVED_ON, Binary, Codec, error_body
+
+BINARY_HEADER = "Inference-Header-Content-Length"
 
 log = logging.getLogger("modelship")
 
@@ -71,7 +73,7 @@ class ModelshipHandler:
         spent = {"decode": 0.0, "infer": 0.0, "encode": 0.0}
         for i, row in enumerate(data):
             try:
-                req = self.codec.decode(_body(row), _content_type(context, i))
+                req = self.codec.decode(_body(row), _content_type(context, i), _header(context, i, BINARY_HEADER))
                 groups.setdefault(tuple((k, v.shape[1:]) for k, v in sorted(req.feed.items())), []).append((i, req))
             except Exception as e:  # noqa: BLE001
                 answers[i] = self._error(context, i, e)
@@ -94,7 +96,8 @@ class ModelshipHandler:
                     if out is not None:
                         answers[i] = self._reply(context, i, self.codec.encode(req, out))
                         if self.shadow is not None:  # sampled and queued; judged off the request path
-                            self.shadow.offer(req.feed, out, _body(data[i]), _request_id(context, i),
+                            binary = _header(context, i, BINARY_HEADER) is not None  # not replayable as it came
+                            self.shadow.offer(req.feed, out, None if binary else _body(data[i]), _request_id(context, i),
                                               _content_type(context, i))
                 spent["encode"] += time.perf_counter() - t2
         timing = ", ".join(f"{k};dur={v * 1e3:.3f}" for k, v in spent.items())
@@ -151,6 +154,11 @@ class ModelshipHandler:
 
     @staticmethod
     def _reply(context, idx, payload, code=200, phrase="OK"):
+        if isinstance(payload, Binary):  # the v2 binary tensor extension: JSON header, then the tensors' bytes
+            body, length = payload.body()
+            context.set_response_content_type(idx, "application/octet-stream")
+            context.set_response_header(idx, BINARY_HEADER, str(length))
+            return body
         context.set_response_content_type(idx, "application/json")
         if code != 200:
             context.set_response_status(code, phrase, idx)

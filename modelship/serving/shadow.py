@@ -99,7 +99,7 @@ class Shadow:
         while True:
             feed, outputs, body, request_id, content_type = self.queue.get()
             try:
-                if self.spool is not None:
+                if self.spool is not None and body is not None:
                     self._spool(body, content_type)
                 self._judge(feed, outputs, body, request_id)
             except Exception as e:  # noqa: BLE001 — a check that could not run is counted, never fatal
