@@ -315,7 +315,7 @@ def promote(state, model: str, candidate=None, *, samples: int = 200, slo_p95_ms
     version (and up to ``live``, default as many, live requests the current version's shadow sampled, against
     the current version), then make it the default version or unregister it (GateError, the version kept). ``rollback``:
     the version the last promote replaced becomes the default again. Evidence in STATE/promote.json."""
-    from . import promote as p
+    from . import promotion as p
 
     if rollback:
         return p.rollback(state, model, log=log)

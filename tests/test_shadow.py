@@ -15,7 +15,7 @@ import requests
 import modelship as ms
 from conftest import cli, label_shifted
 from modelship.manifest import load_artifact, write_artifact
-from modelship.promote import versions
+from modelship.promotion import versions
 
 pytestmark = pytest.mark.serve
 
