@@ -129,13 +129,17 @@ def _ready(info: dict, model: str) -> None:
         raise ServeError(f"model '{model}' is not served from {info['state']}; served: {', '.join(info['models'])}")
 
 
+def _withdraw(info: dict, model: str, version: str) -> None:
+    """Unregister ``version`` of ``model`` and remove its hidden store file."""
+    _api(info, "DELETE", f"/models/{model}/{version}")
+    (Path(info["store"]) / _hidden(model, version)).unlink(missing_ok=True)
+
+
 def _clear_kept(info: dict, model: str, default: str, every: list[str]) -> None:
-    """Unregister what a previous promote kept for --rollback (every version but the default) and remove the
-    hidden store files of those versions."""
+    """Withdraw what a previous promote kept for --rollback: every version but the default."""
     for v in every:
         if v != default:
-            _api(info, "DELETE", f"/models/{model}/{v}")
-            (Path(info["store"]) / _hidden(model, v)).unlink(missing_ok=True)
+            _withdraw(info, model, v)
 
 
 def promote(state: str | Path, model: str, candidate: str | Path, samples: int = 200,
@@ -177,12 +181,10 @@ def promote(state: str | Path, model: str, candidate: str | Path, samples: int =
                 + (f", and {len(replay)} live requests its shadow sampled" if replay else ""))
             _judge(info, spec, model, current, version, samples, min_agreement, result, replay)
     except BaseException:
-        _api(info, "DELETE", f"/models/{model}/{version}")
-        hidden.unlink(missing_ok=True)
+        _withdraw(info, model, version)
         raise
     if result.failures:
-        _api(info, "DELETE", f"/models/{model}/{version}")
-        hidden.unlink(missing_ok=True)
+        _withdraw(info, model, version)
         path = _record(state, result)
         raise GateError(f"version {version} of {model} refused; version {current} stays the default: "
                         + "; ".join(f["message"] for f in result.failures) + f" (evidence in {path})",
@@ -202,9 +204,14 @@ def _swap_store_file(state: Path, store: Path, model: str, previous: str, new: P
     live = store / f"{model}.mar"
     if live.is_file():
         shutil.copyfile(live, kept / f"{model}-{previous}.mar")
+    _place(new, store, model)
+
+
+def _place(src: Path, store: Path, model: str) -> None:
+    """STORE/MODEL.mar replaced by a copy of ``src`` at once (a partial copy is never seen under that name)."""
     tmp = store / f".{model}.mar.partial"
-    shutil.copyfile(new, tmp)
-    os.replace(tmp, live)
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, store / f"{model}.mar")
 
 
 def spooled(state: Path, model: str, version: str, n: int) -> list[tuple[str, bytes]]:
@@ -346,9 +353,7 @@ def rollback(state: str | Path, model: str, log=lambda msg: None) -> Promotion:
     _api(info, "PUT", f"/models/{model}/{previous}/set-default")
     kept = state / KEPT / f"{model}-{previous}.mar"
     if kept.is_file():
-        tmp = Path(info["store"]) / f".{model}.mar.partial"
-        shutil.copyfile(kept, tmp)
-        os.replace(tmp, Path(info["store"]) / f"{model}.mar")
+        _place(kept, Path(info["store"]), model)
     result = Promotion(model, "rolled back", previous, current, at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     _record(state, result)
     return result
