@@ -295,3 +295,21 @@ def test_a_good_candidate_is_promoted_under_load_and_rolled_back(shadow_server, 
     assert (store / "good.mar").read_bytes() == before
     assert post(info, "/predictions/good", digits(1)[0]).status_code == 200
     assert json.loads((state / "promote.json").read_text())["decision"] == "rolled back"
+
+
+def test_archive_refuses_a_shadow_it_cannot_judge_with(cnn_onnx, cnn_int8, text_onnx, tmp_path):
+    """Each archive option of shadow parity and promote, with the input that makes it refuse."""
+    store = tmp_path / "store"
+    with pytest.raises(ms.ModelshipError, match="must be FP32"):  # an INT8 reference would judge with INT8 errors
+        ms.archive(cnn_onnx, store, shadow_rate=0.5, shadow_reference=cnn_int8.path)
+    with pytest.raises(ms.ModelshipError, match="not those of"):  # another model's reference
+        ms.archive(cnn_onnx, store, shadow_rate=0.5, shadow_reference=text_onnx.path)
+    with pytest.raises(ms.ModelshipError, match="without a shadow rate"):
+        ms.archive(cnn_onnx, store, shadow_reference=cnn_onnx.path)
+    with pytest.raises(ms.ModelshipError, match="fraction of requests"):
+        ms.archive(cnn_onnx, store, shadow_rate=1.5)
+    with pytest.raises(ms.ModelshipError, match="version '2 0'"):
+        ms.archive(cnn_onnx, store, version="2 0")
+    assert not list(store.glob("*.mar"))
+    p = cli("archive", cnn_onnx.path, "--out", store, "--shadow-rate", "2")  # typer's own range check
+    assert p.returncode != 0 and not list(store.glob("*.mar"))
