@@ -26,6 +26,17 @@ def quick_start() -> str:
     return next(b for b in blocks if b.startswith("M=.venv/bin/modelship"))
 
 
+def run_block(script: str, cwd: Path, state: Path, timeout: int):
+    """A README shell block run by bash (stopping at the first failing command); the server it started from
+    ``state`` is stopped whatever happened."""
+    try:
+        return subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd, capture_output=True, text=True,
+                              timeout=timeout)
+    finally:
+        if (state / "serve.json").is_file():
+            server.stop(state)
+
+
 def test_quick_start_block_runs_as_written(tmp_path, cnn):
     script = quick_start()
     assert script.count("\n$M ") >= 14  # every stage: train ... serve --stop
@@ -45,12 +56,7 @@ def test_quick_start_block_runs_as_written(tmp_path, cnn):
            .replace("$M train cnn --out runs/x/cnn", "$M train cnn --out runs/x/cnn --epochs 8")
            .replace("--state runs/x/state --detach", f"--state runs/x/state --detach --port {server.free_port()}"))
     assert "--epochs 8" in run and "--duration 2s" in run and "--slo-p95-ms 2000" in run
-    try:
-        p = subprocess.run(["bash", "-euo", "pipefail", "-c", run], cwd=tmp_path, capture_output=True, text=True,
-                           timeout=900)
-    finally:
-        if (tmp_path / "runs/x/state/serve.json").is_file():
-            server.stop(tmp_path / "runs/x/state")
+    p = run_block(run, tmp_path, tmp_path / "runs/x/state", timeout=900)
     assert p.returncode == 0, f"stdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}"
     assert (tmp_path / "parity.json").is_file() and (tmp_path / "runs/x/store/cnn-int8.mar").is_file()
     assert '"label"' in p.stdout and "loadtest cnn-int8" in p.stdout and "stopped" in p.stdout
@@ -91,12 +97,7 @@ def test_parity_in_production_block_runs_as_written(tmp_path, cnn, cnn_onnx, cnn
            .replace("--port 9080", f"--port {port}").replace("127.0.0.1:9085", f"127.0.0.1:{port + 5}")
            .replace("--slo-p95-ms 50", "--slo-p95-ms 2000"))
     assert str(port + 5) in run and "--slo-p95-ms 2000" in run
-    try:
-        p = subprocess.run(["bash", "-euo", "pipefail", "-c", run], cwd=tmp_path, capture_output=True, text=True,
-                           timeout=600)
-    finally:
-        if (tmp_path / "runs/p/state/serve.json").is_file():
-            server.stop(tmp_path / "runs/p/state")
+    p = run_block(run, tmp_path, tmp_path / "runs/p/state", timeout=600)
     assert p.returncode == 0, f"stdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}"
     assert "version 2.0 PROMOTED" in p.stdout and "version 2.0 is the default (was 1.0)" in p.stdout
     assert 'modelship_shadow_checked_total{model="digits",version="2.0"}' in p.stdout  # each version counts

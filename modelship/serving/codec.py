@@ -31,6 +31,7 @@ class Request:
     request_id: str | None = None
     notes: list | None = None  # raw inputs: one dict per sample added to its answer ({"truncated": true})
     binary_outputs: set | bool = False  # v2 binary tensor extension: True (every output) or the output names
+    binary_input: bool = False  # came in the binary tensor extension (its body is not JSON to replay as it is)
 
     @property
     def items(self) -> int:
@@ -175,7 +176,7 @@ class Codec:
         if at != len(rest):
             raise InputError(f"{len(rest) - at} bytes after the header belong to no input (binary_data_size)")
         req = self._decode_v2(tensors, head.get("id"))
-        req.binary_outputs = _binary_outputs(head)
+        req.binary_outputs, req.binary_input = _binary_outputs(head), True
         return req
 
     def _from_bytes(self, t: dict, chunk: bytes):

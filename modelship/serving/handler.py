@@ -56,8 +56,7 @@ class ModelshipHandler:
             try:
                 self.shadow = Shadow(Path(model_dir) / SHADOW_REFERENCE, self.artifact.manifest,
                                      getattr(context, "model_name", self.artifact.manifest.name), version or "1.0",
-                                     s["rate"],
-                                     s.get("queue", 256), s.get("capture"), s.get("capture_mb", 64.0))
+                                     s["rate"], s.get("queue", 256), s.get("capture"), s.get("capture_mb", 64.0))
             except ModelshipError as e:
                 log.error("modelship: refusing to load %s: its shadow reference: %s", model_dir, e)
                 raise
@@ -96,9 +95,8 @@ class ModelshipHandler:
                     if out is not None:
                         answers[i] = self._reply(context, i, self.codec.encode(req, out))
                         if self.shadow is not None:  # sampled and queued; judged off the request path
-                            binary = _header(context, i, BINARY_HEADER) is not None  # not replayable as it came
-                            self.shadow.offer(req.feed, out, None if binary else _body(data[i]), _request_id(context, i),
-                                              _content_type(context, i))
+                            self.shadow.offer(req.feed, out, None if req.binary_input else _body(data[i]),
+                                              _request_id(context, i), _content_type(context, i))
                 spent["encode"] += time.perf_counter() - t2
         timing = ", ".join(f"{k};dur={v * 1e3:.3f}" for k, v in spent.items())
         for i in range(len(data)):
