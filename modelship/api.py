@@ -161,10 +161,11 @@ def loadtest(state, model: str, *, users=4, duration="30s", out=None, slo_p95_ms
              max_failure_ratio: float = 0.0, min_agreement: float | None = None, max_recovery_s: float | None = None,
              max_memory_growth: float | None = None, data=None, reference=None, rate: float | None = None,
              kill_worker_at=None, warmup=None, workers: int = 0, spawn_rate: float | None = None,
-             judge: Judge | dict | None = None, max_prob_diff: float | None = None, prepared: dict | None = None
-             ) -> LoadResult:
+             judge: Judge | dict | None = None, max_prob_diff: float | None = None, prepared: dict | None = None,
+             protocol: str = "predictions") -> LoadResult:
     """A Locust load test of ``model`` served from ``state`` (a folder holding serve.json): latency at each level of
-    ``users`` (an int or a list), every answer judged against the root PyTorch model of the served artifact."""
+    ``users`` (an int or a list), every answer judged against the root PyTorch model of the served artifact;
+    ``protocol="v2"``: through the Open Inference Protocol's ``/v2/models/MODEL/infer`` instead of ``/predictions``."""
     from .loadtests.runner import loadtest as run
 
     j = Judge.of(judge)
@@ -175,7 +176,7 @@ def loadtest(state, model: str, *, users=4, duration="30s", out=None, slo_p95_ms
             kill_worker_at_s=_seconds(kill_worker_at), warmup_s=_seconds(warmup), data=data_spec(data),
             overrides={"max_abs_diff": j.max_abs_diff, "rtol": j.rtol, "min_top1_agreement": j.min_agreement,
                        "max_prob_diff": max_prob_diff},
-            per_output=j.output_tol, prepared=prepared)
+            per_output=j.output_tol, prepared=prepared, protocol=protocol)
     return LoadResult.of(r)
 
 
@@ -283,11 +284,12 @@ class Server:
 
 def serve(store, state=None, *, port: int | None = None, max_request_bytes: int = 1 << 20, job_queue_size: int = 100,
           token_expiration_min: int = 24 * 60, auth: bool = True, startup_timeout_s: float = 120.0,
-          model_api: bool = False, allow_promote: bool = False) -> Server:
+          model_api: bool = False, allow_promote: bool = False, oip: bool = True) -> Server:
     """Start TorchServe on 127.0.0.1 (token auth on, model registration off) serving the ``.mar`` files of ``store``
     and return once every model is ready. ``state``: the folder for serve.json, config and logs (default: a new
     0700 temporary folder, removed on stop); ``port``: the inference port (default: a free one); ``allow_promote``
-    (or ``model_api``): new model versions can be registered by the management token's holder (``promote``)."""
+    (or ``model_api``): new model versions can be registered by the management token's holder (``promote``);
+    ``oip``: the Open Inference Protocol v2 too (REST at ``info["v2_url"]``, gRPC at ``info["v2_grpc_address"]``)."""
     from .serving import server
     from .signals import stopping
 
@@ -298,7 +300,7 @@ def serve(store, state=None, *, port: int | None = None, max_request_bytes: int 
         info = server.start(store, state or temporary, server.ServeConfig(
             port=port or server.free_port(), max_request_bytes=max_request_bytes, job_queue_size=job_queue_size,
             token_auth=auth, token_expiration_min=token_expiration_min, startup_timeout_s=startup_timeout_s,
-            model_api=model_api or allow_promote))
+            model_api=model_api or allow_promote, oip=oip))
     except BaseException:
         signals.close()
         if temporary is not None:

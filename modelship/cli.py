@@ -215,13 +215,16 @@ def serve(store: Optional[Path] = typer.Argument(None, help="Model store with .m
           detach: bool = O(False, "--detach", help="Return once ready."), stop: bool = O(False, "--stop"),
           rotate_token: bool = O(False, "--rotate-token", help="Replace the running server's token(s)."),
           token_type: str = O("inference", "--token-type", help="With --rotate-token: inference, management, both."),
-          port: int = O(8080, "--port", help="Inference port; management, metrics, gRPC = PORT+1..PORT+4; shadow metrics PORT+5."),
+          port: int = O(8080, "--port", help="Inference port; management, metrics, gRPC = PORT+1..PORT+4; shadow metrics PORT+5; "
+                   "Open Inference Protocol v2 REST, gRPC = PORT+6, PORT+7."),
           max_request_bytes: int = O(1 << 20, help="Bodies over this get HTTP 413."),
           job_queue_size: int = O(100, help="Queued requests per model before TorchServe answers 503."),
           token_expiration_min: int = O(24 * 60), no_auth: bool = O(False, "--no-auth", help="Not for production."),
           startup_timeout_s: float = O(120, help="Give up if models are not ready by then."),
           allow_promote: bool = O(False, "--allow-promote", help="Open model registration to the management "
                                   "token's holder (modelship promote)."),
+          oip: bool = O(True, "--oip/--no-oip", help="The Open Inference Protocol v2 (REST and gRPC, for Triton and "
+                        "KServe clients) on PORT+6 and PORT+7."),
           json_path: Optional[Path] = JsonOpt):
     """Run TorchServe on 127.0.0.1 with token auth on and model registration off."""
     from .serving import server
@@ -240,12 +243,15 @@ def serve(store: Optional[Path] = typer.Argument(None, help="Model store with .m
     with err.status("starting TorchServe and waiting for models…"):
         running = api.serve(store, state, port=port, max_request_bytes=max_request_bytes, job_queue_size=job_queue_size,
                             token_expiration_min=token_expiration_min, auth=not no_auth, startup_timeout_s=startup_timeout_s,
-                            allow_promote=allow_promote)
+                            allow_promote=allow_promote, oip=oip)
     info = running.info
     write_json(json_path, server.public(info))  # tokens stay in serve.json (0600) only
     console.print(f"serving {', '.join(info['models'])} at {info['inference_url']}/predictions/NAME "
                   f"(token in {Path(state) / server.STATE_FILE}; metrics {info['metrics_url']}/metrics and "
                   f"{info['shadow_metrics_url']}/metrics)")
+    if info.get("v2_url"):
+        console.print(f"Open Inference Protocol v2: {info['v2_url']}/v2/models/NAME (REST), {info['v2_grpc_address']} "
+                      "(gRPC); the same token")
     if detach:
         return running.detach()  # it keeps running; `serve --stop` stops it
     running.wait()  # until Ctrl-C, SIGTERM or SIGHUP: TorchServe and its workers stop with it
@@ -318,6 +324,8 @@ def loadtest(state: Path = O(..., "--state"), model: str = O(..., "--model"),
              max_memory_growth: Optional[float] = O(None, "--max-memory-growth", help="e.g. 0.1: worker RSS growth cap."),
              reference: Optional[Path] = O(None, help="Reference model (default: the served artifact's)."),
              out: Optional[Path] = O(None, "--out", help="Where CSV/HTML reports go (default STATE/loadtest-MODEL)."),
+             protocol: str = O("predictions", "--protocol", help="predictions (/predictions/MODEL) or v2 (the Open "
+                               "Inference Protocol's /v2/models/MODEL/infer)."),
              json_path: Optional[Path] = JsonOpt):
     """Locust load test of a served model: latency, and every answer checked against the reference."""
     with err.status(f"load-testing {model} ({users} users, {duration} each)…"):
@@ -325,7 +333,8 @@ def loadtest(state: Path = O(..., "--state"), model: str = O(..., "--model"),
                            slo_p95_ms=slo_p95_ms, max_failure_ratio=max_failure_ratio, min_agreement=min_agreement,
                            max_recovery_s=max_recovery_s, max_memory_growth=max_memory_growth, reference=reference,
                            rate=rate, kill_worker_at=kill_worker_at, warmup=warmup, workers=workers, spawn_rate=spawn_rate,
-                           max_prob_diff=max_prob_diff, judge=judge(max_abs_diff, min_agreement, None, rtol, output_tol))
+                           max_prob_diff=max_prob_diff, judge=judge(max_abs_diff, min_agreement, None, rtol, output_tol),
+                           protocol=protocol)
     r = res.record
     console.print(tables.loadtest_table(r, model, workers), *tables.loadtest_lines(r), sep="\n")
     write_json(json_path, r)

@@ -333,6 +333,8 @@ def check(spec: dict, golden, i: int, payload: dict) -> Verdict:
     reference's outputs: ``out0``.. by output position, and a classifier's ``probabilities`` and ``index``),
     judged with ``spec``'s task, outputs and tolerance: what the load test and shadow parity both decide with."""
     tol = Tolerance.from_dict(spec["tolerance"])
+    if isinstance(payload.get("outputs"), list):  # an Open Inference Protocol answer: judged the same way
+        payload = from_v2(spec, payload)
     problems, worst, label_ok, within = [], 0.0, None, True
     expected = list(spec["outputs"])
     returned = dict(payload.get("outputs") or {})
@@ -359,6 +361,22 @@ def check(spec: dict, golden, i: int, payload: dict) -> Verdict:
         problems.append(f"unexpected output(s) {', '.join(sorted(returned))}")
         within = False
     return Verdict(label_ok, within, worst, f"sample {i}: " + "; ".join(problems) if problems else "")
+
+
+def from_v2(spec: dict, payload: dict) -> dict:
+    """An Open Inference Protocol answer to one sample (its tensors, a leading batch dim of 1) as the REST API's
+    answer reads: each output by name and, for a classifier, the softmax of its first output and its argmax."""
+    outputs = {}
+    for t in payload["outputs"]:
+        arr = np.asarray(t["data"], dtype=np.float64).reshape(t["shape"])
+        outputs[t["name"]] = (arr[0] if arr.ndim and arr.shape[0] == 1 else arr).tolist()
+    answer = {"outputs": outputs}
+    if spec["task"] == "classification":
+        z = np.asarray(outputs[spec["outputs"][0]], dtype=np.float64)
+        z = np.exp(z - z.max(-1, keepdims=True))
+        answer["probabilities"] = (z / z.sum(-1, keepdims=True)).tolist()
+        answer["index"] = int(np.argmax(z))
+    return answer
 
 
 def golden_of(task: str, outputs: list[str], ref: dict) -> dict:

@@ -278,7 +278,7 @@ class Tuner:
         state = self.out / "state"
         (self.out / "trials-store").mkdir(parents=True, exist_ok=True)
         self.info = server.start(self.out / "trials-store", state,
-                                 server.ServeConfig(port=server.free_port(), model_api=True))
+                                 server.ServeConfig(port=server.free_port(), model_api=True, oip=False))
         try:  # every variant's plainest configuration first, then the climbs, the most promising first
             bases = [t for t in (self.measure(Config(v)) for v in self.arts) if t is not None]
             for t in bases:

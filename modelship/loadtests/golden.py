@@ -19,17 +19,18 @@ from ..manifest import load_artifact
 from .. import data as datasets
 from ..comparison import Verdict, check, collect, golden_of, served_tolerance  # noqa: F401 — check: the one verdict
 from ..serving.archive import read_mar
-from ..serving.codec import DESCRIBE, SERVED_ON
+from ..serving.codec import DESCRIBE, SERVED_ON, V2_DTYPES
 from ..serving.server import read_state
 
 
 def prepare(state: str | Path, model: str, out_dir: Path, reference: str | Path | None = None,
             samples: int | None = None, data: dict | None = None, overrides: dict | None = None,
-            per_output: dict | None = None, mar: Path | None = None) -> dict:
+            per_output: dict | None = None, mar: Path | None = None, protocol: str = "predictions") -> dict:
     """Write the request bodies and the golden outputs of the root PyTorch model for one served model.
     ``data``: the user's evaluation data (default: the served artifact's); ``overrides`` / ``per_output``:
     the command line's changes to the served artifact's precision tolerance; ``mar``: the archive served
-    (default: STORE/MODEL.mar; another version's for modelship promote)."""
+    (default: STORE/MODEL.mar; another version's for modelship promote); ``protocol``: ``predictions``
+    (TorchServe's /predictions/MODEL) or ``v2`` (the Open Inference Protocol front's /v2/models/MODEL/infer)."""
     from ..models.checkpoints import open_source
     from ..runners.torch_runner import TorchRunner
     from ..stages import reference_of
@@ -37,6 +38,11 @@ def prepare(state: str | Path, model: str, out_dir: Path, reference: str | Path 
     info = read_state(state)
     if model not in info["models"]:
         raise ServeError(f"model '{model}' is not served from {state}; served: {', '.join(info['models'])}")
+    if protocol not in PROTOCOLS:
+        raise ServeError(f"protocol '{protocol}'; expected {' or '.join(PROTOCOLS)}")
+    if protocol == "v2" and not info.get("v2_url"):
+        raise ServeError(f"the server in {state} runs without the Open Inference Protocol (serve --no-oip); start it "
+                         "without that flag, or load-test /predictions")
     served = read_mar(mar or Path(info["store"]) / f"{model}.mar")
     source = (served.extra.get("archive") or {}).get("source")
     if reference:
@@ -55,19 +61,32 @@ def prepare(state: str | Path, model: str, out_dir: Path, reference: str | Path 
         raw, _ = datasets.load_raw(spec, "test")
         raw = raw[:samples] if samples else raw
         feed = reference_preprocessor(ref_art)(raw)  # the reference: the same raw input, preprocessed the original way
-        if served.preprocess["kind"] == "text":
-            bodies = [json.dumps({"inputs": t}) for t in raw]
-        else:
+        kind = served.preprocess["kind"]
+        sent = raw
+        if kind == "image":
             import base64
 
-            bodies = [base64.b64encode(b).decode() for b in raw]
+            sent = [base64.b64encode(b).decode() for b in raw]
+        if protocol == "v2":  # one BYTES input: the text, or the image's base64
+            bodies = [json.dumps({"inputs": [{"name": kind, "shape": [1], "datatype": "BYTES", "data": [x]}]})
+                      for x in sent]
+        elif kind == "text":
+            bodies = [json.dumps({"inputs": t}) for t in raw]
+        else:
+            bodies = sent
             content_type, binary = _image_type(raw[0]), True
     else:
         feed, _ = datasets.load(spec, "test", served.inputs)
         if samples:
             feed = {k: v[:samples] for k, v in feed.items()}
-        bodies = [json.dumps({"inputs": feed[names[0]][i].tolist()} if len(names) == 1 else
-                             {"inputs": {k: feed[k][i].tolist() for k in names}}) for i in range(len(feed[names[0]]))]
+        n = len(feed[names[0]])
+        if protocol == "v2":
+            bodies = [json.dumps({"inputs": [{"name": k, "shape": [1, *feed[k][i].shape],
+                                              "datatype": V2_DTYPES[str(feed[k].dtype)],
+                                              "data": feed[k][i].ravel().tolist()} for k in names]}) for i in range(n)]
+        else:
+            bodies = [json.dumps({"inputs": feed[names[0]][i].tolist()} if len(names) == 1 else
+                                 {"inputs": {k: feed[k][i].tolist() for k in names}}) for i in range(n)]
     ref = collect(TorchRunner(ref_art, module=module), feed)
     n = len(bodies)
     missing = [o for o in outputs if o not in ref]
@@ -78,12 +97,17 @@ def prepare(state: str | Path, model: str, out_dir: Path, reference: str | Path 
     np.savez(out_dir / "golden.npz", **golden)
     (out_dir / "bodies.json").write_text(json.dumps(bodies))
     tol = served_tolerance(served).adjusted(overrides, per_output)
-    return {"model": model, "path": f"/predictions/{model}", "token": info.get("token"), "task": served.task,
+    return {"model": model, "path": f"/v2/models/{model}/infer" if protocol == "v2" else f"/predictions/{model}",
+            "protocol": protocol, "token": info.get("token"), "task": served.task,
             "precision": served.precision, "outputs": outputs, "tolerance": asdict(tol),
             "golden": str(out_dir / "golden.npz"), "bodies": str(out_dir / "bodies.json"),
-            "report": str(out_dir / "parity_counts.json"), "host": info["inference_url"],
+            "report": str(out_dir / "parity_counts.json"),
+            "host": info["v2_url"] if protocol == "v2" else info["inference_url"],
             "reference": str(ref_art.path), "data": datasets.describe(spec), "samples": n,
             "content_type": content_type, "binary": binary, "judged_on": (served.parity or {}).get("judged_on")}
+
+
+PROTOCOLS = ("predictions", "v2")
 
 
 def retarget(spec: dict, state: str | Path, model: str, out_dir: Path) -> dict:
@@ -93,8 +117,10 @@ def retarget(spec: dict, state: str | Path, model: str, out_dir: Path) -> dict:
     if model not in info["models"]:
         raise ServeError(f"model '{model}' is not served from {state}; served: {', '.join(info['models'])}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    return {**spec, "model": model, "path": f"/predictions/{model}", "token": info.get("token"),
-            "host": info["inference_url"], "report": str(out_dir / "parity_counts.json")}
+    v2 = spec.get("protocol") == "v2"
+    return {**spec, "model": model, "path": f"/v2/models/{model}/infer" if v2 else f"/predictions/{model}",
+            "token": info.get("token"), "host": info["v2_url"] if v2 else info["inference_url"],
+            "report": str(out_dir / "parity_counts.json")}
 
 
 def request_bodies(spec: dict) -> list:

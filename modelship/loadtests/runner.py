@@ -107,11 +107,11 @@ def default_warmup(duration_s: float) -> float:
 def loadtest(state, model, out_dir, users=(4,), spawn_rate=None, duration_s=30.0, workers=0, gates: Gates | None = None,
              reference=None, samples=None, rate: float | None = None, kill_worker_at_s: float | None = None,
              warmup_s: float | None = None, data: dict | None = None, overrides: dict | None = None,
-             per_output: dict | None = None, prepared: dict | None = None) -> dict:
+             per_output: dict | None = None, prepared: dict | None = None, protocol: str = "predictions") -> dict:
     """Load-test one served model at each user level. ``rate``: fixed total requests/s (soak);
     ``kill_worker_at_s``: kill one of its TorchServe workers that many seconds into each level; ``prepared``:
     the ``spec`` of an earlier run on the same artifact and data, whose bodies and golden outputs are reused
-    (the result's ``spec``)."""
+    (the result's ``spec``); ``protocol``: ``predictions`` or ``v2`` (the Open Inference Protocol's infer path)."""
     gates = gates or Gates()
     out_dir = Path(out_dir)
     warmup_s = default_warmup(duration_s) if warmup_s is None else warmup_s
@@ -123,7 +123,7 @@ def loadtest(state, model, out_dir, users=(4,), spawn_rate=None, duration_s=30.0
         spec = retarget(prepared, state, model, out_dir)
     else:
         spec = prepare(state, model, out_dir, reference=reference, samples=samples, data=data, overrides=overrides,
-                       per_output=per_output)
+                       per_output=per_output, protocol=protocol)
     info = read_state(state)
     t0 = time.perf_counter()  # the first answer is not timed: a cold worker's first request can take seconds
     verdict, why = probe(spec, timeout_s=WARM_TIMEOUT_S)
@@ -160,7 +160,7 @@ def loadtest(state, model, out_dir, users=(4,), spawn_rate=None, duration_s=30.0
         r["passed"] = not failed
         levels.append(r)
     differ = differences(spec.get("judged_on"), verdict.served_on)
-    result = {**levels[-1], "levels": levels, "slo": asdict(gates), "data": spec["data"],
+    result = {**levels[-1], "levels": levels, "protocol": spec.get("protocol", "predictions"), "slo": asdict(gates), "data": spec["data"],
               "reference": spec["reference"], "workers": workers, "rate": rate,
               # the gate's verdict is evidence for machines like the one that judged it; where the serving machine
               # computes with other kernels, this load test's checked answers are the evidence for it

@@ -342,7 +342,8 @@ class Codec:
             if req.request_id is not None:
                 resp["id"] = req.request_id
             if req.notes and any(req.notes):
-                resp["parameters"] = {"truncated": [bool(n.get("truncated")) for n in req.notes]}
+                cut = [str(i) for i, n in enumerate(req.notes) if n.get("truncated")]  # protocol parameters are
+                resp["parameters"] = {"truncated": bool(cut), "truncated_samples": ",".join(cut)}  # scalars
             return Binary(resp, blobs) if blobs else resp
         items = [{**self.simple_item(outputs, i), **(req.notes[i] if req.notes else {})} for i in range(req.items)]
         return {"predictions": items} if req.batched else items[0]

@@ -43,7 +43,7 @@ FATAL_LOG = re.compile(r"(modelship: refusing to load.*|ModuleNotFoundError.*|Lo
 @dataclass
 class ServeConfig:
     port: int = 8080  # inference; management = port+1, metrics = port+2, gRPC inference/management = port+3/+4,
-    # modelship's own metrics (shadow parity) = port+5
+    # modelship's own metrics (shadow parity) = port+5, Open Inference Protocol v2 REST / gRPC = port+6/+7
     max_request_bytes: int = 1 << 20
     job_queue_size: int = 100
     token_auth: bool = True
@@ -51,6 +51,7 @@ class ServeConfig:
     startup_timeout_s: float = 120.0
     model_api: bool = False  # registration through the management API, for the management token's holder only
     # (modelship tune's private server, and serve --allow-promote for modelship promote)
+    oip: bool = True  # the Open Inference Protocol v2 front (KServe's model server), REST and gRPC
 
     def properties(self, store: Path) -> str:
         host = "http://127.0.0.1"
@@ -108,7 +109,7 @@ def port_free(port: int) -> bool:
             return False
 
 
-PORTS = 6  # inference, management, metrics, gRPC inference, gRPC management, modelship's metrics
+PORTS = 8  # inference, management, metrics, gRPC inference, gRPC management, modelship's metrics, v2 REST, v2 gRPC
 METRICS_DIR = "metrics"  # in the state folder: every worker's prometheus-client counters (multiprocess mode)
 SPOOL_DIR = "spool"  # in the state folder, with --allow-promote: live requests sampled by shadow parity
 
@@ -211,7 +212,16 @@ def start(store: str | Path, state: str | Path, config: ServeConfig | None = Non
     env.update(MODELSHIP_PY=sys.executable, MODELSHIP_METRICS_PORT=str(config.port + 5),
                MODELSHIP_METRICS_LOG=str(state / "logs" / "metrics.out"))
     launch = ('"$MODELSHIP_PY" -m modelship.serving.metrics "$PROMETHEUS_MULTIPROC_DIR" "$MODELSHIP_METRICS_PORT" '
-              '>> "$MODELSHIP_METRICS_LOG" 2>&1 < /dev/null & exec "$@"')
+              '>> "$MODELSHIP_METRICS_LOG" 2>&1 < /dev/null & ')
+    if config.oip:  # the v2 front too, in the same group: KServe's model server forwarding to TorchServe
+        env.update(MODELSHIP_OIP_ARGS=json.dumps(
+            ["--store", str(store), "--state", str(state), "--inference-url", f"http://127.0.0.1:{config.port}",
+             "--management-url", f"http://127.0.0.1:{config.port + 1}", "--http-port", str(config.port + 6),
+             "--grpc-port", str(config.port + 7)] + ([] if config.token_auth else ["--no-auth"])),
+                   MODELSHIP_OIP_LOG=str(state / "logs" / "oip.out"))
+        launch += ('"$MODELSHIP_PY" -m modelship.serving.oip --json-args "$MODELSHIP_OIP_ARGS" '
+                   '>> "$MODELSHIP_OIP_LOG" 2>&1 < /dev/null & ')
+    launch += 'exec "$@"'
     with open(state / "logs" / "torchserve.out", "ab") as out:  # the child keeps its own handle
         proc = subprocess.Popen(["/bin/sh", "-c", launch, "sh", exe, "--start", "--foreground", "--ncs",
                                  "--model-store", str(store), "--ts-config", str(cfg)], cwd=state, env=env,
@@ -219,6 +229,8 @@ def start(store: str | Path, state: str | Path, config: ServeConfig | None = Non
     info = {"status": "starting", "inference_url": f"http://127.0.0.1:{config.port}",
             "management_url": f"http://127.0.0.1:{config.port + 1}", "metrics_url": f"http://127.0.0.1:{config.port + 2}",
             "shadow_metrics_url": f"http://127.0.0.1:{config.port + 5}", "model_api": config.model_api,
+            "v2_url": f"http://127.0.0.1:{config.port + 6}" if config.oip else None,
+            "v2_grpc_address": f"127.0.0.1:{config.port + 7}" if config.oip else None,
             "token": None, "management_token": None, "models": sorted(models), "pid": proc.pid,
             "pid_started": _started(proc.pid), "store": str(store), "state": str(state),
             "max_request_bytes": config.max_request_bytes,
@@ -336,7 +348,7 @@ def _wait_ready(proc, state: Path, info: dict, config: ServeConfig) -> None:
             raise ServeError(f"TorchServe exited during startup (code {proc.returncode}): {_log_cause(state)}")
         cause = _fatal_line(state)
         if cause:
-            raise ServeError(f"a model failed to load: {cause}")
+            raise ServeError(cause if cause.startswith("the Open") else f"a model failed to load: {cause}")
         if time.monotonic() > deadline:
             raise ServeError(f"TorchServe not ready after {config.startup_timeout_s:.0f} s (waiting for "
                              f"{', '.join(sorted(pending))}); see {state / 'logs'}")
@@ -355,7 +367,7 @@ def _wait_ready(proc, state: Path, info: dict, config: ServeConfig) -> None:
                     break
                 if listed and all(w.get("status") == "READY" for w in listed):
                     pending.discard(name)
-            if not pending and (info["models"] or _management_up(info)):
+            if not pending and (info["models"] or _management_up(info)) and _v2_up(info):
                 return
         time.sleep(0.25)
 
@@ -371,6 +383,19 @@ def _management_up(info: dict) -> bool:
         return False
 
 
+def _v2_up(info: dict) -> bool:
+    """The Open Inference Protocol front answers (or is not run)."""
+    import requests
+
+    if not info.get("v2_url"):
+        return True
+    try:
+        return requests.get(f"{info['v2_url']}/v2/health/live", headers=bearer(info.get("token")),
+                            timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
 def _fatal_line(state: Path) -> str | None:
     for log in ("model_log.log", "ts_log.log"):
         p = state / "logs" / log
@@ -378,6 +403,11 @@ def _fatal_line(state: Path) -> str | None:
             m = FATAL_LOG.search(p.read_text(errors="replace"))
             if m:
                 return m.group(1).strip()[:400]
+    front = state / "logs" / "oip.out"  # the v2 front died (it prints a traceback and exits)
+    if front.is_file():
+        lines = [l for l in front.read_text(errors="replace").splitlines() if re.match(r"\w*(Error|Exception)\b", l)]
+        if lines:
+            return f"the Open Inference Protocol front failed: {lines[-1].strip()[:300]} (see {front})"
     return None
 
 

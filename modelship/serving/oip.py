@@ -1,0 +1,373 @@
+"""The Open Inference Protocol v2 (Triton's and KServe's) for every served model, over REST and gRPC.
+
+KServe's model server provides the protocol: its v2 REST endpoints and gRPC ``GRPCInferenceService``, its JSON and
+binary-tensor codecs and its ``{"error": ...}`` answers. It runs here as KServe runs it in front of a predictor
+(a model that forwards each request): every infer goes to TorchServe's ``/predictions/NAME[/VERSION]``, so the
+modelship handler checks and answers it as any other request (and shadow parity samples it). Metadata comes from
+each archive's manifest, readiness and versions from TorchServe's management API.
+
+Run by ``modelship serve`` in TorchServe's process group: ``python -m modelship.serving.oip ...``. Both servers
+bind 127.0.0.1 only, and every path (health included) asks for the inference token TorchServe checks
+(read again from its key file when it is rotated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextvars
+import hmac
+import json
+import logging
+import os
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from ..manifest import MANIFEST, Manifest
+from .codec import DESCRIBE, SERVED_ON
+
+VERSION = contextvars.ContextVar("modelship_oip_version", default=None)  # /v2/models/NAME/versions/V/...
+V2_DTYPE = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int64": "INT64", "int32": "INT32",
+            "int8": "INT8", "uint8": "UINT8", "bool": "BOOL"}
+
+log = logging.getLogger("modelship.oip")
+
+
+def tensors(specs) -> list[dict]:
+    """Manifest tensor specs as protocol metadata: named dynamic dims are -1."""
+    return [{"name": t.name, "datatype": V2_DTYPE.get(t.dtype, t.dtype.upper()),
+             "shape": [d if isinstance(d, int) else -1 for d in t.shape]} for t in specs]
+
+
+def metadata(man: Manifest) -> tuple[list[dict], list[dict]]:
+    """What a client sends and gets back: a raw-input model (text, image) takes one BYTES input (texts as UTF-8,
+    images as PNG/JPEG bytes), a tensor model its tensors."""
+    kind = (man.preprocess or {}).get("kind")
+    inputs = [{"name": kind, "datatype": "BYTES", "shape": [-1]}] if kind else tensors(man.inputs)
+    return inputs, tensors(man.outputs)
+
+
+class Token:
+    """The inference token TorchServe checks, read from its key file (re-read when the file changes: rotation)."""
+
+    def __init__(self, key_file: Path | None):
+        self.key_file, self._seen, self._key = key_file, None, None
+
+    def key(self) -> str | None:
+        if self.key_file is None:
+            return None
+        try:
+            stamp = self.key_file.stat().st_mtime_ns
+            if stamp != self._seen:
+                self._key, self._seen = json.loads(self.key_file.read_text())["inference"]["key"], stamp
+        except (OSError, ValueError, KeyError):
+            pass  # not written yet (TorchServe starting), or half-written: keep the last one
+        return self._key
+
+    def refusal(self, authorization: str | None) -> str | None:
+        """Why ``authorization`` is refused, or None when it carries the inference token."""
+        if self.key_file is None:
+            return None
+        key = self.key()
+        if key is None:
+            return "the server is starting; no token is issued yet"
+        if not authorization:
+            return "token authorization is on: send 'Authorization: Bearer <inference token>' (serve.json's token)"
+        if not hmac.compare_digest(authorization.encode(), f"Bearer {key}".encode()):
+            return "the token is not this server's inference token (rotated? read serve.json again)"
+        return None
+
+
+def build(args):
+    """KServe's REST app and gRPC server for the store's models, forwarding to TorchServe."""
+    import httpx
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from kserve import Model
+    from kserve import errors as ke
+    from kserve.errors import InferenceError, InvalidInput, ModelNotFound, ModelNotReady
+    from kserve.model_repository import ModelRepository
+    from kserve.protocol.dataplane import DataPlane
+    from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+    from kserve.protocol.rest.v2_endpoints import register_v2_endpoints
+    from starlette.exceptions import HTTPException
+
+    token = Token(None if args.no_auth else Path(args.state) / "key_file.json")
+    client = httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=5.0))
+
+    async def describe(name: str) -> list[dict]:
+        """TorchServe's record of each version of ``name`` (its workers and their status)."""
+        keys = {} if args.no_auth else json.loads((Path(args.state) / "key_file.json").read_text())
+        headers = {"Authorization": f"Bearer {keys['management']['key']}"} if keys else {}
+        try:
+            r = await client.get(f"{args.management_url}/models/{name}/all", headers=headers)
+        except httpx.HTTPError as e:
+            raise ModelNotReady(name, f"TorchServe's management API did not answer: {e}") from None
+        if r.status_code == 404:
+            raise ModelNotFound(name)
+        if r.status_code != 200:
+            raise ModelNotReady(name, f"TorchServe answered {r.status_code}")
+        return r.json()
+
+    class Served(Model):
+        """One model of the store: its protocol metadata from the manifest; infer forwarded to TorchServe."""
+
+        def __init__(self, name: str, man: Manifest):
+            super().__init__(name, return_response_headers=True)
+            self.inputs, self.outputs = metadata(man)
+            self.ready = True
+
+        async def versions(self) -> list[dict]:
+            listed = await describe(self.name)
+            want = VERSION.get()
+            if want is not None and not any(v.get("modelVersion") == want for v in listed):
+                raise ModelNotFound(f"{self.name} version {want}")
+            return listed
+
+        async def healthy(self) -> bool:
+            try:
+                listed = await self.versions()
+            except ModelNotReady:
+                return False
+            want = VERSION.get()
+            mine = [v for v in listed if (v.get("modelVersion") == want if want else v.get("isDefault", True))]
+            return bool(mine) and all(w.get("status") == "READY" for v in mine for w in v.get("workers") or [{}])
+
+        async def get_input_types(self):
+            await self.versions()  # a version that is not served: 404
+            return self.inputs
+
+        def get_output_types(self):
+            return self.outputs
+
+        async def predict(self, payload: InferRequest, headers=None, response_headers=None) -> InferResponse:
+            version = payload.model_version or VERSION.get()
+            binary_all = payload.use_binary_outputs
+            requested = payload.request_outputs
+            for p in [payload.parameters] + [r.parameters for r in requested or []]:
+                if p:  # TorchServe answers in JSON; the answer is encoded here as the client asked
+                    p.pop("binary_data_output", None), p.pop("binary_data", None)
+            for t in payload.inputs:  # gRPC's raw_input_contents: sent on in the binary extension, sized
+                if t._raw_data is not None and not (t.parameters or {}).get("binary_data_size"):
+                    arr = t.as_numpy()
+                    t._raw_data = None
+                    t.set_data_from_numpy(arr, binary_data=True)
+            body, json_length = payload.to_rest()
+            head, tail = (json.loads(body[:json_length]), body[json_length:]) if json_length is not None else (body, b"")
+            for key in ("model_name", "model_version"):  # the path names them; a request body does not
+                head.pop(key, None)
+            head = json.dumps(head).encode()
+            send = {"Content-Type": "application/json"}
+            for name in ("authorization", DESCRIBE.lower(), "x-request-id"):  # the token, and what modelship asks
+                if (headers or {}).get(name):
+                    send[name] = headers[name]
+            if tail:
+                send["Inference-Header-Content-Length"] = str(len(head))
+            body = head + tail
+            url = f"{args.inference_url}/predictions/{self.name}" + (f"/{version}" if version else "")
+            try:
+                r = await client.post(url, content=body, headers=send)
+            except httpx.HTTPError as e:
+                raise InferenceError(f"TorchServe did not answer: {e}") from None
+            answer = _json(r)
+            if response_headers is not None and r.headers.get(SERVED_ON):
+                response_headers[SERVED_ON] = r.headers[SERVED_ON]
+            if r.status_code != 200:
+                message = answer.get("message") or answer.get("error") or r.text[:300]
+                if r.status_code == 404:
+                    raise ModelNotFound(self.name + (f" version {version}" if version else ""))
+                if r.status_code in (400, 413):
+                    raise InvalidInput(message)
+                if r.status_code == 503:
+                    raise ModelNotReady(self.name, message)
+                raise InferenceError(f"TorchServe answered {r.status_code}: {message}")
+            outputs = []
+            for t in answer.get("outputs", []):
+                out = InferOutput(t["name"], t["shape"], t["datatype"])
+                if t["datatype"] == "BYTES":
+                    out.data = t["data"]
+                else:
+                    out.set_data_from_numpy(np.asarray(t["data"], dtype=_numpy(t["datatype"])).reshape(t["shape"]),
+                                            binary_data=False)
+                outputs.append(out)
+            return InferResponse(answer.get("id") or payload.id, self.name, outputs,
+                                 model_version=answer.get("model_version"), from_grpc=payload.from_grpc,
+                                 parameters={k: v for k, v in (answer.get("parameters") or {}).items()
+                                             if isinstance(v, (bool, int, float, str))} or None,
+                                 use_binary_outputs=binary_all,
+                                 requested_outputs=requested)
+
+    class Plane(DataPlane):
+        """KServe's data plane; server readiness is every model ready in TorchServe, versions listed."""
+
+        def __init__(self, registry):
+            super().__init__(registry)
+            self._server_name, self._server_version = "modelship", _version()
+
+        def metadata(self):
+            return {"name": self._server_name, "version": self._server_version,
+                    "extensions": ["binary_tensor_data"]}
+
+        async def ready(self) -> bool:
+            return all([await m.healthy() for m in self._model_registry.get_models().values()])
+
+        async def model_metadata(self, model_name: str):
+            found = await super().model_metadata(model_name)
+            model = self.get_model_from_registry(model_name)
+            return {**found, "versions": [v.get("modelVersion") for v in await model.versions()]}
+
+    registry = ModelRepository()
+    store = Path(args.store)
+    for mar in sorted(m for m in store.glob("*.mar") if not m.name.startswith(".")):
+        with zipfile.ZipFile(mar) as z:
+            man = Manifest.from_dict(json.loads(z.read(MANIFEST)))
+        registry.update(Served(mar.stem, man))
+    plane = Plane(registry)
+
+    async def unexpected(request: Request, exc: Exception):
+        log.error("modelship: %s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"error": f"internal error ({type(exc).__name__}); the server log holds its details"}, 500)
+
+    app = FastAPI(title="modelship", docs_url=None, redoc_url=None, openapi_url=None,
+                  default_response_class=JSONResponse)
+    register_v2_endpoints(app, plane, None)
+    app.router.routes = [r for r in app.router.routes if "/repository/" not in getattr(r, "path", "")]
+    for exc, handler in [(InvalidInput, ke.invalid_input_handler), (InferenceError, ke.inference_error_handler),
+                         (ModelNotFound, ke.model_not_found_handler), (ModelNotReady, ke.model_not_ready_handler),
+                         (NotImplementedError, ke.not_implemented_error_handler),
+                         (ke.ServerNotLive, ke.server_not_live_handler), (ke.ServerNotReady, ke.server_not_ready_handler),
+                         (Exception, unexpected)]:
+        app.add_exception_handler(exc, handler)
+
+    async def protocol_error(request: Request, exc: HTTPException):
+        return JSONResponse({"error": f"{request.method} {request.url.path}: {exc.detail}"}, exc.status_code)
+
+    async def malformed(request: Request, exc: RequestValidationError):
+        first = (exc.errors() or [{}])[0]
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return JSONResponse({"error": f"malformed inference request: {where or 'body'}: {first.get('msg', exc)}"},
+                              400)
+
+    app.add_exception_handler(HTTPException, protocol_error)
+    app.add_exception_handler(RequestValidationError, malformed)
+    return _Guard(app, token), plane, registry, token
+
+
+class _Guard:
+    """ASGI: the token on every path, and /v2/models/NAME/versions/V/... served by the unversioned route with the
+    version in VERSION (KServe's own routes do not take versions)."""
+
+    def __init__(self, app, token: Token):
+        self.app, self.token = app, token
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        why = self.token.refusal(headers.get("authorization"))
+        if why:
+            body = json.dumps({"error": why}).encode()
+            await send({"type": "http.response.start", "status": 401,
+                        "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
+            return await send({"type": "http.response.body", "body": body})
+        parts = scope["path"].split("/")
+        if len(parts) >= 6 and parts[1:3] == ["v2", "models"] and parts[4] == "versions" and parts[5]:
+            VERSION.set(parts[5])
+            path = "/".join(parts[:4] + parts[6:])
+            scope = {**scope, "path": path, "raw_path": path.encode()}
+        if scope["path"].endswith("/infer") and "inference-header-content-length" not in headers and \
+                "json" not in headers.get("content-type", ""):
+            # without the binary extension's header the body is the protocol's JSON, whatever its content type says
+            # (Triton's client sends none); KServe reads a body as JSON only when told so
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+                     + [(b"content-type", b"application/json")]}
+        return await self.app(scope, receive, send)
+
+
+def _json(r) -> dict:
+    try:
+        found = r.json()
+        return found if isinstance(found, dict) else {}
+    except ValueError:
+        return {}
+
+
+def _numpy(datatype: str) -> str:
+    return {v: k for k, v in V2_DTYPE.items()}.get(datatype, "float32")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("modelship")
+    except PackageNotFoundError:
+        return "0"
+
+
+def _grpc_server(plane, registry, token: Token, port: int):
+    import grpc
+    from grpc import aio
+    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+    from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
+    from kserve.protocol.grpc.servicer import InferenceServicer
+
+    class Authorized(aio.ServerInterceptor):
+        async def intercept_service(self, continuation, details):
+            sent = dict(details.invocation_metadata or ())
+            why = token.refusal(sent.get("authorization"))
+            if why is None:
+                return await continuation(details)
+
+            async def refuse(request, context):
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+            return grpc.unary_unary_rpc_method_handler(refuse)
+
+    server = aio.server(interceptors=(Authorized(), ExceptionToStatusInterceptor()),
+                        options=[("grpc.max_receive_message_length", 64 << 20)])
+    grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane, None), server)
+    if not server.add_insecure_port(f"127.0.0.1:{port}"):
+        raise OSError(f"cannot bind 127.0.0.1:{port}")
+    return server
+
+
+async def serve(args) -> None:
+    import uvicorn
+
+    app, plane, registry, token = build(args)
+    rest = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=args.http_port, log_config=None,
+                                         access_log=False, loop="asyncio", timeout_keep_alive=65))
+    grpc_server = _grpc_server(plane, registry, token, args.grpc_port)
+    await grpc_server.start()
+    try:
+        await rest.serve()
+    finally:
+        await grpc_server.stop(grace=2)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m modelship.serving.oip", description=__doc__.splitlines()[0])
+    p.add_argument("--store", required=True)
+    p.add_argument("--state", required=True)
+    p.add_argument("--inference-url", required=True)
+    p.add_argument("--management-url", required=True)
+    p.add_argument("--http-port", type=int, required=True)
+    p.add_argument("--grpc-port", type=int, required=True)
+    p.add_argument("--no-auth", action="store_true")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--json-args"]:  # modelship serve passes its arguments as one JSON list (paths with spaces)
+        argv = json.loads(argv[1])
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # KServe logs every refused request with its traceback; TorchServe's log already holds each one in a line
+    logging.getLogger("kserve").setLevel(logging.CRITICAL)
+    os.environ.setdefault("PROMETHEUS_DISABLE_CREATED_SERIES", "True")
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()
