@@ -250,11 +250,12 @@ def test_every_listening_socket_is_loopback_and_metrics_exported(served):
     import psutil
 
     root = psutil.Process(served["pid"])
-    listening = [c for p in [root, *root.children(recursive=True)] for c in p.net_connections(kind="inet")
-                 if c.status == psutil.CONN_LISTEN]
+    listening = [c for p in [root, *root.children(recursive=True)]
+                 for c in getattr(p, "net_connections", p.connections)(kind="inet") if c.status == psutil.CONN_LISTEN]
     ports = {c.laddr.port for c in listening}
     base = int(served["inference_url"].rsplit(":", 1)[1])
-    assert set(range(base, base + 5)) <= ports  # inference, management, metrics, gRPC x2: all found
+    # inference, management, metrics, gRPC x2, modelship's metrics, Open Inference Protocol REST and gRPC: all found
+    assert set(range(base, base + server.PORTS)) <= ports
     assert all(c.laddr.ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1") for c in listening), listening
     before = _requests_counted(served, "cnn-onnx")
     sent = 7

@@ -19,6 +19,7 @@ from ..runners.base import check_names, fmt_shape
 
 # a request carrying DESCRIBE gets its answer's SERVED_ON header: the machine and kernels that computed it (JSON)
 DESCRIBE, SERVED_ON = "Modelship-Describe", "Modelship-Served-On"
+BINARY_HEADER = "Inference-Header-Content-Length"  # the v2 binary tensor extension: its JSON header's length
 V2_DTYPES = {"float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32", "bool": "BOOL"}
 V2_NUMPY = {v: k for k, v in V2_DTYPES.items()} | {"FP64": "float64"}
 
@@ -77,9 +78,12 @@ class Codec:
                 raise InputError(f"body nests too deeply; expected {self.example()}") from None
         if not isinstance(body, dict) or "inputs" not in body:
             raise InputError(f"expected a JSON object with an 'inputs' key, e.g. {self.example()}")
-        unknown = set(body) - {"inputs", "id", "parameters", "outputs"}
+        unknown = set(body) - {"inputs", "id", "parameters", "outputs", "model_name", "model_version"}
         if unknown:
             raise InputError(f"unknown key(s) {', '.join(sorted(unknown))}; expected 'inputs' (and optionally 'id')")
+        for key, served in (("model_name", self.model_name), ("model_version", self.model_version)):
+            if body.get(key) is not None and served and str(body[key]) != served:  # KServe's client names them
+                raise InputError(f"the body's {key} is {json.dumps(body[key])[:60]}, but it was sent to {served}")
         inputs = body["inputs"]
         if isinstance(inputs, list) and inputs and all(isinstance(x, dict) and "datatype" in x for x in inputs):
             req = self._decode_v2(inputs, body.get("id"))

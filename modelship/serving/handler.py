@@ -19,9 +19,7 @@ from modelship.integrity import verify_folder
 from modelship.manifest import load_artifact
 from modelship.preprocess import open_preprocessor
 from modelship.runners import open_runner
-from modelship.serving.codec import DESCRIBE, SERVED_ON, Binary, Codec, error_body
-
-BINARY_HEADER = "Inference-Header-Content-Length"
+from modelship.serving.codec import BINARY_HEADER, DESCRIBE, SERVED_ON, Binary, Codec, error_body
 
 log = logging.getLogger("modelship")
 

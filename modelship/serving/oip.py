@@ -1,17 +1,18 @@
 """The Open Inference Protocol v2 (Triton's and KServe's) for every served model, over REST and gRPC.
 
-KServe's model server provides the protocol: its v2 REST endpoints and gRPC ``GRPCInferenceService``, its JSON and
-binary-tensor codecs and its ``{"error": ...}`` answers. It runs here as KServe runs it in front of a predictor
-(a model that forwards each request): every infer goes to TorchServe's ``/predictions/NAME[/VERSION]``, so the
-modelship handler checks and answers it as any other request (and shadow parity samples it). Metadata comes from
-each archive's manifest, readiness and versions from TorchServe's management API.
+KServe's model server provides the protocol: its v2 REST endpoints (server and model health, metadata, ready),
+its gRPC ``GRPCInferenceService`` with its codecs, and its ``{"error": ...}`` answers. Each model is a KServe
+model that forwards inference to TorchServe's ``/predictions/NAME[/VERSION]``, so the modelship handler checks
+and answers every request as any other (shadow parity samples it too). REST infer bodies go to the handler as
+they came: it implements the JSON form and the binary tensor extension itself, and KServe's REST decoder would
+read each BYTES element as UTF-8 text (an encoded image fails there) and decode every body a second time.
+Metadata comes from each archive's manifest; readiness and versions from TorchServe's management API.
 
 Run by ``modelship serve`` in TorchServe's process group: ``python -m modelship.serving.oip ...``. Both servers
 bind 127.0.0.1 only, and every path (health included) asks for the inference token TorchServe checks
 (read again from its key file when it is rotated).
 """
 
-from __future__ import annotations
 
 import argparse
 import asyncio
@@ -27,7 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from ..manifest import MANIFEST, Manifest
-from .codec import DESCRIBE, SERVED_ON
+from .codec import BINARY_HEADER, DESCRIBE, SERVED_ON
+
+FORWARD = ("authorization", "content-type", BINARY_HEADER.lower(), DESCRIBE.lower(), "x-request-id")
 
 VERSION = contextvars.ContextVar("modelship_oip_version", default=None)  # /v2/models/NAME/versions/V/...
 V2_DTYPE = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int64": "INT64", "int32": "INT32",
@@ -86,7 +89,7 @@ def build(args):
     import httpx
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
     from kserve import Model
     from kserve import errors as ke
     from kserve.errors import InferenceError, InvalidInput, ModelNotFound, ModelNotReady
@@ -114,7 +117,7 @@ def build(args):
         return r.json()
 
     class Served(Model):
-        """One model of the store: its protocol metadata from the manifest; infer forwarded to TorchServe."""
+        """One model of the store: its protocol metadata from the manifest; gRPC infer forwarded to TorchServe."""
 
         def __init__(self, name: str, man: Manifest):
             super().__init__(name, return_response_headers=True)
@@ -146,11 +149,6 @@ def build(args):
 
         async def predict(self, payload: InferRequest, headers=None, response_headers=None) -> InferResponse:
             version = payload.model_version or VERSION.get()
-            binary_all = payload.use_binary_outputs
-            requested = payload.request_outputs
-            for p in [payload.parameters] + [r.parameters for r in requested or []]:
-                if p:  # TorchServe answers in JSON; the answer is encoded here as the client asked
-                    p.pop("binary_data_output", None), p.pop("binary_data", None)
             for t in payload.inputs:  # gRPC's raw_input_contents: sent on in the binary extension, sized
                 if t._raw_data is not None and not (t.parameters or {}).get("binary_data_size"):
                     arr = t.as_numpy()
@@ -160,13 +158,16 @@ def build(args):
             head, tail = (json.loads(body[:json_length]), body[json_length:]) if json_length is not None else (body, b"")
             for key in ("model_name", "model_version"):  # the path names them; a request body does not
                 head.pop(key, None)
+            for p in [head.get("parameters")] + [o.get("parameters") for o in head.get("outputs") or []]:
+                if p:  # TorchServe answers in JSON; the answer is encoded here as the client asked
+                    p.pop("binary_data_output", None), p.pop("binary_data", None)
             head = json.dumps(head).encode()
             send = {"Content-Type": "application/json"}
             for name in ("authorization", DESCRIBE.lower(), "x-request-id"):  # the token, and what modelship asks
                 if (headers or {}).get(name):
                     send[name] = headers[name]
             if tail:
-                send["Inference-Header-Content-Length"] = str(len(head))
+                send[BINARY_HEADER] = str(len(head))
             body = head + tail
             url = f"{args.inference_url}/predictions/{self.name}" + (f"/{version}" if version else "")
             try:
@@ -198,8 +199,8 @@ def build(args):
                                  model_version=answer.get("model_version"), from_grpc=payload.from_grpc,
                                  parameters={k: v for k, v in (answer.get("parameters") or {}).items()
                                              if isinstance(v, (bool, int, float, str))} or None,
-                                 use_binary_outputs=binary_all,
-                                 requested_outputs=requested)
+                                 use_binary_outputs=payload.use_binary_outputs,
+                                 requested_outputs=payload.request_outputs)
 
     class Plane(DataPlane):
         """KServe's data plane; server readiness is every model ready in TorchServe, versions listed."""
@@ -232,8 +233,30 @@ def build(args):
         log.error("modelship: %s %s failed", request.method, request.url.path, exc_info=exc)
         return JSONResponse({"error": f"internal error ({type(exc).__name__}); the server log holds its details"}, 500)
 
+    async def infer(request: Request, model_name: str):
+        """REST infer: the body goes to the handler as it came (JSON, or the binary tensor extension, which the
+        handler decodes and answers itself), and TorchServe's refusals come back in the protocol's error form."""
+        if registry.get_model(model_name) is None:
+            raise ModelNotFound(model_name)
+        version = VERSION.get()
+        send = {k: request.headers[k] for k in FORWARD if k in request.headers}
+        if BINARY_HEADER.lower() not in send:  # the protocol's JSON, whatever content type a client labels it with
+            send["content-type"] = "application/json"
+        url = f"{args.inference_url}/predictions/{model_name}" + (f"/{version}" if version else "")
+        try:
+            r = await client.post(url, content=await request.body(), headers=send)
+        except httpx.HTTPError as e:
+            raise InferenceError(f"TorchServe did not answer: {e}") from None
+        if r.status_code != 200:
+            answer = _json(r)
+            return JSONResponse({"error": answer.get("message") or answer.get("error") or r.text[:300]},
+                                r.status_code)
+        return Response(r.content, headers={k: r.headers[k] for k in ("content-type", BINARY_HEADER, SERVED_ON)
+                                            if k in r.headers})
+
     app = FastAPI(title="modelship", docs_url=None, redoc_url=None, openapi_url=None,
                   default_response_class=JSONResponse)
+    app.add_api_route("/v2/models/{model_name}/infer", infer, methods=["POST"])  # before KServe's own route
     register_v2_endpoints(app, plane, None)
     app.router.routes = [r for r in app.router.routes if "/repository/" not in getattr(r, "path", "")]
     for exc, handler in [(InvalidInput, ke.invalid_input_handler), (InferenceError, ke.inference_error_handler),
@@ -279,12 +302,6 @@ class _Guard:
             VERSION.set(parts[5])
             path = "/".join(parts[:4] + parts[6:])
             scope = {**scope, "path": path, "raw_path": path.encode()}
-        if scope["path"].endswith("/infer") and "inference-header-content-length" not in headers and \
-                "json" not in headers.get("content-type", ""):
-            # without the binary extension's header the body is the protocol's JSON, whatever its content type says
-            # (Triton's client sends none); KServe reads a body as JSON only when told so
-            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
-                     + [(b"content-type", b"application/json")]}
         return await self.app(scope, receive, send)
 
 
