@@ -3,11 +3,14 @@
 1. served p50 - in-process p50 at concurrency 1 (digits CNN, ONNX, batching off);
 2. requests/s at concurrency 16 with dynamic batching on (batch 8, 5 ms delay) vs off (batch 1);
 3. the load generator's own ceiling: Locust against TorchServe's trivial /ping;
-4. with --text (instead of 1-3): the built-in text model served as ONNX, p50 at concurrency 1 of a raw-text
+4. the Open Inference Protocol's REST path (/v2/models/NAME/infer, through the v2 front) against /predictions,
+   p50 at concurrency 1 on the same model and samples;
+5. with --text (instead of 1-4): the built-in text model served as ONNX, p50 at concurrency 1 of a raw-text
    request ({"inputs": "review"}) against the same review sent as its token ids: the tokenizer's cost.
 Runs are interleaved (off, on, off, on, ...) and medians reported. Usage:
   python benchmarks/serving.py [--rounds 3] [--seconds 10] [--users 16] [--locust-workers 0] [--text] [--json PATH]
---json writes served_minus_inprocess_ms, batching_gain and locust_ceiling_rps (with --text: raw_text_p50_ms,
+--json writes served_minus_inprocess_ms, batching_gain, locust_ceiling_rps and v2_over_predictions_p50 (with
+--text: raw_text_p50_ms,
 token_ids_p50_ms, tokenizer_ms).
 """
 
@@ -51,13 +54,17 @@ def main():
     server.start(store, state, server.ServeConfig(port=server.free_port()))
     try:
         specs = {m: prepare(state, m, tmp / f"lt-{m}") for m in ("nobatch", "batch")}
+        v2_spec = prepare(state, "nobatch", tmp / "lt-v2", protocol="v2")
         runner = open_runner(onnx_art, threads=1)
         feed = feed_for(runner, 1)
-        served1, inproc, rps = [], [], {"nobatch": [], "batch": []}
+        served1, inproc, rps, v2 = [], [], {"nobatch": [], "batch": []}, []
         for r in range(args.rounds):
             inproc.append(float(np.median(measure(lambda: runner.infer(feed), 1.0))))
             res = run_locust(specs["nobatch"], tmp / "c1", 1, 1, args.seconds, tag=f"c1_{r}")
             served1.append(res["p50_ms"])
+            res = run_locust(v2_spec, tmp / "v2", 1, 1, args.seconds, tag=f"v2_{r}")
+            assert res["mismatches"] == 0 and res["failures"] == 0, res
+            v2.append(res["p50_ms"])
             for m in ("nobatch", "batch"):
                 res = run_locust(specs[m], tmp / f"c{args.users}", args.users, args.users, args.seconds,
                                  args.locust_workers, tag=f"{m}_{r}")
@@ -71,6 +78,9 @@ def main():
     p_served, p_in = statistics.median(served1), statistics.median(inproc)
     print(f"concurrency 1, batching off: served p50 {p_served:.2f} ms, in-process p50 {p_in:.3f} ms, "
           f"difference {p_served - p_in:.2f} ms (goal <= 2 ms)")
+    v2_ratio = statistics.median(a / b for a, b in zip(v2, served1))
+    print(f"concurrency 1: Open Inference Protocol v2 p50 {statistics.median(v2):.2f} ms vs /predictions "
+          f"{p_served:.2f} ms: ratio {v2_ratio:.3f} (rounds: {', '.join(f'{a:.1f}/{b:.1f}' for a, b in zip(v2, served1))})")
     for m in rps:
         print(f"concurrency {args.users}, {m:8s}: {statistics.median(rps[m]):7.1f} req/s  (rounds: "
               f"{', '.join(f'{x:.0f}' for x in rps[m])})")
@@ -87,7 +97,8 @@ def main():
                               "served_minus_inprocess_ms": p_served - p_in, "batching_gain": ratio,
                               "locust_ceiling_rps": ping["rps"], "served_p50_ms": p_served, "inprocess_p50_ms": p_in,
                               "rps_batching_on": statistics.median(rps["batch"]),
-                              "rps_batching_off": statistics.median(rps["nobatch"])})
+                              "rps_batching_off": statistics.median(rps["nobatch"]),
+                              "v2_p50_ms": statistics.median(v2), "v2_over_predictions_p50": v2_ratio})
 
 
 def _counters(info: dict, model: str) -> dict:

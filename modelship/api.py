@@ -284,12 +284,14 @@ class Server:
 
 def serve(store, state=None, *, port: int | None = None, max_request_bytes: int = 1 << 20, job_queue_size: int = 100,
           token_expiration_min: int = 24 * 60, auth: bool = True, startup_timeout_s: float = 120.0,
-          model_api: bool = False, allow_promote: bool = False, oip: bool = True) -> Server:
+          model_api: bool = False, allow_promote: bool = False, oip: bool = True, v2_host: str = "127.0.0.1"
+          ) -> Server:
     """Start TorchServe on 127.0.0.1 (token auth on, model registration off) serving the ``.mar`` files of ``store``
     and return once every model is ready. ``state``: the folder for serve.json, config and logs (default: a new
     0700 temporary folder, removed on stop); ``port``: the inference port (default: a free one); ``allow_promote``
     (or ``model_api``): new model versions can be registered by the management token's holder (``promote``);
-    ``oip``: the Open Inference Protocol v2 too (REST at ``info["v2_url"]``, gRPC at ``info["v2_grpc_address"]``)."""
+    ``oip``: the Open Inference Protocol v2 too (REST at ``info["v2_url"]``, gRPC at ``info["v2_grpc_address"]``;
+    ``v2_host``: the address it listens on)."""
     from .serving import server
     from .signals import stopping
 
@@ -300,7 +302,7 @@ def serve(store, state=None, *, port: int | None = None, max_request_bytes: int 
         info = server.start(store, state or temporary, server.ServeConfig(
             port=port or server.free_port(), max_request_bytes=max_request_bytes, job_queue_size=job_queue_size,
             token_auth=auth, token_expiration_min=token_expiration_min, startup_timeout_s=startup_timeout_s,
-            model_api=model_api or allow_promote, oip=oip))
+            model_api=model_api or allow_promote, oip=oip, v2_host=v2_host))
     except BaseException:
         signals.close()
         if temporary is not None:

@@ -187,3 +187,92 @@ def test_service_monitor_and_alert_rules(k8s, monitoring):
         assert r["expr"].count("(") == r["expr"].count(")")
     mismatch = next(r for r in rules if "mismatch" in r["expr"])
     assert mismatch["expr"].rstrip().endswith("> 0") and mismatch["labels"]["severity"] == "critical"
+
+
+# ---- KServe: deploy/kserve ---------------------------------------------------------------------------------
+
+KSERVE = DEPLOY.parent / "kserve"
+
+
+def _against_api_types(value, typ: str, where: str) -> list[str]:
+    """Every field of ``value`` known to KServe's API type ``typ`` (the kserve package's models, generated from
+    its CRDs, and the Kubernetes client's for the core types they embed), with the type it declares."""
+    import kserve.models
+    import kubernetes.client.models
+
+    m = re.fullmatch(r"(?:list|List)\[(.+)\]", typ)
+    if m:
+        if not isinstance(value, list):
+            return [f"{where}: a list expected"]
+        return [p for i, v in enumerate(value) for p in _against_api_types(v, m.group(1), f"{where}[{i}]")]
+    m = re.fullmatch(r"(?:dict|Dict)[(\[]str, (.+)[)\]]", typ)
+    if m:
+        if not isinstance(value, dict):
+            return [f"{where}: a mapping expected"]
+        return [p for k, v in value.items() for p in _against_api_types(v, m.group(1), f"{where}.{k}")]
+    simple = {"str": str, "bool": bool, "int": int, "float": (int, float), "datetime": str, "date": str}
+    if typ in simple:
+        ok = isinstance(value, simple[typ]) and not (typ in ("int", "float") and isinstance(value, bool))
+        return [] if ok else [f"{where}: {typ} expected, got {value!r}"]
+    if typ == "object":  # IntOrString, Quantity, free-form status
+        return []
+    cls = getattr(kserve.models, typ, None) or getattr(kubernetes.client.models, typ, None)
+    assert cls is not None, f"{where}: no API type {typ}"
+    if not isinstance(value, dict):
+        return [f"{where}: a {typ} mapping expected"]
+    fields = {key: attr for attr, key in cls.attribute_map.items()}
+    problems = [f"{where}.{k}: not a field of {typ}" for k in value if k not in fields]
+    return problems + [p for k, v in value.items() if k in fields
+                       for p in _against_api_types(v, cls.openapi_types[fields[k]], f"{where}.{k}")]
+
+
+@pytest.fixture(scope="module")
+def kserve_docs():
+    return {doc["kind"]: doc for f in sorted(KSERVE.glob("*.yaml")) for doc in yaml.safe_load_all(f.read_text())}
+
+
+def test_kserve_manifests_match_kserves_api_types(kserve_docs):
+    types = {"InferenceService": ("serving.kserve.io/v1beta1", "V1beta1InferenceService"),
+             "ServingRuntime": ("serving.kserve.io/v1alpha1", "V1alpha1ServingRuntime")}
+    assert set(kserve_docs) == set(types)
+    for kind, (api, typ) in types.items():
+        doc = kserve_docs[kind]
+        assert doc["apiVersion"] == api
+        assert _against_api_types(doc, typ, kind) == []
+    # the checker finds what it checks: a misspelt field, a wrong type
+    wrong = {**kserve_docs["InferenceService"], "spec": {"predictor": {"model": {"protocolVerison": "v2"}}}}
+    assert _against_api_types(wrong, "V1beta1InferenceService", "isvc") == [
+        "isvc.spec.predictor.model.protocolVerison: not a field of V1beta1ModelSpec"]
+    wrong = {**kserve_docs["InferenceService"], "spec": {"predictor": {"minReplicas": "one"}}}
+    assert _against_api_types(wrong, "V1beta1InferenceService", "isvc") == [
+        "isvc.spec.predictor.minReplicas: int expected, got 'one'"]
+
+
+def test_kserve_runtime_runs_modelship_serve_with_the_v2_front_on_its_port(kserve_docs, k8s):
+    from typer.main import get_command
+
+    from modelship.cli import app
+
+    runtime, isvc = kserve_docs["ServingRuntime"]["spec"], kserve_docs["InferenceService"]["spec"]["predictor"]
+    container = runtime["containers"][0]
+    cmd = container["command"]
+    assert cmd[:3] == ["modelship", "serve", "/mnt/models"]  # where KServe's storage initializer puts storageUri
+    # the command line is one `modelship serve` accepts (parsed by its own parser, without starting anything)
+    cli = get_command(app)
+    serve = cli.get_command(cli.make_context("modelship", ["serve", "--help"], resilient_parsing=True), "serve")
+    params = serve.make_context("serve", list(cmd[2:])).params
+    assert params["v2_host"] == "0.0.0.0" and params["no_auth"] and params["oip"] and str(params["store"]) == "/mnt/models"
+    base = int(cmd[cmd.index("--port") + 1])
+    assert cmd[cmd.index("--v2-host") + 1] == "0.0.0.0"  # the front faces the pod network; TorchServe stays inside
+    http = container["ports"][0]["containerPort"]
+    assert http == base + 6 == 8080  # KServe sends v2 REST to 8080, gRPC to 8081
+    assert set(runtime["protocolVersions"]) == {"v2", "grpc-v2"}
+    model = isvc["model"]
+    assert model["runtime"] == kserve_docs["ServingRuntime"]["metadata"]["name"]
+    assert model["modelFormat"]["name"] in {f["name"] for f in runtime["supportedModelFormats"]}
+    assert model["protocolVersion"] == "v2"
+    for probe, path in (("readinessProbe", "/v2/health/ready"), ("livenessProbe", "/v2/health/live")):
+        assert model[probe]["httpGet"] == {"path": path, "port": http}
+    claim = model["storageUri"].removeprefix("pvc://").split("/")[0]
+    assert ("PersistentVolumeClaim", claim) in k8s["docs"]  # the same store the plain Deployment serves
+    assert container["securityContext"]["runAsNonRoot"] is True

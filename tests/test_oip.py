@@ -92,38 +92,27 @@ def test_triton_http_client(served, cnn_onnx, text_onnx, images, texts):
 
 
 def test_triton_grpc_client(served, cnn_onnx, text_onnx, texts):
-    import tritonclient.grpc as triton
-    from tritonclient.utils import InferenceServerException
+    """tritonclient[grpc] (in a process of its own: tests/oip_grpc_client.py) on the v2 gRPC service."""
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    c = triton.InferenceServerClient(served["v2_grpc_address"])
-    h = {"authorization": f"Bearer {served['token']}"}
-    assert c.is_server_live(headers=h) and c.is_server_ready(headers=h) and c.is_model_ready("text-onnx", headers=h)
-    meta = c.get_model_metadata("cnn-onnx", headers=h, as_json=True)
-    assert meta["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": ["-1", "10"]}]  # int64 as JSON strings
     x = np.random.default_rng(1).random((2, 1, 8, 8), dtype=np.float32)
-    t = triton.InferInput("pixels", [2, 1, 8, 8], "FP32")
-    t.set_data_from_numpy(x)
-    r = c.infer("cnn-onnx", [t], headers=h)
+    script = Path(__file__).with_name("oip_grpc_client.py")
+    p = subprocess.run([sys.executable, str(script), served["v2_grpc_address"], served["token"], json.dumps(texts),
+                        json.dumps(x.tolist())], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["live"] and got["ready"] and got["model_ready"] and got["ready_after"]
+    assert got["metadata"]["outputs"] == [{"name": "logits", "datatype": "FP32", "shape": ["-1", "10"]}]  # int64s
     want = _in_process(cnn_onnx, {"inputs": [{"name": "pixels", "shape": [2, 1, 8, 8], "datatype": "FP32",
                                                "data": x.ravel().tolist()}]})
-    np.testing.assert_allclose(r.as_numpy("logits"), want, atol=ATOL)
-    assert (r.get_response().model_name, r.get_response().model_version) == ("cnn-onnx", "1.0")
-    t = triton.InferInput("text", [3], "BYTES")
-    t.set_data_from_numpy(np.array(texts, dtype=object))
+    np.testing.assert_allclose(got["pixels"], want, atol=ATOL)
+    assert got["served"] == ["cnn-onnx", "1.0"]
     want = _in_process(text_onnx, {"inputs": [{"name": "text", "shape": [3], "datatype": "BYTES", "data": texts}]})
-    np.testing.assert_allclose(c.infer("text-onnx", [t], headers=h).as_numpy("logits"), want, atol=ATOL)
-
-    calls = [lambda **k: c.is_server_live(**k), lambda **k: c.get_server_metadata(**k),
-             lambda **k: c.get_model_metadata("cnn-onnx", **k), lambda **k: c.infer("text-onnx", [t], **k)]
-    for call in calls:
-        for headers in ({}, {"authorization": "Bearer not-the-token"}):
-            with pytest.raises(InferenceServerException, match="UNAUTHENTICATED"):
-                call(headers=headers)
-    bad = triton.InferInput("pixels", [2, 3], "FP32")
-    bad.set_data_from_numpy(np.zeros((2, 3), np.float32))
-    with pytest.raises(InferenceServerException, match=r"INVALID_ARGUMENT.*shape \[2, 3\], expected \[batch, 1, 8, 8\]"):
-        c.infer("cnn-onnx", [bad], headers=h)
-    assert c.is_model_ready("cnn-onnx", headers=h)
+    np.testing.assert_allclose(got["texts"], want, atol=ATOL)
+    assert len(got["refused"]) == 8 and all("UNAUTHENTICATED" in v for v in got["refused"].values()), got["refused"]
+    assert "INVALID_ARGUMENT" in got["bad"] and "shape [2, 3], expected [batch, 1, 8, 8]" in got["bad"]
 
 
 KSERVE_CLIENT = """
@@ -251,3 +240,44 @@ def test_metadata_of_a_tensor_model(cnn_onnx):
     inputs, outputs = metadata(replace(cnn_onnx.manifest, preprocess=None))
     assert inputs == [{"name": "pixels", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
     assert outputs == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
+
+
+def test_readme_triton_block_runs_as_written(served, cnn_int8, capsys, monkeypatch, tmp_path):
+    """The README's Triton client block, against this suite's server (its state folder in place of the quick
+    start's runs/x/state, which serves cnn-int8 too)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if b.startswith("# Triton's client"))
+    assert code.count("runs/x/state") == 2
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(code.replace("runs/x/state", served["state"]), "README.md", "exec"), scope)
+    want = _in_process(cnn_int8, {"inputs": [{"name": "pixels", "shape": [2, 1, 8, 8], "datatype": "FP32",
+                                               "data": [0.5] * 128}]})
+    np.testing.assert_allclose(scope["answer"].as_numpy("logits"), want, atol=ATOL)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "[{'name': 'logits', 'datatype': 'FP32', 'shape': [-1, 10]}]"
+    assert printed[1] == f"1.0 {want.argmax(1)}"
+
+
+def test_a_front_that_cannot_start_fails_the_start_and_leaves_nothing_running(tmp_path, cnn_onnx, monkeypatch):
+    """The v2 front runs beside TorchServe in its process group: when it dies at start, `serve` says so in one line
+    (not a 120 s wait) and stops TorchServe too."""
+    import psutil
+
+    from modelship.errors import ServeError
+    from modelship.serving import server
+    from modelship.serving.archive import archive
+
+    archive(cnn_onnx, tmp_path / "store", name="cnn")
+    wrong = server.front_args
+    monkeypatch.setattr(server, "front_args", lambda *a: wrong(*a) + ["--grpc-port", "not-a-port"])
+    config = server.ServeConfig(port=server.free_port(), startup_timeout_s=90)
+    with pytest.raises(ServeError, match=r"the Open Inference Protocol front failed: .*--grpc-port: invalid int value"):
+        server.start(tmp_path / "store", tmp_path / "state", config)
+    info = server.read_state(tmp_path / "state", running=False)
+    assert info["status"] == "stopped" and not psutil.pid_exists(info["pid"]) or \
+        psutil.Process(info["pid"]).status() == psutil.STATUS_ZOMBIE
+    assert all(server.port_free(p) for p in range(config.port, config.port + server.PORTS))

@@ -9,8 +9,8 @@ read each BYTES element as UTF-8 text (an encoded image fails there) and decode 
 Metadata comes from each archive's manifest; readiness and versions from TorchServe's management API.
 
 Run by ``modelship serve`` in TorchServe's process group: ``python -m modelship.serving.oip ...``. Both servers
-bind 127.0.0.1 only, and every path (health included) asks for the inference token TorchServe checks
-(read again from its key file when it is rotated).
+bind 127.0.0.1 unless ``serve --v2-host`` says otherwise (a KServe runtime container), and every path (health
+included) asks for the inference token TorchServe checks (read again from its key file when it is rotated).
 """
 
 
@@ -86,10 +86,9 @@ class Token:
 
 def build(args):
     """KServe's REST app and gRPC server for the store's models, forwarding to TorchServe."""
-    import httpx
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import JSONResponse
     from kserve import Model
     from kserve import errors as ke
     from kserve.errors import InferenceError, InvalidInput, ModelNotFound, ModelNotReady
@@ -100,21 +99,21 @@ def build(args):
     from starlette.exceptions import HTTPException
 
     token = Token(None if args.no_auth else Path(args.state) / "key_file.json")
-    client = httpx.AsyncClient(timeout=httpx.Timeout(60.0, connect=5.0))
+    upstream = Upstream()
 
     async def describe(name: str) -> list[dict]:
         """TorchServe's record of each version of ``name`` (its workers and their status)."""
         keys = {} if args.no_auth else json.loads((Path(args.state) / "key_file.json").read_text())
         headers = {"Authorization": f"Bearer {keys['management']['key']}"} if keys else {}
         try:
-            r = await client.get(f"{args.management_url}/models/{name}/all", headers=headers)
-        except httpx.HTTPError as e:
+            status, _, content = await upstream.call("GET", f"{args.management_url}/models/{name}/all", None, headers)
+        except OSError as e:
             raise ModelNotReady(name, f"TorchServe's management API did not answer: {e}") from None
-        if r.status_code == 404:
+        if status == 404:
             raise ModelNotFound(name)
-        if r.status_code != 200:
-            raise ModelNotReady(name, f"TorchServe answered {r.status_code}")
-        return r.json()
+        if status != 200:
+            raise ModelNotReady(name, f"TorchServe answered {status}")
+        return json.loads(content)
 
     class Served(Model):
         """One model of the store: its protocol metadata from the manifest; gRPC infer forwarded to TorchServe."""
@@ -171,21 +170,21 @@ def build(args):
             body = head + tail
             url = f"{args.inference_url}/predictions/{self.name}" + (f"/{version}" if version else "")
             try:
-                r = await client.post(url, content=body, headers=send)
-            except httpx.HTTPError as e:
+                status, got, content = await upstream.call("POST", url, body, send)
+            except OSError as e:
                 raise InferenceError(f"TorchServe did not answer: {e}") from None
-            answer = _json(r)
-            if response_headers is not None and r.headers.get(SERVED_ON):
-                response_headers[SERVED_ON] = r.headers[SERVED_ON]
-            if r.status_code != 200:
-                message = answer.get("message") or answer.get("error") or r.text[:300]
-                if r.status_code == 404:
+            answer = _loads(content)
+            if response_headers is not None and got.get(SERVED_ON.lower()):
+                response_headers[SERVED_ON] = got[SERVED_ON.lower()]
+            if status != 200:
+                message = answer.get("message") or answer.get("error") or content[:300].decode(errors="replace")
+                if status == 404:
                     raise ModelNotFound(self.name + (f" version {version}" if version else ""))
-                if r.status_code in (400, 413):
+                if status in (400, 413):
                     raise InvalidInput(message)
-                if r.status_code == 503:
+                if status == 503:
                     raise ModelNotReady(self.name, message)
-                raise InferenceError(f"TorchServe answered {r.status_code}: {message}")
+                raise InferenceError(f"TorchServe answered {status}: {message}")
             outputs = []
             for t in answer.get("outputs", []):
                 out = InferOutput(t["name"], t["shape"], t["datatype"])
@@ -233,30 +232,8 @@ def build(args):
         log.error("modelship: %s %s failed", request.method, request.url.path, exc_info=exc)
         return JSONResponse({"error": f"internal error ({type(exc).__name__}); the server log holds its details"}, 500)
 
-    async def infer(request: Request, model_name: str):
-        """REST infer: the body goes to the handler as it came (JSON, or the binary tensor extension, which the
-        handler decodes and answers itself), and TorchServe's refusals come back in the protocol's error form."""
-        if registry.get_model(model_name) is None:
-            raise ModelNotFound(model_name)
-        version = VERSION.get()
-        send = {k: request.headers[k] for k in FORWARD if k in request.headers}
-        if BINARY_HEADER.lower() not in send:  # the protocol's JSON, whatever content type a client labels it with
-            send["content-type"] = "application/json"
-        url = f"{args.inference_url}/predictions/{model_name}" + (f"/{version}" if version else "")
-        try:
-            r = await client.post(url, content=await request.body(), headers=send)
-        except httpx.HTTPError as e:
-            raise InferenceError(f"TorchServe did not answer: {e}") from None
-        if r.status_code != 200:
-            answer = _json(r)
-            return JSONResponse({"error": answer.get("message") or answer.get("error") or r.text[:300]},
-                                r.status_code)
-        return Response(r.content, headers={k: r.headers[k] for k in ("content-type", BINARY_HEADER, SERVED_ON)
-                                            if k in r.headers})
-
     app = FastAPI(title="modelship", docs_url=None, redoc_url=None, openapi_url=None,
                   default_response_class=JSONResponse)
-    app.add_api_route("/v2/models/{model_name}/infer", infer, methods=["POST"])  # before KServe's own route
     register_v2_endpoints(app, plane, None)
     app.router.routes = [r for r in app.router.routes if "/repository/" not in getattr(r, "path", "")]
     for exc, handler in [(InvalidInput, ke.invalid_input_handler), (InferenceError, ke.inference_error_handler),
@@ -277,15 +254,35 @@ def build(args):
 
     app.add_exception_handler(HTTPException, protocol_error)
     app.add_exception_handler(RequestValidationError, malformed)
-    return _Guard(app, token), plane, registry, token
+    async def infer(name: str, headers: dict, body: bytes) -> tuple[int, list, bytes]:
+        """REST infer: the body goes to the handler as it came (JSON, or the binary tensor extension, which the
+        handler decodes and answers itself); TorchServe's refusals come back in the protocol's error form."""
+        if registry.get_model(name) is None:
+            return _error(404, str(ModelNotFound(name)))
+        version = VERSION.get()
+        send = {k: headers[k] for k in FORWARD if k in headers}
+        if BINARY_HEADER.lower() not in send:  # the protocol's JSON, whatever content type a client labels it with
+            send["content-type"] = "application/json"
+        url = f"{args.inference_url}/predictions/{name}" + (f"/{version}" if version else "")
+        try:
+            status, got, content = await upstream.call("POST", url, body, send)
+        except OSError as e:
+            return _error(502, f"TorchServe did not answer: {e}")
+        if status != 200:
+            answer = _loads(content)
+            return _error(status, answer.get("message") or answer.get("error") or content[:300].decode(errors="replace"))
+        return 200, [(k.encode(), got[k].encode()) for k in ("content-type", BINARY_HEADER.lower(), SERVED_ON.lower())
+                     if k in got], content
+
+    return _Guard(app, token, infer), plane, registry, token
 
 
 class _Guard:
-    """ASGI: the token on every path, and /v2/models/NAME/versions/V/... served by the unversioned route with the
-    version in VERSION (KServe's own routes do not take versions)."""
+    """ASGI: the token on every path; /v2/models/NAME/versions/V/... served by the unversioned route with the
+    version in VERSION (KServe's own routes do not take versions); REST infer passed to ``infer`` directly."""
 
-    def __init__(self, app, token: Token):
-        self.app, self.token = app, token
+    def __init__(self, app, token: Token, infer):
+        self.app, self.token, self.infer = app, token, infer
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -293,21 +290,58 @@ class _Guard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         why = self.token.refusal(headers.get("authorization"))
         if why:
-            body = json.dumps({"error": why}).encode()
-            await send({"type": "http.response.start", "status": 401,
-                        "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
-            return await send({"type": "http.response.body", "body": body})
+            status, out, body = _error(401, why)
+            return await _answer(send, status, out + [(b"www-authenticate", b"Bearer")], body)
         parts = scope["path"].split("/")
         if len(parts) >= 6 and parts[1:3] == ["v2", "models"] and parts[4] == "versions" and parts[5]:
             VERSION.set(parts[5])
-            path = "/".join(parts[:4] + parts[6:])
+            parts = parts[:4] + parts[6:]
+            path = "/".join(parts)
             scope = {**scope, "path": path, "raw_path": path.encode()}
+        if scope["method"] == "POST" and len(parts) == 5 and parts[1:3] == ["v2", "models"] and parts[4] == "infer":
+            chunks, more = [], True
+            while more:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                chunks.append(message.get("body", b""))
+                more = message.get("more_body", False)
+            return await _answer(send, *await self.infer(parts[3], headers, b"".join(chunks)))
         return await self.app(scope, receive, send)
 
 
-def _json(r) -> dict:
+async def _answer(send, status: int, headers: list, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Upstream:
+    """One keep-alive HTTP client to TorchServe (aiohttp: of the async clients, the cheapest hop per request)."""
+
+    def __init__(self):
+        self.session = None
+
+    async def call(self, method: str, url: str, body: bytes | None, headers: dict) -> tuple[int, dict, bytes]:
+        """(status, headers by lowercase name, body); OSError when TorchServe does not answer."""
+        import aiohttp
+
+        if self.session is None:
+            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60, connect=5),
+                                                 connector=aiohttp.TCPConnector(limit=256))
+        try:
+            async with self.session.request(method, url, data=body, headers=headers) as r:
+                return r.status, {k.lower(): v for k, v in r.headers.items()}, await r.read()
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise OSError(f"{type(e).__name__}: {e}") from None
+
+
+def _error(status: int, message: str) -> tuple[int, list, bytes]:
+    return status, [(b"content-type", b"application/json")], json.dumps({"error": message}).encode()
+
+
+def _loads(content: bytes) -> dict:
     try:
-        found = r.json()
+        found = json.loads(content)
         return found if isinstance(found, dict) else {}
     except ValueError:
         return {}
@@ -326,7 +360,7 @@ def _version() -> str:
         return "0"
 
 
-def _grpc_server(plane, registry, token: Token, port: int):
+def _grpc_server(plane, registry, token: Token, host: str, port: int):
     import grpc
     from grpc import aio
     from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
@@ -347,8 +381,8 @@ def _grpc_server(plane, registry, token: Token, port: int):
     server = aio.server(interceptors=(Authorized(), ExceptionToStatusInterceptor()),
                         options=[("grpc.max_receive_message_length", 64 << 20)])
     grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane, None), server)
-    if not server.add_insecure_port(f"127.0.0.1:{port}"):
-        raise OSError(f"cannot bind 127.0.0.1:{port}")
+    if not server.add_insecure_port(f"{host}:{port}"):
+        raise OSError(f"cannot bind {host}:{port}")
     return server
 
 
@@ -356,9 +390,9 @@ async def serve(args) -> None:
     import uvicorn
 
     app, plane, registry, token = build(args)
-    rest = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=args.http_port, log_config=None,
-                                         access_log=False, loop="asyncio", timeout_keep_alive=65))
-    grpc_server = _grpc_server(plane, registry, token, args.grpc_port)
+    rest = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.http_port, log_config=None,
+                                         access_log=False, loop="auto", timeout_keep_alive=65))
+    grpc_server = _grpc_server(plane, registry, token, args.host, args.grpc_port)
     await grpc_server.start()
     try:
         await rest.serve()
@@ -372,6 +406,7 @@ def main(argv=None) -> None:
     p.add_argument("--state", required=True)
     p.add_argument("--inference-url", required=True)
     p.add_argument("--management-url", required=True)
+    p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--http-port", type=int, required=True)
     p.add_argument("--grpc-port", type=int, required=True)
     p.add_argument("--no-auth", action="store_true")

@@ -52,6 +52,8 @@ class ServeConfig:
     model_api: bool = False  # registration through the management API, for the management token's holder only
     # (modelship tune's private server, and serve --allow-promote for modelship promote)
     oip: bool = True  # the Open Inference Protocol v2 front (KServe's model server), REST and gRPC
+    v2_host: str = "127.0.0.1"  # where the v2 front listens (a KServe runtime container: 0.0.0.0; TorchServe stays
+    # on loopback whatever this says)
 
     def properties(self, store: Path) -> str:
         host = "http://127.0.0.1"
@@ -80,6 +82,14 @@ class ServeConfig:
             "async_logging": "true",
         }
         return "".join(f"{k}={v}\n" for k, v in lines.items())
+
+
+def front_args(store: Path, state: Path, config: ServeConfig) -> list[str]:
+    """The Open Inference Protocol front's command line (``python -m modelship.serving.oip``)."""
+    return ["--store", str(store), "--state", str(state), "--inference-url", f"http://127.0.0.1:{config.port}",
+            "--management-url", f"http://127.0.0.1:{config.port + 1}", "--host", config.v2_host,
+            "--http-port", str(config.port + 6), "--grpc-port", str(config.port + 7)] + \
+        ([] if config.token_auth else ["--no-auth"])
 
 
 def visible_mars(store: Path) -> list[Path]:
@@ -214,10 +224,7 @@ def start(store: str | Path, state: str | Path, config: ServeConfig | None = Non
     launch = ('"$MODELSHIP_PY" -m modelship.serving.metrics "$PROMETHEUS_MULTIPROC_DIR" "$MODELSHIP_METRICS_PORT" '
               '>> "$MODELSHIP_METRICS_LOG" 2>&1 < /dev/null & ')
     if config.oip:  # the v2 front too, in the same group: KServe's model server forwarding to TorchServe
-        env.update(MODELSHIP_OIP_ARGS=json.dumps(
-            ["--store", str(store), "--state", str(state), "--inference-url", f"http://127.0.0.1:{config.port}",
-             "--management-url", f"http://127.0.0.1:{config.port + 1}", "--http-port", str(config.port + 6),
-             "--grpc-port", str(config.port + 7)] + ([] if config.token_auth else ["--no-auth"])),
+        env.update(MODELSHIP_OIP_ARGS=json.dumps(front_args(store, state, config)),
                    MODELSHIP_OIP_LOG=str(state / "logs" / "oip.out"))
         launch += ('"$MODELSHIP_PY" -m modelship.serving.oip --json-args "$MODELSHIP_OIP_ARGS" '
                    '>> "$MODELSHIP_OIP_LOG" 2>&1 < /dev/null & ')
@@ -403,11 +410,11 @@ def _fatal_line(state: Path) -> str | None:
             m = FATAL_LOG.search(p.read_text(errors="replace"))
             if m:
                 return m.group(1).strip()[:400]
-    front = state / "logs" / "oip.out"  # the v2 front died (it prints a traceback and exits)
-    if front.is_file():
-        lines = [l for l in front.read_text(errors="replace").splitlines() if re.match(r"\w*(Error|Exception)\b", l)]
-        if lines:
-            return f"the Open Inference Protocol front failed: {lines[-1].strip()[:300]} (see {front})"
+    front = state / "logs" / "oip.out"  # the v2 front died: a traceback, or its argument parser's complaint
+    text = front.read_text(errors="replace") if front.is_file() else ""
+    if "Traceback" in text or ": error:" in text:
+        last = [l for l in text.splitlines() if l.strip() and not l.startswith((" ", "\t"))][-1]
+        return f"the Open Inference Protocol front failed: {last.strip()[:300]} (see {front})"
     return None
 
 
