@@ -1,6 +1,6 @@
 """HTTP fuzzing of the real TorchServe with hypothesis: random and malformed bodies, headers, methods
 and paths on every route TorchServe publishes (its OPTIONS / API description) on the inference and
-management ports, plus the metrics port. No 5xx may come back except the documented ones, every 200
+management ports, plus the metrics port and the Open Inference Protocol's port. No 5xx may come back except the documented ones, every 200
 answer must equal the PyTorch reference, and /ping is healthy afterwards.
 
 Examples per test: MODELSHIP_FUZZ_EXAMPLES (default 150, derandomized so CI is reproducible);
@@ -62,6 +62,12 @@ def api(served, cnn):
     routes["inference"] += [("/explanations/{model_name}", "POST")]  # served but not in the description
     routes["management"] += [("/token", "POST")]
     routes["metrics"] = [("/metrics", "GET")]
+    routes["v2"] = [("/v2", "GET"), ("/v2/health/live", "GET"), ("/v2/health/ready", "GET"), ("/v2/models", "GET"),
+                    ("/v2/models/{model_name}", "GET"), ("/v2/models/{model_name}/ready", "GET"),
+                    ("/v2/models/{model_name}/versions/{model_version}", "GET"),
+                    ("/v2/models/{model_name}/versions/{model_version}/ready", "GET"),
+                    ("/v2/models/{model_name}/infer", "POST"),
+                    ("/v2/models/{model_name}/versions/{model_version}/infer", "POST")]  # the Open Inference Protocol
     yield {"routes": routes, "reference": TorchRunner(cnn), "info": served}
     print(f"\nfuzz cases sent: {TRIED['cases']}")
 
@@ -122,7 +128,8 @@ def parity(api, x, data):
 
 @FUZZ
 @given(body=BODY, model=st.sampled_from(MODELS), content_type=CONTENT_TYPE,
-       route=st.sampled_from(["/predictions/{m}", "/predictions/{m}/1.0", "/v2/models/{m}/infer", "/v1/models/{m}:predict"]))
+       route=st.sampled_from(["/predictions/{m}", "/predictions/{m}/1.0", "/v2/models/{m}/infer", "/v1/models/{m}:predict",
+                              "v2:/v2/models/{m}/infer", "v2:/v2/models/{m}/versions/1.0/infer"]))
 @example(body=(b"[" * 200_000, None), model="cnn-onnx", content_type="application/json", route="/predictions/{m}")
 @example(body=(b'{"inputs": [[' + b"1e39," * 63 + b"1e39]]}", None), model="cnn-onnx", content_type="application/json",
          route="/predictions/{m}")
@@ -131,8 +138,8 @@ def parity(api, x, data):
 def test_prediction_bodies(api, body, model, content_type, route):
     raw, x = body
     hdr = {"Authorization": f"Bearer {api['info']['token']}", **({"Content-Type": content_type} if content_type else {})}
-    path = route.format(m=model)
-    status, data = send(api["info"]["inference_url"], "POST", path, hdr, raw)
+    front, path = route.startswith("v2:"), route.removeprefix("v2:").format(m=model)  # v2: the protocol's own port
+    status, data = send(api["info"]["v2_url" if front else "inference_url"], "POST", path, hdr, raw)
     check_status(status, "POST", path, data)
     if status == 200:
         assert x is not None, f"accepted a malformed body: {raw[:200]!r} -> {data[:200]!r}"
@@ -149,7 +156,7 @@ def test_prediction_bodies(api, body, model, content_type, route):
            st.text(alphabet=string.ascii_letters + "-", min_size=1, max_size=20), HEADER_TEXT, max_size=3),
        query=st.dictionaries(st.text(max_size=10), st.text(max_size=10), max_size=3))
 def test_any_route_method_and_header(api, data, method, auth, extra, query):
-    kind = data.draw(st.sampled_from(["inference", "management", "metrics"]))
+    kind = data.draw(st.sampled_from(["inference", "management", "metrics", "v2"]))
     template, _ = data.draw(st.sampled_from(api["routes"][kind]))
     if data.draw(st.booleans()):  # sometimes a path that matches no route at all
         template = "/" + "/".join(data.draw(st.lists(SEGMENT, max_size=4)))
@@ -157,7 +164,8 @@ def test_any_route_method_and_header(api, data, method, auth, extra, query):
     if query:
         path += "?" + "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in query.items())
     info = api["info"]
-    token = {"inference": info["token"], "management": info["management_token"], "metrics": None}[kind]
+    token = {"inference": info["token"], "management": info["management_token"], "metrics": None,
+             "v2": info["token"]}[kind]
     if kind == "management" and auth == "valid" and method not in ("GET", "OPTIONS", "HEAD"):
         auth = "wrong"  # a valid management token may legitimately scale workers: fuzz changes with bad tokens
     hdr = {k: v for k, v in extra.items() if k.lower() not in ("content-length", "transfer-encoding", "host",
@@ -171,6 +179,10 @@ def test_any_route_method_and_header(api, data, method, auth, extra, query):
     check_status(status, method, path, out)
     if kind == "management" and auth != "valid" and status == 200:
         assert method == "OPTIONS" or path.split("?")[0] in ("/", "/api-description"), f"{method} {path} without a token"
+    if kind == "v2":  # every path of the protocol's port wants the token, and answers in its error form
+        assert status == 200 or (method == "HEAD" or json.loads(out).keys() == {"error"}), f"{method} {path}: {out[:200]!r}"
+        if auth != "valid":
+            assert status == 401, f"{method} {path} without the token: {status}"
 
 
 def test_ping_and_answers_healthy_after_fuzzing(api):
