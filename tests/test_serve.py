@@ -225,6 +225,9 @@ def test_rotate_token(served, work, tmp_path):
     assert "token" not in json.loads((tmp_path / "r.json").read_text())  # --json never holds a secret
     assert _refused(_post(old, "cnn-onnx", _sample()))  # clients holding the old token are refused ...
     assert _post(new, "cnn-onnx", _sample()).status_code == 200  # ... and re-read serve.json to carry on
+    live = f"{served['v2_url']}/v2/health/live"  # the Open Inference Protocol front follows the rotation
+    assert requests.get(live, headers=server.bearer(old["token"]), timeout=10).status_code == 401
+    assert requests.get(live, headers=server.bearer(new["token"]), timeout=10).status_code == 200
     assert _refused(requests.get(f"{served['management_url']}/models", timeout=10,
                                  headers={"Authorization": f"Bearer {old['management_token']}"}))
     assert oct(os.stat(os.path.join(served["state"], "serve.json")).st_mode & 0o777) == "0o600"
