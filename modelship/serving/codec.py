@@ -20,8 +20,9 @@ from ..runners.base import check_names, fmt_shape
 # a request carrying DESCRIBE gets its answer's SERVED_ON header: the machine and kernels that computed it (JSON)
 DESCRIBE, SERVED_ON = "Modelship-Describe", "Modelship-Served-On"
 BINARY_HEADER = "Inference-Header-Content-Length"  # the v2 binary tensor extension: its JSON header's length
-V2_DTYPES = {"float32": "FP32", "float16": "FP16", "int64": "INT64", "int32": "INT32", "bool": "BOOL"}
-V2_NUMPY = {v: k for k, v in V2_DTYPES.items()} | {"FP64": "float64"}
+V2_DTYPES = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int64": "INT64", "int32": "INT32",
+             "int8": "INT8", "uint8": "UINT8", "bool": "BOOL"}
+V2_NUMPY = {v: k for k, v in V2_DTYPES.items()}
 
 
 @dataclass

@@ -28,20 +28,18 @@ from pathlib import Path
 import numpy as np
 
 from ..manifest import MANIFEST, Manifest
-from .codec import BINARY_HEADER, DESCRIBE, SERVED_ON
+from .codec import BINARY_HEADER, DESCRIBE, SERVED_ON, V2_DTYPES, V2_NUMPY
 
 FORWARD = ("authorization", "content-type", BINARY_HEADER.lower(), DESCRIBE.lower(), "x-request-id")
 
 VERSION = contextvars.ContextVar("modelship_oip_version", default=None)  # /v2/models/NAME/versions/V/...
-V2_DTYPE = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int64": "INT64", "int32": "INT32",
-            "int8": "INT8", "uint8": "UINT8", "bool": "BOOL"}
 
 log = logging.getLogger("modelship.oip")
 
 
 def tensors(specs) -> list[dict]:
     """Manifest tensor specs as protocol metadata: named dynamic dims are -1."""
-    return [{"name": t.name, "datatype": V2_DTYPE.get(t.dtype, t.dtype.upper()),
+    return [{"name": t.name, "datatype": V2_DTYPES.get(t.dtype, t.dtype.upper()),
              "shape": [d if isinstance(d, int) else -1 for d in t.shape]} for t in specs]
 
 
@@ -103,11 +101,11 @@ def build(args):
 
     async def describe(name: str) -> list[dict]:
         """TorchServe's record of each version of ``name`` (its workers and their status)."""
-        keys = {} if args.no_auth else json.loads((Path(args.state) / "key_file.json").read_text())
-        headers = {"Authorization": f"Bearer {keys['management']['key']}"} if keys else {}
         try:
+            keys = {} if args.no_auth else json.loads((Path(args.state) / "key_file.json").read_text())
+            headers = {"Authorization": f"Bearer {keys['management']['key']}"} if keys else {}
             status, _, content = await upstream.call("GET", f"{args.management_url}/models/{name}/all", None, headers)
-        except OSError as e:
+        except (OSError, ValueError, KeyError) as e:  # no key file yet (starting), or no answer
             raise ModelNotReady(name, f"TorchServe's management API did not answer: {e}") from None
         if status == 404:
             raise ModelNotFound(name)
@@ -191,7 +189,7 @@ def build(args):
                 if t["datatype"] == "BYTES":
                     out.data = t["data"]
                 else:
-                    out.set_data_from_numpy(np.asarray(t["data"], dtype=_numpy(t["datatype"])).reshape(t["shape"]),
+                    out.set_data_from_numpy(np.asarray(t["data"], dtype=V2_NUMPY.get(t["datatype"], "float32")).reshape(t["shape"]),
                                             binary_data=False)
                 outputs.append(out)
             return InferResponse(answer.get("id") or payload.id, self.name, outputs,
@@ -345,10 +343,6 @@ def _loads(content: bytes) -> dict:
         return found if isinstance(found, dict) else {}
     except ValueError:
         return {}
-
-
-def _numpy(datatype: str) -> str:
-    return {v: k for k, v in V2_DTYPE.items()}.get(datatype, "float32")
 
 
 def _version() -> str:
