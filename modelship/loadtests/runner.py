@@ -160,8 +160,8 @@ def loadtest(state, model, out_dir, users=(4,), spawn_rate=None, duration_s=30.0
         r["passed"] = not failed
         levels.append(r)
     differ = differences(spec.get("judged_on"), verdict.served_on)
-    result = {**levels[-1], "levels": levels, "protocol": spec.get("protocol", "predictions"), "slo": asdict(gates), "data": spec["data"],
-              "reference": spec["reference"], "workers": workers, "rate": rate,
+    result = {**levels[-1], "levels": levels, "protocol": spec.get("protocol", "predictions"), "slo": asdict(gates),
+              "data": spec["data"], "reference": spec["reference"], "workers": workers, "rate": rate,
               # the gate's verdict is evidence for machines like the one that judged it; where the serving machine
               # computes with other kernels, this load test's checked answers are the evidence for it
               "judged_on": spec.get("judged_on"), "served_on": verdict.served_on, "kernels_differ": differ,
