@@ -159,7 +159,8 @@ def _serve(run: Run):
     from .serving import server
 
     port = run.cfg.port or server.free_port()
-    run.arts["server"] = server.start(run.arts["store"], run.state, server.ServeConfig(port=port))
+    # the pipeline's own server, load-tested on /predictions and stopped: no Open Inference Protocol front
+    run.arts["server"] = server.start(run.arts["store"], run.state, server.ServeConfig(port=port, oip=False))
     return server.public(run.arts["server"])
 
 
