@@ -52,21 +52,23 @@ def metadata(man: Manifest) -> tuple[list[dict], list[dict]]:
 
 
 class Token:
-    """The inference token TorchServe checks, read from its key file (re-read when the file changes: rotation)."""
+    """The tokens TorchServe checks, read from its key file (read again when the file changes: rotation)."""
 
     def __init__(self, key_file: Path | None):
-        self.key_file, self._seen, self._key = key_file, None, None
+        self.key_file, self._seen, self._keys = key_file, None, {}
 
-    def key(self) -> str | None:
+    def key(self, kind: str = "inference") -> str | None:
+        """The ``inference`` or ``management`` token; None without token authorization or before it is written."""
         if self.key_file is None:
             return None
         try:
             stamp = self.key_file.stat().st_mtime_ns
             if stamp != self._seen:
-                self._key, self._seen = json.loads(self.key_file.read_text())["inference"]["key"], stamp
-        except (OSError, ValueError, KeyError):
-            pass  # not written yet (TorchServe starting), or half-written: keep the last one
-        return self._key
+                found = json.loads(self.key_file.read_text())
+                self._keys, self._seen = {k: found[k]["key"] for k in ("inference", "management")}, stamp
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # not written yet (TorchServe starting), or half-written: keep the last ones
+        return self._keys.get(kind)
 
     def refusal(self, authorization: str | None) -> str | None:
         """Why ``authorization`` is refused, or None when it carries the inference token."""
@@ -101,11 +103,12 @@ def build(args):
 
     async def describe(name: str) -> list[dict]:
         """TorchServe's record of each version of ``name`` (its workers and their status)."""
+        if token.key_file is not None and token.key("management") is None:
+            raise ModelNotReady(name, "TorchServe is starting (no management token yet)")
+        headers = {"Authorization": f"Bearer {token.key('management')}"} if token.key_file else {}
         try:
-            keys = {} if args.no_auth else json.loads((Path(args.state) / "key_file.json").read_text())
-            headers = {"Authorization": f"Bearer {keys['management']['key']}"} if keys else {}
             status, _, content = await upstream.call("GET", f"{args.management_url}/models/{name}/all", None, headers)
-        except (OSError, ValueError, KeyError) as e:  # no key file yet (starting), or no answer
+        except OSError as e:
             raise ModelNotReady(name, f"TorchServe's management API did not answer: {e}") from None
         if status == 404:
             raise ModelNotFound(name)
@@ -137,8 +140,7 @@ def build(args):
             mine = [v for v in listed if (v.get("modelVersion") == want if want else v.get("isDefault", True))]
             return bool(mine) and all(w.get("status") == "READY" for v in mine for w in v.get("workers") or [{}])
 
-        async def get_input_types(self):
-            await self.versions()  # a version that is not served: 404
+        def get_input_types(self):
             return self.inputs
 
         def get_output_types(self):
@@ -165,17 +167,14 @@ def build(args):
                     send[name] = headers[name]
             if tail:
                 send[BINARY_HEADER] = str(len(head))
-            body = head + tail
-            url = f"{args.inference_url}/predictions/{self.name}" + (f"/{version}" if version else "")
             try:
-                status, got, content = await upstream.call("POST", url, body, send)
+                status, got, content = await forward(self.name, version, head + tail, send)
             except OSError as e:
                 raise InferenceError(f"TorchServe did not answer: {e}") from None
-            answer = _loads(content)
             if response_headers is not None and got.get(SERVED_ON.lower()):
                 response_headers[SERVED_ON] = got[SERVED_ON.lower()]
             if status != 200:
-                message = answer.get("message") or answer.get("error") or content[:300].decode(errors="replace")
+                message = _message(content)
                 if status == 404:
                     raise ModelNotFound(self.name + (f" version {version}" if version else ""))
                 if status in (400, 413):
@@ -183,7 +182,7 @@ def build(args):
                 if status == 503:
                     raise ModelNotReady(self.name, message)
                 raise InferenceError(f"TorchServe answered {status}: {message}")
-            outputs = []
+            answer, outputs = _loads(content), []
             for t in answer.get("outputs", []):
                 out = InferOutput(t["name"], t["shape"], t["datatype"])
                 if t["datatype"] == "BYTES":
@@ -214,9 +213,8 @@ def build(args):
             return all([await m.healthy() for m in self._model_registry.get_models().values()])
 
         async def model_metadata(self, model_name: str):
-            found = await super().model_metadata(model_name)
-            model = self.get_model_from_registry(model_name)
-            return {**found, "versions": [v.get("modelVersion") for v in await model.versions()]}
+            versions = await self.get_model_from_registry(model_name).versions()  # a version not served: 404
+            return {**await super().model_metadata(model_name), "versions": [v.get("modelVersion") for v in versions]}
 
     registry = ModelRepository()
     store = Path(args.store)
@@ -252,23 +250,25 @@ def build(args):
 
     app.add_exception_handler(HTTPException, protocol_error)
     app.add_exception_handler(RequestValidationError, malformed)
+    async def forward(name: str, version: str | None, body: bytes, headers: dict) -> tuple[int, dict, bytes]:
+        """An inference request to TorchServe's /predictions/NAME[/VERSION]: the handler answers it."""
+        url = f"{args.inference_url}/predictions/{name}" + (f"/{version}" if version else "")
+        return await upstream.call("POST", url, body, headers)
+
     async def infer(name: str, headers: dict, body: bytes) -> tuple[int, list, bytes]:
         """REST infer: the body goes to the handler as it came (JSON, or the binary tensor extension, which the
         handler decodes and answers itself); TorchServe's refusals come back in the protocol's error form."""
         if registry.get_model(name) is None:
             return _error(404, str(ModelNotFound(name)))
-        version = VERSION.get()
         send = {k: headers[k] for k in FORWARD if k in headers}
         if BINARY_HEADER.lower() not in send:  # the protocol's JSON, whatever content type a client labels it with
             send["content-type"] = "application/json"
-        url = f"{args.inference_url}/predictions/{name}" + (f"/{version}" if version else "")
         try:
-            status, got, content = await upstream.call("POST", url, body, send)
+            status, got, content = await forward(name, VERSION.get(), body, send)
         except OSError as e:
             return _error(502, f"TorchServe did not answer: {e}")
         if status != 200:
-            answer = _loads(content)
-            return _error(status, answer.get("message") or answer.get("error") or content[:300].decode(errors="replace"))
+            return _error(status, _message(content))
         return 200, [(k.encode(), got[k].encode()) for k in ("content-type", BINARY_HEADER.lower(), SERVED_ON.lower())
                      if k in got], content
 
@@ -335,6 +335,12 @@ class Upstream:
 
 def _error(status: int, message: str) -> tuple[int, list, bytes]:
     return status, [(b"content-type", b"application/json")], json.dumps({"error": message}).encode()
+
+
+def _message(content: bytes) -> str:
+    """What TorchServe (or the handler) said in a refusal."""
+    answer = _loads(content)
+    return answer.get("message") or answer.get("error") or content[:300].decode(errors="replace")
 
 
 def _loads(content: bytes) -> dict:

@@ -381,24 +381,19 @@ def _wait_ready(proc, state: Path, info: dict, config: ServeConfig) -> None:
 
 def _management_up(info: dict) -> bool:
     """The management API answers (a server started with no models has nothing else to wait for)."""
-    import requests
-
-    try:
-        return requests.get(f"{info['management_url']}/models", headers=bearer(info.get("management_token")),
-                            timeout=2).status_code == 200
-    except requests.RequestException:
-        return False
+    return _answers(f"{info['management_url']}/models", info.get("management_token"))
 
 
 def _v2_up(info: dict) -> bool:
     """The Open Inference Protocol front answers (or is not run)."""
+    return not info.get("v2_url") or _answers(f"{info['v2_url']}/v2/health/live", info.get("token"))
+
+
+def _answers(url: str, token: str | None) -> bool:
     import requests
 
-    if not info.get("v2_url"):
-        return True
     try:
-        return requests.get(f"{info['v2_url']}/v2/health/live", headers=bearer(info.get("token")),
-                            timeout=2).status_code == 200
+        return requests.get(url, headers=bearer(token), timeout=2).status_code == 200
     except requests.RequestException:
         return False
 
