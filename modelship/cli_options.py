@@ -43,7 +43,7 @@ TolDrop = O(None, "--max-accuracy-drop", help="Override the default maximum accu
 WeakOpt = O(False, "--allow-weak-parity", help="Accept on purpose a verdict the data cannot support (recorded).")
 DataOpt = O(None, "--data", help="Evaluation data: a CSV/JSONL of text,label; a folder of images per class or a CSV "
                                  "of path,label; an .npz with one array per input name and optional 'labels'; or a "
-                                 "shipped dataset's name (digits, drugreview). Recorded with its sha256.")
+                                 "shipped dataset's name (digits, drugreview, rottentomatoes). Recorded with its sha256.")
 TaskOpt = O(None, "--task", help="classification or regression, when the checkpoint does not say (a .pt2 does not).")
 WeightsOpt = O(None, "--weights", help="With SOURCE torchvision:NAME: the model's state_dict file.")
 NamesOpt = O(None, "--output-names", help="Comma-separated output names (default: the program's own, or logits).")

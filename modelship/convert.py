@@ -99,19 +99,23 @@ def quantize(source, mode: str, out, *, options=None, until_parity: bool = False
     return variant
 
 
-def distill(teacher, out, *, student: str = "mlp-small", temperature: float = 2.0, alpha: float = 0.5, seed: int = 0,
-            epochs: int | None = None, judge: Judge | dict | None = None, json_path=None) -> Artifact:
-    """A smaller zoo student trained on the teacher's soft labels (and the same student without them, to compare:
-    ``manifest.extra["distillation"]``), gated against its teacher with the student tolerance."""
+def distill(teacher, out, *, student: str = "mlp-small", temperature: float | None = None,
+            alpha: float | None = None, seed: int = 0, epochs: int | None = None, layers: int | None = None,
+            unlabelled=None, judge: Judge | dict | None = None, json_path=None, log=lambda msg: None) -> Artifact:
+    """A smaller student trained on the teacher's soft labels (``manifest.extra["distillation"]`` compares them),
+    gated against its teacher with the student tolerance. Digits teachers: a zoo ``student`` (and the same student
+    trained without the teacher, to compare); text teachers: the teacher with ``layers`` of its transformer layers,
+    trained on its logits over its training texts and the ``unlabelled`` texts (a CSV/JSONL with a text column)."""
     from .models.checkpoints import open_source
-    from .comparison import DEFAULT_TOLERANCES
+    from .comparison import tolerance_of
     from .quantization.distill import distill as train_student
 
     teacher_path = teacher.path if isinstance(teacher, Artifact) else teacher
-    art, report = train_student(teacher_path, out, student=student, temperature=temperature, alpha=alpha, seed=seed,
-                                epochs=epochs)
+    kd = {k: v for k, v in (("temperature", temperature), ("alpha", alpha)) if v is not None}
+    art, report = train_student(teacher_path, out, student=student, seed=seed, epochs=epochs, layers=layers,
+                                unlabelled=unlabelled, log=log, **kd)
     try:
-        gate_parity(art, reference=open_source(teacher_path), tolerance=DEFAULT_TOLERANCES["student"],
+        gate_parity(art, reference=open_source(teacher_path), tolerance=tolerance_of(art.manifest),
                     **Judge.of(judge).kwargs())
     finally:  # the comparison is written even when the student fails its gate
         if json_path:

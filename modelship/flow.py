@@ -1,6 +1,6 @@
 """``modelship pipeline [SOURCE]``: train the built-in digits CNN (or import the user's SOURCE with its --data) →
 export → quantize (dynamic, static, fp16) → distill (models with shipped training data), and the built-in text
-model (train, export) → archive all → serve → load-test each served variant (what users send: digit PNGs, raw
+model (train, export, INT8, a distilled student) → archive all → serve → load-test each served variant (what users send: digit PNGs, raw
 texts, images) → stop, then a report. A failed step is recorded, not hidden: steps that need its output are
 skipped and the report says why."""
 
@@ -32,7 +32,7 @@ class PipelineConfig:
     accuracy_budget: float = 0.01  # "fastest variant within this accuracy drop of the reference"
     bench_seconds: float = 0.5
     port: int | None = None
-    text: bool = True  # also the built-in text model (MiniLM + drug reviews), served and load-tested with raw text
+    text: bool = True  # also the built-in text model (MiniLM on movie reviews), served and load-tested with raw text
     tune_minutes: float = 1.0  # modelship tune over the served variants (0: no tuning); its winner is the advice
     slo_p95_ms: float | None = None  # tune's target; None: twice the lowest p95 the load tests measured
 
@@ -76,7 +76,7 @@ class Run:
         return self.cfg.name
 
     def served_name(self, key: str) -> str:
-        return f"drugreview-{key}" if key.startswith("text") else f"{self.name}-{key}"
+        return f"reviews-{key}" if key.startswith("text") else f"{self.name}-{key}"
 
     @property
     def state(self) -> Path:
@@ -126,8 +126,30 @@ def _variant(key: str, src_key: str, mode: str):
     def step(run: Run):
         from . import convert
 
-        run.arts[key] = convert.quantize(run.arts[src_key], mode, run.out / f"{run.name}-{key}", judge=_judge(run))
+        run.arts[key] = convert.quantize(run.arts[src_key], mode, run.out / run.served_name(key), judge=_judge(run))
     return step
+
+
+def _text_int8(run: Run):
+    """The text model's INT8 with the recipe its zoo entry declares (models/zoo.py: TEXT_INT8)."""
+    from . import convert
+    from .models import zoo
+
+    recipe = dict(zoo.entry("text").extra["int8"])
+    mode = recipe.pop("mode")
+    run.arts["text-int8"] = convert.quantize(run.arts["text-onnx"], mode, run.out / run.served_name("text-int8"),
+                                             options=recipe, judge=_judge(run))
+    return {"recipe": zoo.entry("text").extra["int8"]}
+
+
+def _distill_text(run: Run):
+    """The built-in text model's student: a third of its layers, trained on its logits (quantization/distill.py)."""
+    from . import convert
+
+    student = convert.distill(run.arts["text-torch"], run.out / run.served_name("text-student-torch"))
+    run.arts["text-student"] = convert.export(student, run.out / run.served_name("text-student"))
+    report = student.manifest.extra["distillation"]
+    return {k: report[k] for k in ("latency_ratio", "accuracy_ratio", "parameter_ratio")}
 
 
 def _distill(run: Run):
@@ -139,7 +161,7 @@ def _distill(run: Run):
     return {"distillation": student.manifest.extra["distillation"]}
 
 
-SERVED = ("torch", "onnx", "int8-dynamic", "int8-static", "fp16", "student", "text-onnx")
+SERVED = ("torch", "onnx", "int8-dynamic", "int8-static", "fp16", "student", "text-onnx", "text-int8", "text-student")
 OPTIONAL = ("int8-dynamic", "int8-static", "fp16", "student")  # --variants: the ones a run may leave out
 
 
@@ -249,6 +271,8 @@ STAGES = [
     Stage("distill", _distill, ("torch",), when=_distillable, variant="student"),
     Stage("train text", _train("text-torch"), when=_builtin_text),
     Stage("export text", _export("text-onnx", "text-torch"), ("text-torch",), when=_builtin_text),
+    Stage("quantize text", _text_int8, ("text-onnx",), when=_builtin_text),
+    Stage("distill text", _distill_text, ("text-torch",), when=_builtin_text),
     Stage("archive", _archive, ("torch",)),
     Stage("serve", _serve, ("store",)),
     Stage("loadtest", _loadtest, ("server",), per_variant=True),

@@ -178,18 +178,46 @@ def _fastest(report) -> str:
             f"{b['variant']} (served p50 {b['served_p50_ms']:.2f} ms, accuracy {b['accuracy'] * 100:.2f}%).")
 
 
+TEXT_VARIANTS = {"text-torch": "PyTorch", "text-onnx": "ONNX", "text-int8": "INT8", "text-student": "student"}
+
+
 def text_summary(rows: list[dict]) -> str:
-    """One line on the text model: held-out accuracy on real labels, and what serving raw text did."""
+    """The text model: held-out accuracy on real labels, then each served text variant (teacher, its ONNX, INT8,
+    the distilled student): accuracy, agreement of its served answers to raw texts, served p50."""
     t = {r["variant"]: r for r in rows if r["model"] == "text"}
     if not t:
         return ""
-    torch_row, served = t.get("text-torch", {}), t.get("text-onnx", {})
-    line = (f"Text model (all-MiniLM-L6-v2 + drug-review head): held-out accuracy {cell(torch_row.get('accuracy'), '.4f')} "
-            f"on real labels (majority baseline {cell(torch_row.get('majority_baseline'), '.4f')}).")
-    if served.get("served_agreement") is not None:
-        line += (f" Served as ONNX with raw text in: agreement {served['served_agreement']:.4f} with the PyTorch model "
-                 f"over {served['requests']} answers, max |Δ| probabilities {cell(served['served_max_abs_diff'], '.2g')}.")
-    return line
+    torch_row = t.get("text-torch", {})
+    line = (f"Text model (all-MiniLM-L6-v2 fine-tuned on Rotten Tomatoes critics' reviews): held-out accuracy "
+            f"{cell(torch_row.get('accuracy'), '.4f')} on real labels (majority baseline "
+            f"{cell(torch_row.get('majority_baseline'), '.4f')}).")
+    served = [(TEXT_VARIANTS.get(k, k), r) for k, r in t.items() if r.get("served_agreement") is not None]
+    if served:
+        line += " Served with raw text in: " + "; ".join(
+            f"{name} accuracy {cell(r['accuracy'], '.4f')}, agreement {r['served_agreement']:.4f} with the PyTorch "
+            f"model over {r['requests']} answers, p50 {cell(r['served_p50_ms'], '.2f')} ms" for name, r in served) + "."
+    advice = text_advice(rows)
+    return f"{line} {advice}" if advice else line
+
+
+def text_advice(rows: list[dict], kept: float = 0.97) -> str:
+    """Which text variant to ship: the fastest whose load test passed and that keeps ``kept`` of the PyTorch
+    model's held-out accuracy, next to the most accurate; for a p95 SLO between their p95s, the most accurate
+    that meets it."""
+    t = {r["variant"]: r for r in rows if r["model"] == "text"}
+    ref = (t.get("text-torch") or {}).get("accuracy")
+    ok = [r for r in t.values() if r.get("loadtest_passed") and r.get("served_p95_ms") is not None
+          and r.get("accuracy") is not None and (ref is None or r["accuracy"] >= kept * ref)]
+    if not ok:
+        return ""
+    fastest = min(ok, key=lambda r: r["served_p95_ms"])
+    best = max(ok, key=lambda r: (round(r["accuracy"], 4), -r["served_p95_ms"]))
+    name = lambda r: f"{r['variant']} (accuracy {r['accuracy']:.4f}, served p95 {r['served_p95_ms']:.1f} ms)"  # noqa: E731
+    if fastest is best:
+        return f"Ship {name(best)}: the fastest text variant is also the most accurate."
+    return (f"Ship {name(best)} where its p95 meets the SLO; under a tighter SLO (down to "
+            f"{fastest['served_p95_ms']:.1f} ms), {name(fastest)}, which keeps {kept:.0%} of the PyTorch model's "
+            "accuracy.")
 
 
 def machines(rows: list[dict]) -> list[str]:

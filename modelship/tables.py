@@ -57,8 +57,9 @@ def until_parity_lines(found: dict) -> list[str]:
 def distill_table(art) -> Table:
     report = art.manifest.extra["distillation"]
     return table(f"distill → {art.path}", ("model", "arch", "parameters", "test accuracy", "p50 ms (torch, batch 1)"),
-                 [(k.replace("_", " "), report[k]["arch"], f"{report[k]['parameters']:,}", f"{report[k]['accuracy']:.4f}",
-                   f"{report[k]['p50_ms']:.3f}") for k in ("teacher", "student", "student_without_distillation")],
+                 [(k.replace("_", " "), report[k]["arch"], f"{report[k]['parameters']:,}",
+                   "—" if report[k]["accuracy"] is None else f"{report[k]['accuracy']:.4f}", f"{report[k]['p50_ms']:.3f}")
+                  for k in ("teacher", "student", "student_without_distillation") if k in report],
                  left=("model",))
 
 

@@ -49,16 +49,22 @@ def test_pipeline_report(tmp_path):
     assert (tmp_path / "demo" / "latency_histograms.png").stat().st_size > 10_000
 
 
-@pytest.mark.slow  # trains the built-in text model (embeds ~860 reviews) and load-tests it: about 3 more minutes
+@pytest.mark.slow  # the built-in text model (cached weights), its ONNX, INT8 and student, load-tested: minutes more
 def test_pipeline_serves_the_text_model_with_raw_text(tmp_path):
-    cli("pipeline", "--out", tmp_path / "demo", "--loadtest-seconds", "3", check=0)
+    cli("pipeline", "--out", tmp_path / "demo", "--loadtest-seconds", "3", "--tune-minutes", "0",
+        "--variants", "int8-dynamic", check=0)
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     rows = {r["variant"]: r for r in report["variants"]}
-    text = rows["text-onnx"]
-    assert text["reference"] == "drugreview-text-torch" and text["loadtest_passed"] and text["served_agreement"] == 1.0
-    assert rows["text-torch"]["accuracy"] > rows["text-torch"]["majority_baseline"]
-    assert report["loadtests"]["text-onnx"]["data"]["name"] == "drugreview"  # raw reviews were sent
-    assert "Text model" in (tmp_path / "demo" / "report.md").read_text()
+    for key in ("text-onnx", "text-int8", "text-student"):  # every served answer to a raw review judged
+        r = rows[key]
+        assert r["loadtest_passed"] and r["served_p50_ms"] > 0 and r["parity_passed"] is True
+        assert report["loadtests"][key]["data"]["name"] == "rottentomatoes"  # raw reviews were sent
+    assert rows["text-onnx"]["reference"] == "reviews-text-torch" and rows["text-onnx"]["served_agreement"] == 1.0
+    assert rows["text-torch"]["accuracy"] > rows["text-torch"]["majority_baseline"] + 0.15
+    assert rows["text-int8"]["top1_agreement"] >= 0.99  # its gate, on the 1350 held-out reviews
+    assert rows["text-student"]["accuracy"] >= 0.97 * rows["text-torch"]["accuracy"]
+    md = (tmp_path / "demo" / "report.md").read_text()
+    assert "Text model" in md and "Ship text-" in md and "student accuracy" in md
 
 
 def _users_model_run(tmp_path, source, data, *extra):

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import cli
+import modelship as ms
 from modelship.errors import ParityError
-from modelship.manifest import load_artifact
+from modelship.manifest import load_artifact, write_artifact
 from modelship.quantization.variants import QuantizeOptions, make_variant
 
 
@@ -137,8 +138,57 @@ def test_static_calibrates_a_text_model_on_its_raw_texts(tmp_path, text_onnx):
 
 
 def test_distill_teacher_without_training_data(tmp_path, text):
-    p = cli("distill", text, "--out", tmp_path / "s")
+    import hf_models
+
+    p = cli("distill", text, "--out", tmp_path / "s")  # a text teacher with no texts to learn its answers on
+    assert p.returncode != 0 and "records no texts" in p.stderr and "--unlabelled" in p.stderr
+    vit = hf_models.image_classifier(tmp_path / "vit")  # generated pixels: nothing to learn from
+    p = cli("distill", vit, "--out", tmp_path / "s2")
     assert p.returncode != 0 and "no shipped training data" in p.stderr
+
+
+def test_distill_a_hugging_face_text_classifier(tmp_path, text):
+    """A user's BERT: the student keeps one of its two layers (the last, with the teacher's weights to start), learns
+    the teacher's answers on the texts it was imported with and on unlabelled ones, and is an ordinary Hugging Face
+    artifact that exports, judged against its teacher."""
+    import hf_models
+    from transformers import AutoConfig
+
+    from modelship.models.checkpoints import open_source, save_source
+
+    teacher = save_source(open_source(text, data=str(text.parent / "reviews.csv"))[0], tmp_path / "teacher")
+    more = tmp_path / "more.jsonl"
+    more.write_text("".join(json.dumps({"text": t}) + "\n" for t in hf_models.reviews(64, "train")[0]))
+    p = cli("distill", teacher.path, "--out", tmp_path / "s", "--layers", "1", "--unlabelled", more, "--epochs", "20",
+            "--allow-weak-parity", "--json", tmp_path / "d.json")
+    out = json.loads((tmp_path / "d.json").read_text())
+    rep = out["distillation"]
+    assert rep["student"]["kept_layers"] == [1] and rep["teacher"]["layers"] == 2 and rep["unlabelled_texts"] == 64
+    assert rep["texts"] == 48 and rep["parameter_ratio"] < 1
+    assert AutoConfig.from_pretrained(tmp_path / "s" / "model").num_hidden_layers == 1
+    assert out["parity"]["reference"].endswith("teacher") and out["parity"]["tolerance"]["min_top1_agreement"] == 0.8, p.stderr
+    student = load_artifact(tmp_path / "s")
+    assert student.manifest.loader == "hf" and student.manifest.preprocess["kind"] == "text"
+    exported = ms.export(student, tmp_path / "s-onnx", judge={"allow_weak": True})  # judged against the student too
+    assert exported.manifest.parity["passed"]
+    # the gate can fail: the student with its classifier's rows reversed answers another label where it agreed
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tmp_path / "s", tmp_path / "flipped")
+    weights = tmp_path / "flipped" / "model" / "model.safetensors"
+    state = load_file(weights)
+    state = {k: (v.flip(0) if k.startswith("classifier.") else v) for k, v in state.items()}
+    save_file(state, weights)
+    flipped = load_artifact(tmp_path / "flipped", verify=False)
+    flipped.manifest.sha256 = None
+    write_artifact(flipped.path, flipped.manifest)  # a user's edit, recorded: the file is what the manifest says
+    rec = ms.parity(tmp_path / "flipped", reference=teacher.path, judge={"allow_weak": True})
+    assert not rec.passed and rec.top1_agreement < 0.8 and torch.is_tensor(state["classifier.weight"])
+    p = cli("distill", teacher.path, "--out", tmp_path / "s3", "--layers", "2")
+    assert p.returncode != 0 and "keeps 1 to 1" in p.stderr
 
 
 @pytest.mark.parametrize("seeds", [(0,), pytest.param((0, 1, 2), marks=pytest.mark.slow)])
