@@ -133,3 +133,23 @@ def test_pipeline_refuses_an_unknown_variant_or_a_missing_source(tmp_path):
     p = in_process("pipeline", tmp_path / "nothing-here", "--out", tmp_path / "run")
     assert p.returncode == 2 and "no such file or directory" in p.stderr
     assert not (tmp_path / "run").exists()  # refused before anything ran
+
+
+def test_text_advice_names_the_variant_to_ship_for_an_slo():
+    """The report's text recommendation: the most accurate text variant, and the fastest that keeps 97 % of the
+    PyTorch model's accuracy for a tighter SLO; a variant below that, or whose load test failed, is never named."""
+    from modelship.report import text_advice
+
+    def row(variant, acc, p95, passed=True):
+        return {"variant": variant, "model": "text", "accuracy": acc, "served_p95_ms": p95, "loadtest_passed": passed}
+
+    rows = [row("text-torch", 0.814, 60.0), row("text-onnx", 0.814, 40.0), row("text-int8", 0.812, 30.0),
+            row("text-student", 0.80, 15.0), {"variant": "onnx", "model": "digits-cnn", "accuracy": 0.99,
+                                              "served_p95_ms": 2.0, "loadtest_passed": True}]
+    advice = text_advice(rows)
+    assert advice.startswith("Ship text-onnx (accuracy 0.8140") and "text-student (accuracy 0.8000" in advice
+    rows[3]["accuracy"] = 0.78  # below 97 % of 0.814: the INT8 is then the fastest to name
+    assert "text-int8 (accuracy 0.8120" in text_advice(rows) and "text-student" not in text_advice(rows)
+    rows[2]["loadtest_passed"] = False
+    assert "text-int8" not in text_advice(rows)
+    assert text_advice([row("text-torch", 0.8, 10.0)]).endswith("also the most accurate.")

@@ -227,15 +227,3 @@ def train(spec: dict, max_length: int, seed: int = 0, log=print) -> tuple[MeanPo
                           "majority_baseline": float(np.bincount(y_test).max() / len(y_test)),
                           "fine_tune": settings, "cached": hit}
 
-
-if __name__ == "__main__":  # make setup: the built-in model's fine-tuned weights and its student's, built once (cached)
-    import tempfile
-
-    from ..quantization.distill import distill
-    from .train import train_artifact
-
-    with tempfile.TemporaryDirectory() as tmp:
-        teacher = train_artifact("text", Path(tmp) / "text")
-        print(json.dumps({k: teacher.manifest.extra[k] for k in ("test_accuracy", "majority_baseline", "cached")}))
-        report = distill(teacher.path, Path(tmp) / "student", log=print)[1]
-        print(json.dumps({k: report[k] for k in ("accuracy_ratio", "latency_ratio", "cached")}))
