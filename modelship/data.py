@@ -204,6 +204,11 @@ def rottentomatoes_raw(spec: dict, split: str) -> tuple[list, np.ndarray]:
     """12,808 Rotten Tomatoes critics' snippets labelled fresh (positive) or rotten (negative), split by film so
     no film's reviews are on both sides: 80 % of the 508 films (fixed seed) train, 10 % val (= calib), 10 % test.
     ``spec["limit"]`` keeps the first N of a split."""
+    rows = _rotten_tomatoes_split(split)[:spec.get("limit") or None]
+    return [r["text"] for r in rows], np.array([r["label"] for r in rows], np.int64)
+
+
+def _rotten_tomatoes_split(split: str) -> list[dict]:
     if split not in RT_SPLITS:
         raise ArtifactError(f"unknown split '{split}'; expected one of {', '.join(RT_SPLITS)}")
     rows = _rotten_tomatoes_rows()
@@ -212,9 +217,7 @@ def rottentomatoes_raw(spec: dict, split: str) -> tuple[list, np.ndarray]:
     lo, hi = RT_SPLITS[split]
     keep = {films[i] for i in order[len(films) * lo // 100: len(films) * hi // 100]}
     rows = [r for r in rows if r["film"] in keep]
-    rows = [rows[i] for i in np.random.default_rng(SPLIT_SEEDS[split]).permutation(len(rows))]  # films mixed
-    rows = rows[:spec.get("limit") or len(rows)]
-    return [r["text"] for r in rows], np.array([r["label"] for r in rows], np.int64)
+    return [rows[i] for i in np.random.default_rng(SPLIT_SEEDS[split]).permutation(len(rows))]  # films mixed
 
 
 def encode_png(pixels: np.ndarray) -> bytes:

@@ -330,7 +330,7 @@ def open_source(path: str | Path, data: str | None = None, task: str | None = No
     spec = datasets.resolve(data)
     if spec:
         if datasets.has_raw(spec) and spec["name"] != "digits" and not art.manifest.preprocess:
-            raise ArtifactError(f"{data}: raw {'texts' if spec['name'] in ('text', 'drugreview') else 'images'}, but "
+            raise ArtifactError(f"{data}: raw {'texts' if spec['name'] in ('text', 'drugreview', 'rottentomatoes') else 'images'}, but "
                                 f"{p} records no preprocessing (a tokenizer or an image processor beside the "
                                 "model); pass tensors as --data FILE.npz")
         folder = Path(spec.get("path", ""))
