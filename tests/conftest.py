@@ -64,10 +64,10 @@ def cli(*args, check=None):
     return p
 
 
-def cli_process(*args, check=None):
+def cli_process(*args, check=None, timeout=600):
     """The console entry point in a fresh interpreter (``python -m modelship``)."""
     p = subprocess.run([sys.executable, "-m", "modelship", *map(str, args)], capture_output=True, text=True,
-                       timeout=600)
+                       timeout=timeout)
     if check is not None:
         assert p.returncode == check, f"exit {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}"
     return p

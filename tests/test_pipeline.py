@@ -52,7 +52,7 @@ def test_pipeline_report(tmp_path):
 @pytest.mark.slow  # the built-in text model (cached weights), its ONNX, INT8 and student, load-tested: minutes more
 def test_pipeline_serves_the_text_model_with_raw_text(tmp_path):
     cli("pipeline", "--out", tmp_path / "demo", "--loadtest-seconds", "3", "--tune-minutes", "0",
-        "--variants", "int8-dynamic", check=0)
+        "--variants", "int8-dynamic", check=0, timeout=1800)
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     rows = {r["variant"]: r for r in report["variants"]}
     for key in ("text-onnx", "text-int8", "text-student"):  # every served answer to a raw review judged
