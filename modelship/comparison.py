@@ -96,7 +96,7 @@ def default_tolerance(precision: str) -> Tolerance:
 
 def tolerance_of(man) -> Tolerance:
     """The tolerance an artifact is judged with: its precision's, or a student's anywhere below a distillation."""
-    if man.extra.get("distilled_from"):  # a student may declare its own (a text student: models/distill.py)
+    if man.extra.get("distilled_from"):  # a student may declare its own (a text student: quantization/distill.py)
         own = man.extra.get("student_tolerance")
         return Tolerance.from_dict(own) if own else DEFAULT_TOLERANCES["student"]
     return default_tolerance(man.precision)

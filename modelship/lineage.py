@@ -9,7 +9,7 @@ from typing import Any
 from .manifest import Artifact, Manifest, relpath
 from .preprocess import carry
 
-INHERITED_EXTRA = ("opset", "model_type", "distilled_from")  # facts a derived artifact keeps from its parent
+INHERITED_EXTRA = ("opset", "model_type", "distilled_from", "student_tolerance")  # facts a derived artifact keeps
 
 
 def inherited_extra(man: Manifest) -> dict:
