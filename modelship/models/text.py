@@ -211,6 +211,7 @@ def train(spec: dict, max_length: int, seed: int = 0, log=print) -> tuple[MeanPo
     tok = tokenizer()
 
     def make():
+        torch.manual_seed(seed)  # the head's initial weights: from the seed, whichever way train() was reached
         model = pretrained()
         texts, y = datasets.load_raw(spec, "train")
         t0 = time.perf_counter()
