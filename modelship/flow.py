@@ -177,7 +177,10 @@ def _distill(run: Run):
     return {"distillation": student.manifest.extra["distillation"]}
 
 
-SERVED = ("torch", "onnx", "int8-dynamic", "int8-static", "fp16", "student", "text-onnx", "text-int8", "text-student")
+# the text model's INT8 is made, gated and benchmarked in process but not served: dynamic INT8 scales activations per
+# batch, so a served batch of other texts (padded together) moves its answers: 3 of 93 served labels differed from
+# the PyTorch model in a load test, where the gate on the 1,350 held-out reviews (batches of 64) agreed on 0.9933
+SERVED = ("torch", "onnx", "int8-dynamic", "int8-static", "fp16", "student", "text-onnx", "text-student")
 OPTIONAL = ("int8-dynamic", "int8-static", "fp16", "student")  # --variants: the ones a run may leave out
 
 
