@@ -46,8 +46,8 @@ RECIPES = {
         "plain", "dynamic", QuantizeOptions(per_channel=True, exclude_op_types=["Gather", "Gemm"])),
     "dynamic, per-channel, FFN output in float": ("plain", "dynamic", QuantizeOptions(per_channel=True,
                                                                                       exclude_nodes=_ffn("output"))),
-    "dynamic, per-channel, FFN in float": ("plain", "dynamic", QuantizeOptions(
-        per_channel=True, exclude_nodes=_ffn("output") + _ffn("intermediate"))),
+    "dynamic, per-channel, FFN in float (TEXT_INT8, the demo's)": (
+        "plain", "dynamic", QuantizeOptions(**{k: v for k, v in zoo.TEXT_INT8.items() if k != "mode"})),
     "optimized, dynamic, per-channel": ("optimized", "dynamic", QuantizeOptions(per_channel=True)),
     "static QDQ, MatMul, per-channel, minmax": ("plain", "static", QuantizeOptions(per_channel=True,
                                                                                    op_types=["MatMul"])),

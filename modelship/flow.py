@@ -122,23 +122,21 @@ def _export(key: str, src_key: str):
     return step
 
 
-def _variant(key: str, src_key: str, mode: str):
+def _variant(key: str, src_key: str, mode: str, options: dict | None = None):
     def step(run: Run):
         from . import convert
 
-        run.arts[key] = convert.quantize(run.arts[src_key], mode, run.out / run.served_name(key), judge=_judge(run))
+        run.arts[key] = convert.quantize(run.arts[src_key], mode, run.out / run.served_name(key), options=options,
+                                         judge=_judge(run))
     return step
 
 
 def _text_int8(run: Run):
     """The text model's INT8 with the recipe its zoo entry declares (models/zoo.py: TEXT_INT8)."""
-    from . import convert
     from .models import zoo
 
     recipe = dict(zoo.entry("text").extra["int8"])
-    mode = recipe.pop("mode")
-    run.arts["text-int8"] = convert.quantize(run.arts["text-onnx"], mode, run.out / run.served_name("text-int8"),
-                                             options=recipe, judge=_judge(run))
+    _variant("text-int8", "text-onnx", recipe.pop("mode"), recipe)(run)
     return {"recipe": zoo.entry("text").extra["int8"]}
 
 

@@ -169,13 +169,12 @@ def distill_text(teacher_art: Artifact, teacher: torch.nn.Module, out_dir: str |
     if labels is not None:
         hard[:len(texts)] = torch.from_numpy(labels)
     t, a = settings["temperature"], settings["alpha"]
-    has_labels = bool((hard >= 0).any())
 
     def loss_fn(logits, idx_targets):
         target_logits, y = idx_targets[:, :-1], idx_targets[:, -1].long()
         kd = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(target_logits / t, 1), log_target=True,
                       reduction="batchmean") * t * t
-        if not has_labels or not (y >= 0).any():
+        if not (y >= 0).any():  # a batch of unlabelled texts: the teacher's answers only
             return kd
         return a * kd + (1 - a) * F.cross_entropy(logits, y, ignore_index=-100)
 
