@@ -113,6 +113,11 @@ def bench(artifacts: List[Path] = typer.Argument(...), batch_sizes: str = O("1,3
 def quantize(src: Path = typer.Argument(..., help="An ONNX artifact."),
              mode: str = O(..., "--mode", help="dynamic | static | fp16 | optimize"), out: Path = O(..., "--out"),
              per_channel: bool = O(False, "--per-channel", help="Per-channel weight scales."),
+             smooth: Optional[float] = O(None, "--smooth", help="dynamic/static: SmoothQuant first, with this alpha "
+                                         "(0 < alpha < 1; larger moves more of the activations' outliers into the "
+                                         "weights; uses the calibration data)."),
+             reduce_range: bool = O(False, "--reduce-range", help="dynamic/static: 7-bit weights, so CPUs without "
+                                    "VNNI (AVX2's u8s8 sums saturate at 16 bits) compute the same as those with it."),
              calibration_method: str = O("minmax", help="static: minmax | entropy | percentile"),
              calibration_data: Optional[Path] = O(None, help="static: a .npz, one array per input (default: calib split)"),
              calibration_samples: int = O(256, min=1),
@@ -128,7 +133,8 @@ def quantize(src: Path = typer.Argument(..., help="An ONNX artifact."),
     """Make an INT8 / FP16 / optimized ONNX variant, then gate on parity with the original PyTorch model."""
     if activation_type not in ("int8", "uint8"):
         raise ModelshipError(f"unknown activation type '{activation_type}'; expected int8 or uint8")
-    options = dict(per_channel=per_channel, calibration_method=calibration_method, calibration_samples=calibration_samples,
+    options = dict(per_channel=per_channel, smooth=smooth, reduce_range=reduce_range,
+                   calibration_method=calibration_method, calibration_samples=calibration_samples,
                    calibration_data=str(calibration_data) if calibration_data else None, activation_type=activation_type,
                    exclude_nodes=names(exclude_nodes), exclude_op_types=names(exclude_op_types),
                    op_types=names(op_types), keep_io_types=not fp16_io)

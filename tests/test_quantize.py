@@ -305,3 +305,73 @@ def test_until_parity_says_when_the_data_cannot_judge_any_int8(tmp_path, text_on
     with pytest.raises(QuantizeError, match="cannot judge this model on this data .*--allow-weak-parity"):
         until_parity(text_onnx, "dynamic", tmp_path / "q")
     assert not (tmp_path / "q").exists()
+
+
+@pytest.fixture(scope="module")
+def outlier_classifier(tmp_path_factory):
+    """A 3-class MLP whose hidden layer has one outlier channel (a constant ~1000 next to values of ~1) that barely
+    reaches the logits (its weights are 1e-3), and 256 inputs to calibrate and judge it on. Per-tensor INT8 gives the
+    outlier the activation's whole range, so the channels the answer depends on round to a step or two: the error is
+    in the quantized values, not in how a CPU sums them, so every INT8 kernel (saturating AVX2, exact VNNI) fails
+    it. SmoothQuant divides each channel by its range (folded into the weights), which leaves nothing to round away."""
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3)).eval()
+    with torch.no_grad():
+        model[0].weight[0].zero_()
+        model[0].bias[0] = 1000.0
+        model[2].weight[:, 0] = 1e-3
+    folder = tmp_path_factory.mktemp("outlier-classifier")
+    ep = torch.export.export(model, (torch.randn(4, 16),), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    torch.export.save(ep, folder / "model.pt2")
+    x = np.random.default_rng(0).normal(size=(256, 16)).astype(np.float32)
+    np.savez(folder / "inputs.npz", **{ep.graph_signature.user_inputs[0]: x})
+    ms.export(folder / "model.pt2", folder / "onnx", data=str(folder / "inputs.npz"))
+    return load_artifact(folder / "onnx"), folder / "inputs.npz"
+
+
+def test_smoothquant_keeps_the_float_function_and_fixes_outlier_activations(tmp_path, outlier_classifier):
+    """Weights in 7 bits (--reduce-range) in both builds: AVX2's u8s8 sums then cannot saturate, so AVX2 and VNNI
+    compute the same integers and the verdicts hold on either (without it AVX2 moves this model's logits by 9)."""
+    import onnx
+    import onnxruntime as ort
+
+    from modelship.quantization.smooth import smooth
+    from modelship.stages import gate_parity, parity_record
+
+    art, inputs = outlier_classifier
+    feed = dict(np.load(inputs))
+    # the float graph, smoothed, computes the same logits: the scales divide the activations and multiply the weights
+    facts = smooth(art.model_path, tmp_path / "smoothed.onnx", feed, 0.5)
+    assert facts["smoothed_tensors"] == 2 and facts["smoothed_matmuls"] == 2 and len(facts["mul_nodes"]) == 2
+    before, after = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+                     for p in (art.model_path, tmp_path / "smoothed.onnx"))
+    assert np.abs(after - before).max() <= 1e-4 * np.abs(before).max()
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(art.model_path)).graph.initializer}
+    moved = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "smoothed.onnx")).graph.initializer}
+    assert any(w.ndim == 2 and not np.allclose(w, moved[k]) for k, w in weights.items())
+
+    plain = make_variant(art, "dynamic", tmp_path / "plain", QuantizeOptions(per_channel=True, reduce_range=True))
+    with pytest.raises(ParityError, match="moved by max_abs_diff"):
+        gate_parity(plain)
+    p = cli("quantize", art.path, "--mode", "dynamic", "--per-channel", "--reduce-range", "--smooth", "0.5",
+            "--calibration-data", inputs, "--out", tmp_path / "smooth", "--json", tmp_path / "smooth.json")
+    assert p.returncode == 0, p.stderr
+    smoothed = load_artifact(tmp_path / "smooth")
+    assert smoothed.manifest.parity["passed"] and smoothed.manifest.extra["options"]["smooth"] == 0.5
+    assert smoothed.manifest.extra["smoothquant"]["smoothed_matmuls"] == 2
+    assert smoothed.manifest.parity["max_abs_diff"] * 10 < parity_record(plain)["max_abs_diff"]
+    static = make_variant(art, "static", tmp_path / "static",
+                          QuantizeOptions(smooth=0.5, reduce_range=True, calibration_data=str(inputs)))
+    # (not gated: static QDQ also quantizes each Gemm's output, and the first one's holds the outlier itself)
+    float_muls = {n.name for n in onnx.load(str(static.model_path)).graph.node if n.op_type == "Mul"}
+    assert float_muls == set(facts["mul_nodes"])  # the scaling stays float; the Gemms are quantized around it
+
+
+@pytest.mark.parametrize("alpha, want", [(0.0, "between 0 and 1"), (1.5, "between 0 and 1")])
+def test_smoothquant_refuses_an_alpha_outside_0_1(tmp_path, outlier_classifier, alpha, want):
+    art, inputs = outlier_classifier
+    p = cli("quantize", art.path, "--mode", "dynamic", "--smooth", str(alpha), "--calibration-data", inputs,
+            "--out", tmp_path / "q")
+    assert p.returncode != 0 and want in p.stderr and "Traceback" not in p.stderr

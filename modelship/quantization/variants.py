@@ -38,6 +38,7 @@ class QuantizeOptions:
     nodes_only: list[str] = field(default_factory=list)  # restrict quantization to these nodes (sensitivity)
     keep_io_types: bool = True  # fp16: keep float32 inputs/outputs
     reduce_range: bool = False
+    smooth: float | None = None  # SmoothQuant's alpha (smooth.py): activation outliers moved into the weights first
     # static: a file of calibrated ranges, computed on the first build and reused by later ones with the same
     # method, activation type and op types (accuracy-aware INT8 builds dozens); not recorded in the manifest
     calibration_cache: str | None = None
@@ -94,15 +95,29 @@ def calibration_feed(art: Artifact, opts: QuantizeOptions) -> dict:
     return {k: v[: opts.calibration_samples] for k, v in feed.items()}
 
 
+def _smoothed(art: Artifact, src: Path, opts: QuantizeOptions, tmp: Path) -> tuple[Path, dict, list[str]]:
+    """The graph to quantize, what was done to it, and the nodes to keep in float: ``src`` as it is, or its
+    SmoothQuant transform on the calibration data (``--smooth ALPHA``), whose scaling Muls stay float."""
+    if opts.smooth is None:
+        return src, {}, list(opts.exclude_nodes)
+    from .smooth import smooth
+
+    feed = calibration_feed(art, opts)
+    facts = smooth(src, tmp / "smoothed.onnx", feed, opts.smooth)
+    muls = facts.pop("mul_nodes")
+    return (tmp / "smoothed.onnx", {"smoothquant": facts, "calibration_samples": int(len(next(iter(feed.values()))))},
+            [*opts.exclude_nodes, *muls])
+
+
 def _dynamic(art: Artifact, out: Path, opts: QuantizeOptions, tmp: Path) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    src = _preprocess(art.model_path, tmp / "pre.onnx")
+    src, facts, keep = _smoothed(art, _preprocess(art.model_path, tmp / "pre.onnx"), opts, tmp)
     quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, per_channel=opts.per_channel,
-                     reduce_range=opts.reduce_range, nodes_to_exclude=opts.exclude_nodes or None,
+                     reduce_range=opts.reduce_range, nodes_to_exclude=keep or None,
                      nodes_to_quantize=opts.nodes_only or None, op_types_to_quantize=_op_types(src, opts),
                      extra_options={"MatMulConstBOnly": True})
-    return {}
+    return facts
 
 
 def _static(art: Artifact, out: Path, opts: QuantizeOptions, tmp: Path) -> dict:
@@ -112,7 +127,7 @@ def _static(art: Artifact, out: Path, opts: QuantizeOptions, tmp: Path) -> dict:
         raise QuantizeError(f"unknown calibration method '{opts.calibration_method}'; expected one of "
                             f"{', '.join(CALIBRATION_METHODS)}")
     feed = calibration_feed(art, opts)
-    src = _preprocess(art.model_path, tmp / "pre.onnx")
+    src, smoothed, keep = _smoothed(art, _preprocess(art.model_path, tmp / "pre.onnx"), opts, tmp)
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[opts.calibration_method]
     act = QuantType.QInt8 if opts.activation_type == "int8" else QuantType.QUInt8
@@ -122,12 +137,12 @@ def _static(art: Artifact, out: Path, opts: QuantizeOptions, tmp: Path) -> dict:
         cache = {"calibration_cache_path": opts.calibration_cache}  # the ranges calibrated once, then reused
     quantize_static(str(src), str(out), _Reader(feed), quant_format=QuantFormat.QDQ, per_channel=opts.per_channel,
                     activation_type=act, weight_type=QuantType.QInt8, calibrate_method=method,
-                    nodes_to_exclude=opts.exclude_nodes or None, nodes_to_quantize=opts.nodes_only or None,
+                    nodes_to_exclude=keep or None, nodes_to_quantize=opts.nodes_only or None,
                     op_types_to_quantize=ops,
                     reduce_range=opts.reduce_range,
                     extra_options={"ActivationSymmetric": opts.activation_type == "int8", "WeightSymmetric": True,
                                    "CalibTensorRangeSymmetric": opts.activation_type == "int8"}, **cache)
-    return {"calibration_samples": int(len(next(iter(feed.values()))))}
+    return {**smoothed, "calibration_samples": int(len(next(iter(feed.values()))))}
 
 
 def _op_types(path: Path, opts: QuantizeOptions) -> list[str] | None:

@@ -1,0 +1,108 @@
+"""SmoothQuant (Xiao et al. 2023) on an ONNX graph: move activation outliers into the weights before INT8.
+
+Per-tensor INT8 activation scales are set by a few outlier channels (transformers' LayerNorm and GELU outputs have
+them), so every other channel keeps few levels. For each MatMul (or Gemm) with a constant weight W [in, out], per input channel
+j: s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) (X's maxima over calibration data); X is divided by s (one ``Mul``
+inserted after the tensor, shared by all its MatMuls) and W's row j multiplied by s_j. The float graph computes the
+same function; its activations are flatter, so INT8 loses less. alpha near 1 moves more of the range into the weights,
+which per-channel weight scales absorb.
+
+onnxruntime's own SmoothQuant (``quantize_static(extra_options={"SmoothQuant": True})``) calls Intel Neural
+Compressor 2.x, whose packages pin numpy < 2 (modelship needs numpy 2); it also smooths static builds only.
+This does the same transform with onnx and onnxruntime, for dynamic and static builds alike.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import QuantizeError
+
+
+def _transposed(node) -> bool:
+    """Whether the node's weight is [out, in] (a Gemm with transB) rather than [in, out]."""
+    return node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+
+
+def _targets(graph) -> dict[str, list]:
+    """activation tensor -> the MatMuls (and Gemms) that multiply it by a constant 2-D weight."""
+    consts = {i.name: i for i in graph.initializer}
+    out: dict[str, list] = {}
+    for n in graph.node:
+        plain = n.op_type == "MatMul" or (n.op_type == "Gemm" and not any(a.name == "transA" and a.i
+                                                                           for a in n.attribute))
+        if plain and n.input[1] in consts and len(consts[n.input[1]].dims) == 2:
+            out.setdefault(n.input[0], []).append(n)
+    return out
+
+
+def _activation_maxima(model, names: list[str], feed: dict, batch: int) -> dict[str, np.ndarray]:
+    """Per-channel max |x| of each named tensor over the feed (run in batches through onnxruntime)."""
+    import onnx
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    wanted = {i.name for i in sess.get_inputs()}
+    n = len(next(iter(feed.values())))
+    maxima: dict[str, np.ndarray] = {}
+    for i in range(0, n, batch):
+        outs = sess.run(names, {k: v[i:i + batch] for k, v in feed.items() if k in wanted})
+        for name, x in zip(names, outs):
+            m = np.abs(x.reshape(-1, x.shape[-1])).max(0)
+            maxima[name] = m if name not in maxima else np.maximum(maxima[name], m)
+    return maxima
+
+
+def smooth(src: Path, dst: Path, feed: dict, alpha: float, batch: int = 16) -> dict:
+    """Write ``src`` smoothed with migration strength ``alpha`` to ``dst``; return what was done."""
+    import onnx
+    from onnx import numpy_helper
+
+    if not 0.0 < alpha < 1.0:
+        raise QuantizeError(f"SmoothQuant alpha {alpha}: expected a number between 0 and 1 (0.5 is the paper's "
+                            "default; larger moves more of the activations' range into the weights)")
+    model = onnx.load(str(src))
+    graph = model.graph
+    targets = _targets(graph)
+    if not targets:
+        raise QuantizeError(f"{src}: SmoothQuant found no MatMul with constant weights to smooth")
+    maxima = _activation_maxima(model, list(targets), feed, batch)
+    consts = {i.name: i for i in graph.initializer}
+    muls, nodes = [], list(graph.node)
+    uses: dict[str, int] = {}
+    for n in nodes:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    for name, users in targets.items():
+        if any(uses[u.input[1]] > 1 for u in users):
+            continue  # a weight shared with other nodes (tied embeddings): scaling it would change them too
+        # each weight as [in, out], whatever its layout
+        weights = {u.input[1]: (numpy_helper.to_array(consts[u.input[1]]), _transposed(u)) for u in users}
+        w_max = np.max([np.abs(w.T if t else w).max(1) for w, t in weights.values()], axis=0)
+        x_max = maxima[name]
+        if x_max.shape != w_max.shape:
+            continue
+        s = np.clip(x_max, 1e-5, None) ** alpha / np.clip(w_max, 1e-5, None) ** (1 - alpha)
+        s = np.where((x_max > 0) & (w_max > 0), s, 1.0).astype(np.float32)
+        for wname, (w, t) in weights.items():
+            consts[wname].CopyFrom(numpy_helper.from_array((w * (s[None, :] if t else s[:, None])).astype(w.dtype),
+                                                           wname))
+        scaled, inv = f"{name}_smoothed", f"{name}_smooth_scale"
+        graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), inv))
+        for u in users:
+            u.input[0] = scaled
+        mul = onnx.helper.make_node("Mul", [name, inv], [scaled], name=f"{name}_SmoothQuant")
+        producer = next((i for i, n in enumerate(nodes) if name in n.output), -1)
+        nodes.insert(producer + 1, mul)
+        muls.append(mul.name)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, str(dst))
+    return {"alpha": alpha, "smoothed_tensors": len(muls),
+            "smoothed_matmuls": sum(len(v) for k, v in targets.items() if f"{k}_SmoothQuant" in muls), "mul_nodes": muls}
