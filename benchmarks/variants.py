@@ -46,11 +46,18 @@ RECIPES = {
         "plain", "dynamic", QuantizeOptions(per_channel=True, exclude_op_types=["Gather", "Gemm"])),
     "dynamic, per-channel, FFN output in float": ("plain", "dynamic", QuantizeOptions(per_channel=True,
                                                                                       exclude_nodes=_ffn("output"))),
-    "dynamic, per-channel, FFN in float (TEXT_INT8, the demo's)": (
+    "dynamic, per-channel, all FFN in float": ("plain", "dynamic", QuantizeOptions(
+        per_channel=True, exclude_nodes=_ffn("intermediate") + _ffn("output"))),
+    "dynamic, per-channel, 7-bit weights": ("plain", "dynamic", QuantizeOptions(per_channel=True, reduce_range=True)),
+    "dynamic, per-channel, SmoothQuant 0.5": ("plain", "dynamic", QuantizeOptions(per_channel=True, smooth=0.5)),
+    "dynamic, per-channel, SmoothQuant 0.9": ("plain", "dynamic", QuantizeOptions(per_channel=True, smooth=0.9)),
+    "dynamic, per-channel, SmoothQuant 0.9, layer 0 in float (TEXT_INT8, the demo's)": (
         "plain", "dynamic", QuantizeOptions(**{k: v for k, v in zoo.TEXT_INT8.items() if k != "mode"})),
     "optimized, dynamic, per-channel": ("optimized", "dynamic", QuantizeOptions(per_channel=True)),
     "static QDQ, MatMul, per-channel, minmax": ("plain", "static", QuantizeOptions(per_channel=True,
                                                                                    op_types=["MatMul"])),
+    "static QDQ, MatMul, per-channel, minmax, SmoothQuant 0.8": ("plain", "static", QuantizeOptions(
+        per_channel=True, op_types=["MatMul"], smooth=0.8)),
 }
 
 

@@ -1,8 +1,9 @@
 """Accuracy-aware INT8 (``quantize --until-parity``): when the INT8 gate fails, try the options that usually
 recover accuracy, then keep the fewest, most sensitive nodes in float until the gate passes.
 
-1. The requested build, then each recovery option (per-channel weights; for static: the other calibration
-   methods and symmetric activations), each judged by the real parity gate; the best is kept.
+1. The requested build, then each recovery option (per-channel weights; SmoothQuant at alpha 0.5 and 0.9; for
+   static: the other calibration methods and symmetric activations), each judged by the real parity gate; the best
+   is kept.
 2. Sensitivity: each node the best build quantized is quantized alone, and its output error against the
    float graph on the evaluation data is its cost: the worst difference of any output (in units of that
    output's spread), after the labels it flips.
@@ -33,9 +34,16 @@ from .variants import MODES, QuantizeOptions, make_variant
 SENSITIVITY_SAMPLES = 128
 
 
-def recovery_options(mode: str, opts: QuantizeOptions) -> list[tuple[str, QuantizeOptions]]:
-    """The options worth trying after ``opts`` failed, each a one-step change from it."""
+SMOOTH_ALPHAS = (0.5, 0.9)  # SmoothQuant's default, and one that moves most of the range into the weights
+
+
+def recovery_options(mode: str, opts: QuantizeOptions, calibrated: bool = True) -> list[tuple[str, QuantizeOptions]]:
+    """The options worth trying after ``opts`` failed, each a one-step change from it (SmoothQuant with per-channel
+    weights, which absorb the ranges it moves; only where there is calibration data to measure them on)."""
     tries = [] if opts.per_channel else [("per-channel weights", replace(opts, per_channel=True))]
+    if opts.smooth is None and calibrated:
+        tries += [(f"SmoothQuant {a}, per-channel weights", replace(opts, per_channel=True, smooth=a))
+                  for a in SMOOTH_ALPHAS]
     if mode == "static":
         for method in ("entropy", "percentile", "minmax"):
             if method != opts.calibration_method:
@@ -76,8 +84,15 @@ def quantized_nodes(quantized: Path) -> list[tuple[str, str]]:
 def calibrated_once(opts: QuantizeOptions, folder: Path) -> QuantizeOptions:
     """``opts`` with a calibration cache in ``folder`` for its method, activation type and op types: a static search
     calibrates once per such choice and every later build reuses the ranges (a dynamic build has none)."""
-    key = "-".join([opts.calibration_method, opts.activation_type, *opts.op_types, "x", *opts.exclude_op_types])
+    key = "-".join([opts.calibration_method, opts.activation_type, *opts.op_types, "x", *opts.exclude_op_types,
+                    f"smooth{opts.smooth}"])  # a smoothed graph has other tensors and ranges
     return replace(opts, calibration_cache=str(folder / f"calibration-{key}.json"))
+
+
+def _calibrated(art: Artifact, opts: QuantizeOptions, data: dict | None) -> bool:
+    from .. import data as datasets
+
+    return bool(opts.calibration_data) or not datasets.is_generated(data or art.manifest.data)
 
 
 def _score(rec: dict) -> tuple:
@@ -136,7 +151,7 @@ def until_parity(art: Artifact, mode: str, out: str | Path, opts: QuantizeOption
                                 f"{'; '.join(best_rec['weak'])}); no choice of nodes changes that — supply data "
                                 "the model separates (--data), a tighter --max-abs-diff, or --allow-weak-parity")
         if not best_rec["passed"]:
-            for step, o in recovery_options(mode, opts):
+            for step, o in recovery_options(mode, opts, calibrated=_calibrated(art, opts, data)):
                 cand, rec = attempt(step, o)
                 if rec is not None and _score(rec) > _score(best_rec):
                     best, best_rec, best_opts = cand, rec, o

@@ -85,8 +85,8 @@ def calibration_feed(art: Artifact, opts: QuantizeOptions) -> dict:
                                 f"({', '.join(t.name for t in man.inputs)})")
         feed, _ = datasets.read_npz(p, man.inputs)
     elif datasets.is_generated(man.data):
-        raise QuantizeError(f"{art.path}: static quantization needs calibration data and this artifact has none "
-                            "(no real data in its manifest); pass --data FILE.npz (or --calibration-data "
+        raise QuantizeError(f"{art.path}: static quantization (and --smooth) needs calibration data and this "
+                            "artifact has none (no real data in its manifest); pass --data FILE.npz (or --calibration-data "
                             "FILE.npz) with one array per input")
     else:  # raw texts / images through what serving runs, or the data's tensors
         from ..preprocess import preprocessed
