@@ -33,7 +33,7 @@ def _targets(graph) -> dict[str, list]:
     for n in graph.node:
         plain = n.op_type == "MatMul" or (n.op_type == "Gemm" and not any(a.name == "transA" and a.i
                                                                            for a in n.attribute))
-        if plain and n.input[1] in consts and len(consts[n.input[1]].dims) == 2:
+        if plain and n.input[1] in consts and len(consts[n.input[1]].dims) == 2 and n.input[0] not in consts:
             out.setdefault(n.input[0], []).append(n)
     return out
 
