@@ -352,7 +352,8 @@ def test_smoothquant_keeps_the_float_function_and_fixes_outlier_activations(tmp_
                      for p in (art.model_path, tmp_path / "smoothed.onnx"))
     assert np.abs(after - before).max() <= 1e-4 * np.abs(before).max()
     weights = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(art.model_path)).graph.initializer}
-    moved = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(tmp_path / "smoothed.onnx")).graph.initializer}
+    moved = {i.name: onnx.numpy_helper.to_array(i)
+             for i in onnx.load(str(tmp_path / "smoothed.onnx")).graph.initializer}
     assert any(w.ndim == 2 and not np.allclose(w, moved[k]) for k, w in weights.items())
 
     plain = make_variant(art, "dynamic", tmp_path / "plain", QuantizeOptions(per_channel=True, reduce_range=True))

@@ -1,11 +1,11 @@
 """SmoothQuant (Xiao et al. 2023) on an ONNX graph: move activation outliers into the weights before INT8.
 
 Per-tensor INT8 activation scales are set by a few outlier channels (transformers' LayerNorm and GELU outputs have
-them), so every other channel keeps few levels. For each MatMul (or Gemm) with a constant weight W [in, out], per input channel
-j: s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) (X's maxima over calibration data); X is divided by s (one ``Mul``
-inserted after the tensor, shared by all its MatMuls) and W's row j multiplied by s_j. The float graph computes the
-same function; its activations are flatter, so INT8 loses less. alpha near 1 moves more of the range into the weights,
-which per-channel weight scales absorb.
+them), so every other channel keeps few levels. For each MatMul (or Gemm) with a constant weight W [in, out], per
+input channel j: s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) (X's maxima over calibration data); X is divided by s
+(one ``Mul`` inserted after the tensor, shared by all its MatMuls) and W's row j multiplied by s_j. The float graph
+computes the same function; its activations are flatter, so INT8 loses less. alpha near 1 moves more of the range
+into the weights, which per-channel weight scales absorb.
 
 onnxruntime's own SmoothQuant (``quantize_static(extra_options={"SmoothQuant": True})``) calls Intel Neural
 Compressor 2.x, whose packages pin numpy < 2 (modelship needs numpy 2); it also smooths static builds only.
@@ -104,5 +104,5 @@ def smooth(src: Path, dst: Path, feed: dict, alpha: float, batch: int = 16) -> d
     del graph.node[:]
     graph.node.extend(nodes)
     onnx.save(model, str(dst))
-    return {"alpha": alpha, "smoothed_tensors": len(muls),
-            "smoothed_matmuls": sum(len(v) for k, v in targets.items() if f"{k}_SmoothQuant" in muls), "mul_nodes": muls}
+    return {"alpha": alpha, "smoothed_tensors": len(muls), "mul_nodes": muls,
+            "smoothed_matmuls": sum(len(v) for k, v in targets.items() if f"{k}_SmoothQuant" in muls)}

@@ -86,8 +86,8 @@ def calibration_feed(art: Artifact, opts: QuantizeOptions) -> dict:
         feed, _ = datasets.read_npz(p, man.inputs)
     elif datasets.is_generated(man.data):
         raise QuantizeError(f"{art.path}: static quantization (and --smooth) needs calibration data and this "
-                            "artifact has none (no real data in its manifest); pass --data FILE.npz (or --calibration-data "
-                            "FILE.npz) with one array per input")
+                            "artifact has none (no real data in its manifest); pass --data FILE.npz (or "
+                            "--calibration-data FILE.npz) with one array per input")
     else:  # raw texts / images through what serving runs, or the data's tensors
         from ..preprocess import preprocessed
 
@@ -95,14 +95,16 @@ def calibration_feed(art: Artifact, opts: QuantizeOptions) -> dict:
     return {k: v[: opts.calibration_samples] for k, v in feed.items()}
 
 
-def _smoothed(art: Artifact, src: Path, opts: QuantizeOptions, tmp: Path) -> tuple[Path, dict, list[str]]:
+def _smoothed(art: Artifact, src: Path, opts: QuantizeOptions, tmp: Path,
+              feed: dict | None = None) -> tuple[Path, dict, list[str]]:
     """The graph to quantize, what was done to it, and the nodes to keep in float: ``src`` as it is, or its
-    SmoothQuant transform on the calibration data (``--smooth ALPHA``), whose scaling Muls stay float."""
+    SmoothQuant transform on the calibration data (``--smooth ALPHA``; ``feed`` when the caller has it), whose
+    scaling Muls stay float."""
     if opts.smooth is None:
         return src, {}, list(opts.exclude_nodes)
     from .smooth import smooth
 
-    feed = calibration_feed(art, opts)
+    feed = calibration_feed(art, opts) if feed is None else feed
     facts = smooth(src, tmp / "smoothed.onnx", feed, opts.smooth)
     muls = facts.pop("mul_nodes")
     return (tmp / "smoothed.onnx", {"smoothquant": facts, "calibration_samples": int(len(next(iter(feed.values()))))},
@@ -127,7 +129,7 @@ def _static(art: Artifact, out: Path, opts: QuantizeOptions, tmp: Path) -> dict:
         raise QuantizeError(f"unknown calibration method '{opts.calibration_method}'; expected one of "
                             f"{', '.join(CALIBRATION_METHODS)}")
     feed = calibration_feed(art, opts)
-    src, smoothed, keep = _smoothed(art, _preprocess(art.model_path, tmp / "pre.onnx"), opts, tmp)
+    src, smoothed, keep = _smoothed(art, _preprocess(art.model_path, tmp / "pre.onnx"), opts, tmp, feed)
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[opts.calibration_method]
     act = QuantType.QInt8 if opts.activation_type == "int8" else QuantType.QUInt8
