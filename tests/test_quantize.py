@@ -299,6 +299,34 @@ def test_until_parity_calibrates_once_per_method(tmp_path, cnn_onnx, monkeypatch
     assert len(built) > 8 and len(calibrated) == len(set(built)) < len(built)
 
 
+def test_until_parity_measures_smoothquant_once(tmp_path, cnn_onnx, monkeypatch):
+    """A search with --smooth builds dozens of variants of one smoothed graph: the activation maxima SmoothQuant
+    scales by are measured on the first and read back after; the builds still smooth (their manifests say so).
+    A tolerance no INT8 meets (1e-6, any kernel) runs every step of the search."""
+    from modelship.errors import QuantizeError
+    from modelship.quantization import smooth, variants
+    from modelship.quantization.until_parity import until_parity
+
+    measured, built = [], []
+    real_maxima, real_build = smooth._activation_maxima, variants.MODES["dynamic"].build
+
+    def counting_maxima(*args, **kw):
+        measured.append(1)
+        return real_maxima(*args, **kw)
+
+    def counting_build(art, out, opts, tmp):
+        facts = real_build(art, out, opts, tmp)
+        built.append(facts["smoothquant"]["smoothed_matmuls"])
+        return facts
+
+    monkeypatch.setattr(smooth, "_activation_maxima", counting_maxima)
+    monkeypatch.setitem(variants.MODES, "dynamic", variants.Mode("int8", counting_build, "int8-dynamic"))
+    with pytest.raises(QuantizeError, match="no INT8 variant"):
+        until_parity(cnn_onnx, "dynamic", tmp_path / "q", QuantizeOptions(smooth=0.5),
+                     judge={"overrides": {"max_abs_diff": 1e-6, "rtol": 0.0}})
+    assert len(built) > 4 and all(n > 0 for n in built) and len(measured) == 1
+
+
 def test_until_parity_says_when_the_data_cannot_judge_any_int8(tmp_path, text_onnx):
     """The untrained text model's logits are hair-thin apart: its INT8 gate is weak evidence whatever stays in
     float, so the search stops at once and says what would let it judge."""

@@ -59,8 +59,23 @@ def _activation_maxima(model, names: list[str], feed: dict, batch: int) -> dict[
     return maxima
 
 
-def smooth(src: Path, dst: Path, feed: dict, alpha: float, batch: int = 16) -> dict:
-    """Write ``src`` smoothed with migration strength ``alpha`` to ``dst``; return what was done."""
+def _cached_maxima(model, names: list[str], feed: dict, batch: int, cache: Path | None) -> dict[str, np.ndarray]:
+    """The activation maxima, read from ``cache`` when an earlier build of the same graph on the same data wrote them
+    there (an accuracy-aware search builds dozens of variants of one graph), else measured and written."""
+    if cache is not None and cache.is_file():
+        with np.load(cache) as z:
+            kept = dict(zip(z["names"].tolist(), (z[f"arr_{i}"] for i in range(len(z["names"])))))
+        if set(names) <= set(kept):
+            return {n: kept[n] for n in names}
+    maxima = _activation_maxima(model, names, feed, batch)
+    if cache is not None:
+        np.savez(cache, *(maxima[n] for n in names), names=np.array(names))
+    return maxima
+
+
+def smooth(src: Path, dst: Path, feed: dict, alpha: float, batch: int = 16, maxima_cache: Path | None = None) -> dict:
+    """Write ``src`` smoothed with migration strength ``alpha`` to ``dst``; return what was done. ``maxima_cache``:
+    a file that keeps the activation maxima for later builds of the same graph on the same data."""
     import onnx
     from onnx import numpy_helper
 
@@ -72,7 +87,7 @@ def smooth(src: Path, dst: Path, feed: dict, alpha: float, batch: int = 16) -> d
     targets = _targets(graph)
     if not targets:
         raise QuantizeError(f"{src}: SmoothQuant found no MatMul with constant weights to smooth")
-    maxima = _activation_maxima(model, list(targets), feed, batch)
+    maxima = _cached_maxima(model, list(targets), feed, batch, maxima_cache)
     consts = {i.name: i for i in graph.initializer}
     muls, nodes = [], list(graph.node)
     uses: dict[str, int] = {}

@@ -40,7 +40,8 @@ class QuantizeOptions:
     reduce_range: bool = False
     smooth: float | None = None  # SmoothQuant's alpha (smooth.py): activation outliers moved into the weights first
     # static: a file of calibrated ranges, computed on the first build and reused by later ones with the same
-    # method, activation type and op types (accuracy-aware INT8 builds dozens); not recorded in the manifest
+    # method, activation type and op types (accuracy-aware INT8 builds dozens); --smooth keeps its activation maxima
+    # beside it; not recorded in the manifest
     calibration_cache: str | None = None
 
     def recorded(self) -> dict:
@@ -105,7 +106,8 @@ def _smoothed(art: Artifact, src: Path, opts: QuantizeOptions, tmp: Path,
     from .smooth import smooth
 
     feed = calibration_feed(art, opts) if feed is None else feed
-    facts = smooth(src, tmp / "smoothed.onnx", feed, opts.smooth)
+    cache = Path(opts.calibration_cache).with_suffix(".smooth.npz") if opts.calibration_cache else None
+    facts = smooth(src, tmp / "smoothed.onnx", feed, opts.smooth, maxima_cache=cache)
     muls = facts.pop("mul_nodes")
     return (tmp / "smoothed.onnx", {"smoothquant": facts, "calibration_samples": int(len(next(iter(feed.values()))))},
             [*opts.exclude_nodes, *muls])
