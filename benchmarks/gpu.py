@@ -6,14 +6,13 @@ Usage (on a machine with an NVIDIA GPU): python benchmarks/gpu.py [--rounds 5] [
 
 import argparse
 import statistics
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from modelship.bench import measure
+from modelship.bench import measure, scratch
 
 
 class Block(nn.Module):
@@ -46,7 +45,7 @@ def main():
 
     torch.manual_seed(0)
     model = resnet_like()
-    path = Path(tempfile.mkdtemp()) / "resnet.onnx"
+    path = Path(scratch()) / "resnet.onnx"
     torch.onnx.export(model, (torch.randn(1, 3, 224, 224),), str(path), input_names=["pixels"], output_names=["logits"],
                       dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17, dynamo=False)
     gpu = model.cuda()

@@ -7,13 +7,12 @@ Each round times all contenders back to back; the ratios are medians over rounds
 
 import argparse
 import statistics
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from modelship.bench import measure, write_figures
+from modelship.bench import measure, scratch, write_figures
 import modelship as ms
 from modelship.models.train import train_artifact
 from modelship.runners import open_runner
@@ -25,7 +24,7 @@ def main():
     ap.add_argument("--seconds", type=float, default=1.0)
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp())
+    tmp = Path(scratch())
     art = train_artifact("cnn", tmp / "cnn")
     onnx_art = ms.export(art, tmp / "onnx")
     torch_runner = open_runner(art)

@@ -17,13 +17,12 @@ token_ids_p50_ms, tokenizer_ms).
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from modelship.bench import feed_for, measure, write_figures
+from modelship.bench import feed_for, measure, scratch, write_figures
 import modelship as ms
 from modelship.loadtests.golden import prepare
 from modelship.loadtests.runner import run_locust
@@ -42,7 +41,7 @@ def main():
     ap.add_argument("--text", action="store_true", help="raw text vs token ids on the built-in text model instead")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp())
+    tmp = Path(scratch())
     if args.text:
         return write_figures(args.json, text_vs_ids(tmp, args.rounds, args.seconds))
     onnx_art = ms.export(train_artifact("cnn", tmp / "cnn"), tmp / "onnx")

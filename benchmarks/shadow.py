@@ -11,13 +11,12 @@ goal at 0.01: p50 ratio <= 1.03 and requests/s ratio >= 0.97) and the medians th
 
 import argparse
 import statistics
-import tempfile
 from pathlib import Path
 
 import requests
 
 import modelship as ms
-from modelship.bench import write_figures
+from modelship.bench import scratch, write_figures
 from modelship.loadtests.golden import prepare
 from modelship.loadtests.runner import run_locust
 from modelship.models.train import train_artifact
@@ -33,7 +32,7 @@ def main():
     ap.add_argument("--users", type=int, default=4)
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp())
+    tmp = Path(scratch())
     torch_art = train_artifact("cnn", tmp / "cnn")
     onnx_art = ms.export(torch_art, tmp / "onnx")
     store = tmp / "store"

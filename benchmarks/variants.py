@@ -15,13 +15,12 @@ text_student_over_teacher, text_student_accuracy_ratio and student_over_teacher 
 
 import argparse
 import statistics
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from modelship import data as datasets
-from modelship.bench import measure, write_figures
+from modelship.bench import measure, scratch, write_figures
 from modelship.exporters.onnx_export import export
 from modelship.machine import kernel_facts
 from modelship.models import zoo
@@ -93,7 +92,7 @@ def main():
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp())
+    tmp = Path(scratch())
     facts = kernel_facts()
     print(f"CPU: {facts['cpu']}; INT8 kernels: {facts['kernels']} (flags {', '.join(facts['flags'])})")
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 import time
 
 import numpy as np
@@ -54,6 +57,13 @@ def bench(runner: Runner, batch_sizes=(1, 32), seconds: float = 1.0, seq_len: in
         feed = feed_for(runner, b, seq_len)
         rows.append(summarize(measure(lambda: runner.infer(feed), seconds), b))
     return rows
+
+
+def scratch() -> str:
+    """A temporary folder for a benchmark's artifacts, removed when the process exits."""
+    folder = tempfile.mkdtemp(prefix="modelship-bench-")
+    atexit.register(shutil.rmtree, folder, True)
+    return folder
 
 
 def write_figures(path, figures: dict) -> None:

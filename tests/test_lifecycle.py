@@ -210,3 +210,12 @@ def test_stop_refuses_a_pid_that_is_not_its_torchserve(tmp_path):
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_a_benchmark_scratch_folder_is_gone_when_it_exits():
+    """The benchmarks build their artifacts in ``bench.scratch()``: removed when the process ends, not left in /tmp."""
+    p = subprocess.run([sys.executable, "-c", "from pathlib import Path; from modelship.bench import scratch; "
+                        "d = Path(scratch()); (d / 'model.onnx').write_bytes(b'x'); print(d)"],
+                       capture_output=True, text=True, timeout=120)
+    folder = Path(p.stdout.strip())
+    assert p.returncode == 0 and folder.name.startswith("modelship-bench-") and not folder.exists()
