@@ -299,14 +299,16 @@ def test_until_parity_calibrates_once_per_method(tmp_path, cnn_onnx, monkeypatch
     assert len(built) > 8 and len(calibrated) == len(set(built)) < len(built)
 
 
-def test_until_parity_measures_smoothquant_once(tmp_path, cnn_onnx, monkeypatch):
+def test_until_parity_measures_smoothquant_once(tmp_path, outlier_classifier, monkeypatch):
     """A search with --smooth builds dozens of variants of one smoothed graph: the activation maxima SmoothQuant
-    scales by are measured on the first and read back after; the builds still smooth (their manifests say so).
-    A tolerance no INT8 meets (1e-6, any kernel) runs every step of the search."""
+    scales by are measured on the first and read back after; each build smooths the inputs of the MatMuls it
+    quantizes and no others (a sensitivity build quantizes one). A tolerance no INT8 meets (1e-6, any kernel) runs
+    every step of the search."""
     from modelship.errors import QuantizeError
     from modelship.quantization import smooth, variants
     from modelship.quantization.until_parity import until_parity
 
+    art, inputs = outlier_classifier
     measured, built = [], []
     real_maxima, real_build = smooth._activation_maxima, variants.MODES["dynamic"].build
 
@@ -316,15 +318,16 @@ def test_until_parity_measures_smoothquant_once(tmp_path, cnn_onnx, monkeypatch)
 
     def counting_build(art, out, opts, tmp):
         facts = real_build(art, out, opts, tmp)
-        built.append(facts["smoothquant"]["smoothed_matmuls"])
+        built.append((len(opts.nodes_only) or 2 - len(opts.exclude_nodes), facts["smoothquant"]["smoothed_matmuls"]))
         return facts
 
     monkeypatch.setattr(smooth, "_activation_maxima", counting_maxima)
     monkeypatch.setitem(variants.MODES, "dynamic", variants.Mode("int8", counting_build, "int8-dynamic"))
     with pytest.raises(QuantizeError, match="no INT8 variant"):
-        until_parity(cnn_onnx, "dynamic", tmp_path / "q", QuantizeOptions(smooth=0.5),
+        until_parity(art, "dynamic", tmp_path / "q", QuantizeOptions(smooth=0.5, calibration_data=str(inputs)),
                      judge={"overrides": {"max_abs_diff": 1e-6, "rtol": 0.0}})
-    assert len(built) > 4 and all(n > 0 for n in built) and len(measured) == 1
+    assert len(built) > 4 and len(measured) == 1
+    assert {n for n, _ in built} == {1, 2} and all(smoothed == n for n, smoothed in built), built
 
 
 def test_until_parity_says_when_the_data_cannot_judge_any_int8(tmp_path, text_onnx):

@@ -73,9 +73,12 @@ def _cached_maxima(model, names: list[str], feed: dict, batch: int, cache: Path 
     return maxima
 
 
-def smooth(src: Path, dst: Path, feed: dict, alpha: float, batch: int = 16, maxima_cache: Path | None = None) -> dict:
+def smooth(src: Path, dst: Path, feed: dict, alpha: float, batch: int = 16, maxima_cache: Path | None = None,
+           quantized=None) -> dict:
     """Write ``src`` smoothed with migration strength ``alpha`` to ``dst``; return what was done. ``maxima_cache``:
-    a file that keeps the activation maxima for later builds of the same graph on the same data."""
+    a file that keeps the activation maxima for later builds of the same graph on the same data. ``quantized(node)``:
+    whether the build will quantize that MatMul; a tensor that only float MatMuls read is left alone (flatter
+    activations gain them nothing, and its Mul would cost time)."""
     import onnx
     from onnx import numpy_helper
 
@@ -84,10 +87,12 @@ def smooth(src: Path, dst: Path, feed: dict, alpha: float, batch: int = 16, maxi
                             "default; larger moves more of the activations' range into the weights)")
     model = onnx.load(str(src))
     graph = model.graph
-    targets = _targets(graph)
-    if not targets:
+    every = _targets(graph)
+    targets = {t: users for t, users in every.items() if quantized is None or any(quantized(u) for u in users)}
+    if not every:
         raise QuantizeError(f"{src}: SmoothQuant found no MatMul with constant weights to smooth")
-    maxima = _cached_maxima(model, list(targets), feed, batch, maxima_cache)
+    # measured for every candidate, so later builds that quantize other nodes read them from the cache too
+    maxima = _cached_maxima(model, list(every), feed, batch, maxima_cache)
     consts = {i.name: i for i in graph.initializer}
     muls, matmuls, nodes = [], 0, list(graph.node)
     uses: dict[str, int] = {}

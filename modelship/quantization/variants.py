@@ -96,18 +96,28 @@ def calibration_feed(art: Artifact, opts: QuantizeOptions) -> dict:
     return {k: v[: opts.calibration_samples] for k, v in feed.items()}
 
 
-def _smoothed(art: Artifact, src: Path, opts: QuantizeOptions, tmp: Path,
-              feed: dict | None = None) -> tuple[Path, dict, list[str]]:
+def _smoothed(art: Artifact, src: Path, opts: QuantizeOptions, tmp: Path, feed: dict | None = None,
+              static: bool = False) -> tuple[Path, dict, list[str]]:
     """The graph to quantize, what was done to it, and the nodes to keep in float: ``src`` as it is, or its
     SmoothQuant transform on the calibration data (``--smooth ALPHA``; ``feed`` when the caller has it), whose
-    scaling Muls stay float."""
+    scaling Muls stay float; only the inputs of MatMuls this build quantizes are smoothed."""
     if opts.smooth is None:
         return src, {}, list(opts.exclude_nodes)
     from .smooth import smooth
 
+    from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
+
     feed = calibration_feed(art, opts) if feed is None else feed
     cache = Path(opts.calibration_cache).with_suffix(".smooth.npz") if opts.calibration_cache else None
-    facts = smooth(src, tmp / "smoothed.onnx", feed, opts.smooth, maxima_cache=cache)
+    ops = set(_op_types(src, opts) or (QDQRegistry if static else IntegerOpsRegistry))
+
+    def quantized(node) -> bool:  # what onnxruntime will quantize: op type, node lists
+        op, name = node.op_type, node.name
+        if op == "Gemm" and not static:  # a dynamic build first rewrites each Gemm as a MatMul named NAME_MatMul
+            op, name = "MatMul", f"{name}_MatMul"
+        return op in ops and name not in opts.exclude_nodes and (not opts.nodes_only or name in opts.nodes_only)
+
+    facts = smooth(src, tmp / "smoothed.onnx", feed, opts.smooth, maxima_cache=cache, quantized=quantized)
     muls = facts.pop("mul_nodes")
     return (tmp / "smoothed.onnx", {"smoothquant": facts, "calibration_samples": int(len(next(iter(feed.values()))))},
             [*opts.exclude_nodes, *muls])
@@ -131,7 +141,8 @@ def _static(art: Artifact, out: Path, opts: QuantizeOptions, tmp: Path) -> dict:
         raise QuantizeError(f"unknown calibration method '{opts.calibration_method}'; expected one of "
                             f"{', '.join(CALIBRATION_METHODS)}")
     feed = calibration_feed(art, opts)
-    src, smoothed, keep = _smoothed(art, _preprocess(art.model_path, tmp / "pre.onnx"), opts, tmp, feed)
+    src, smoothed, keep = _smoothed(art, _preprocess(art.model_path, tmp / "pre.onnx"), opts, tmp, feed,
+                                    static=True)
     method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
               "percentile": CalibrationMethod.Percentile}[opts.calibration_method]
     act = QuantType.QInt8 if opts.activation_type == "int8" else QuantType.QUInt8
