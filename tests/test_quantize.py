@@ -397,6 +397,11 @@ def test_smoothquant_keeps_the_float_function_and_fixes_outlier_activations(tmp_
     assert smoothed.manifest.parity["passed"] and smoothed.manifest.extra["options"]["smooth"] == 0.5
     assert smoothed.manifest.extra["smoothquant"]["smoothed_matmuls"] == 2
     assert smoothed.manifest.parity["max_abs_diff"] * 10 < parity_record(plain)["max_abs_diff"]
+    # a MatMul kept in float gets no smoothing (a dynamic build runs each Gemm as a MatMul named NAME_MatMul)
+    first = next(n.name for n in onnx.load(str(art.model_path)).graph.node if n.op_type == "Gemm")
+    one = make_variant(art, "dynamic", tmp_path / "one", QuantizeOptions(
+        smooth=0.5, reduce_range=True, calibration_data=str(inputs), exclude_nodes=[f"{first}_MatMul"]))
+    assert one.manifest.extra["smoothquant"]["smoothed_matmuls"] == 1
     static = make_variant(art, "static", tmp_path / "static",
                           QuantizeOptions(smooth=0.5, reduce_range=True, calibration_data=str(inputs)))
     # (not gated: static QDQ also quantizes each Gemm's output, and the first one's holds the outlier itself)
