@@ -103,9 +103,9 @@ def _smoothed(art: Artifact, src: Path, opts: QuantizeOptions, tmp: Path, feed: 
     scaling Muls stay float; only the inputs of MatMuls this build quantizes are smoothed."""
     if opts.smooth is None:
         return src, {}, list(opts.exclude_nodes)
-    from .smooth import smooth
-
     from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry
+
+    from .smooth import smooth
 
     feed = calibration_feed(art, opts) if feed is None else feed
     cache = Path(opts.calibration_cache).with_suffix(".smooth.npz") if opts.calibration_cache else None
