@@ -122,8 +122,24 @@ def parity(candidates, reference=None, *, data=None, split: str = "test", judge:
     many = isinstance(candidates, (list, tuple))
     ref = open_source(reference) if reference is not None else None
     kw = {"split": split, "provider": provider, "device": device, "data": data_spec(data), **Judge.of(judge).kwargs()}
-    results = [ParityResult.of(parity_record(artifact(c), ref, **kw)) for c in (candidates if many else [candidates])]
+    results = []
+    for c in candidates if many else [candidates]:
+        cand = artifact(c)
+        results.append(ParityResult.of(parity_record(cand, _named_like(ref, reference, cand), **kw)))
     return results if many else results[0]
+
+
+def _named_like(ref, reference, cand):
+    """A .pt2 reference names its outputs by position only (output0, output1, ...): export named them for the
+    candidate in that order (--output-names), so they are named the same way here and then matched by name."""
+    from .models.checkpoints import open_source
+
+    if ref is None or ref[0].manifest.loader != "pt2":
+        return ref
+    mine, theirs = [t.name for t in ref[0].manifest.outputs], [t.name for t in cand.manifest.outputs]
+    if set(mine) == set(theirs) or len(mine) != len(theirs):
+        return ref
+    return open_source(reference, output_names=theirs)
 
 
 def archive(art, store, *, name: str | None = None, batch_size: int = 8, max_batch_delay_ms: int = 5,

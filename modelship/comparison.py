@@ -175,8 +175,37 @@ def bound(ref: np.ndarray, atol: float, rtol: float, cap: float | None = None) -
 
 
 def beyond(ref: np.ndarray, d: np.ndarray, atol: float, rtol: float, cap: float | None = None) -> np.ndarray:
-    """Which values of |ref - cand| = ``d`` break the elementwise bound."""
-    return d > bound(ref, atol, rtol, cap)
+    """Which values of |ref - cand| = ``d`` break the elementwise bound (a NaN difference breaks every bound)."""
+    return ~(d <= bound(ref, atol, rtol, cap))
+
+
+def abs_diff(ref, cand) -> tuple[np.ndarray, np.ndarray]:
+    """(|ref - cand| in float64, where the candidate is non-finite and the reference finite). Such a value is
+    infinitely far from the reference (never NaN: NaN compares false with every bound and would pass); where both
+    are non-finite the same way (NaN and NaN, inf and inf) the difference is 0: the reference's own values are
+    judged as evidence instead (``nonfinite_reference``)."""
+    r, c = np.asarray(ref, dtype=np.float64), np.asarray(cand, dtype=np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        d = np.abs(r - c)
+    rf, cf = np.isfinite(r), np.isfinite(c)
+    wrong = rf & ~cf
+    same = ~rf & ((r == c) | (np.isnan(r) & np.isnan(c)))
+    d[wrong | (~rf & ~same)] = np.inf
+    d[same] = 0.0
+    return d, wrong
+
+
+def bad_rows(mask: np.ndarray) -> np.ndarray:
+    """Which rows (samples: the first dim) hold a True of ``mask``."""
+    mask = np.atleast_1d(mask)
+    return mask.reshape(len(mask), -1).any(-1)
+
+
+def nonfinite_text(name: str, wrong: np.ndarray, whose: str = "answers") -> str:
+    """What a non-finite answer is, said with how many rows (samples) and values, and the first row."""
+    rows = bad_rows(wrong)
+    return (f"output '{name}' {whose} NaN or inf where the reference is finite: {int(rows.sum())} of {len(rows)} "
+            f"rows ({int(np.sum(wrong))} values; first at row {int(np.argmax(rows))})")
 
 
 def bound_text(atol: float, rtol: float, cap: float | None = None) -> str:
@@ -184,16 +213,36 @@ def bound_text(atol: float, rtol: float, cap: float | None = None) -> str:
     return f"min({text}, {cap:.3g})" if cap is not None else text
 
 
+def p99(d: np.ndarray) -> float:
+    if not d.size:
+        return 0.0
+    with np.errstate(invalid="ignore"):
+        p = float(np.percentile(d, 99))
+    return np.inf if np.isnan(p) else p  # between two infinite differences
+
+
+def _max_finite(r, c) -> float:
+    d, _ = abs_diff(r, c)
+    d = d[np.isfinite(d)]
+    return float(d.max()) if d.size else 0.0
+
+
 def _diffs(r: np.ndarray, c: np.ndarray, atol, rtol, cap) -> dict:
-    d = np.abs(r.astype(np.float64) - c.astype(np.float64))
+    """One output's differences. A non-finite candidate value where the reference is finite counts in
+    ``nonfinite`` and, whatever the bound (or none), as a violation; it makes the maxima inf, never NaN."""
+    d, wrong = abs_diff(r, c)
     out = {"shape": list(r.shape), "max_abs_diff": float(d.max()) if d.size else 0.0,
            "mean_abs_diff": float(d.mean()) if d.size else 0.0,
-           "p99_abs_diff": float(np.percentile(d, 99)) if d.size else 0.0, "atol": atol, "rtol": rtol, "cap": cap}
+           "p99_abs_diff": p99(d), "atol": atol, "rtol": rtol, "cap": cap,
+           "nonfinite": int(wrong.sum())}
     if atol is not None:
-        excess = d - bound(r, atol, rtol, cap)
-        out["violations"] = int((excess > 0).sum())
+        over = beyond(r, d, atol, rtol, cap) & np.isfinite(np.asarray(r, dtype=np.float64))
+        out["violations"] = int((over | wrong).sum())
         if out["violations"]:
-            out["worst_excess"] = float(excess.max())
+            with np.errstate(invalid="ignore"):
+                out["worst_excess"] = float(np.max(np.where(over | wrong, d - bound(r, atol, rtol, cap), -np.inf)))
+    elif out["nonfinite"]:
+        out["violations"] = out["nonfinite"]
     return out
 
 
@@ -201,6 +250,12 @@ def weak_reasons(ref: dict, man, tol: Tolerance, labels, spec: dict | None) -> l
     """What the evaluation data could not tell about this candidate (empty when the judgement is sound)."""
     reasons = []
     first = man.outputs[0].name
+    for t in man.outputs:
+        if t.name in ref and not np.all(np.isfinite(ref[t.name])):
+            rows = bad_rows(~np.isfinite(ref[t.name]))
+            reasons.append(f"the reference itself answers NaN or inf in output '{t.name}' on {int(rows.sum())} of "
+                           f"{len(rows)} samples (first at row {int(np.argmax(rows))}), so nothing can be judged "
+                           "there; supply data the reference answers with finite values (--data)")
     judged_by_difference = tol.max_abs_diff is not None
     generated = datasets.is_generated(spec)
     if man.is_classifier and first in ref:
@@ -265,14 +320,20 @@ def record(ref: dict, cand: dict, labels, candidate: Runner, tol: Tolerance, ref
             continue
         atol, rtol, cap = tol.for_output(name)
         po = per_output[name] = _diffs(ref[name], cand[name], atol, rtol, cap)
-        if po.get("violations"):
-            failures.append(f"output '{name}' moved by max_abs_diff {po['max_abs_diff']:.3g} > "
-                            f"{bound_text(atol, rtol, cap)} ({po['violations']} of {ref[name].size} values)")
+        if po["nonfinite"]:
+            failures.append(nonfinite_text(name, abs_diff(ref[name], cand[name])[1]))
+        if po.get("violations", 0) > po["nonfinite"]:
+            moved = po["violations"] - po["nonfinite"]
+            finite = _max_finite(ref[name], cand[name])
+            failures.append(f"output '{name}' moved by max_abs_diff {finite:.3g} > "
+                            f"{bound_text(atol, rtol, cap)} ({moved} of {ref[name].size} values)")
     first = expected[0]
     agreement = acc = ref_acc = None
     if man.is_classifier and first in per_output:
         ref_top = ref[first].reshape(len(ref[first]), -1).argmax(-1)
         cand_top = cand[first].reshape(len(cand[first]), -1).argmax(-1)
+        wrong = ~np.isfinite(cand[first]) & np.isfinite(ref[first])
+        cand_top[bad_rows(wrong)] = -1  # a row answering NaN or inf has no label: it disagrees
         agreement = float(np.mean(ref_top == cand_top))
         if labels is not None:
             acc = float(np.mean(cand_top == labels))
@@ -311,24 +372,37 @@ def enforce(rec: dict) -> dict:
 class Verdict:
     label_ok: bool | None  # classifiers: the served label index equals the reference's
     within: bool  # every returned output within tolerance (and none missing)
-    diff: float  # worst |served - reference| over every output of this answer
+    diff: float  # worst |served - reference| over every output of this answer (inf for NaN or inf, never NaN)
     why: str = ""
     served_on: dict | None = None  # where the answer was computed (the handler's Modelship-Served-On header)
+    nonfinite: bool = False  # the answer holds NaN or inf where the reference is finite
 
     @property
     def ok(self) -> bool:
-        return self.within and self.label_ok is not False
+        return self.within and self.label_ok is not False and not self.nonfinite
+
+    @property
+    def kind(self) -> str | None:
+        """What is wrong with the answer: ``nonfinite``, ``label``, ``tolerance``, or None when it is right."""
+        return None if self.ok else "nonfinite" if self.nonfinite else "label" if self.label_ok is False \
+            else "tolerance"
 
 
-def _judge(name: str, got, want: np.ndarray, atol, rtol, cap=None) -> tuple[bool, float, str]:
-    got = np.asarray(got, dtype=np.float64)
+def _judge(name: str, got, want: np.ndarray, atol, rtol, cap=None) -> tuple[bool, float, str, bool]:
+    """(within, worst difference, why not, whether it answers NaN or inf where the reference is finite)."""
+    try:
+        got = np.asarray(got, dtype=np.float64)
+    except (TypeError, ValueError):
+        return False, float("inf"), f"output '{name}' is not numbers", False
     if got.shape != want.shape:
-        return False, float("inf"), f"output '{name}' has shape {list(got.shape)}, reference {list(want.shape)}"
-    d = np.abs(got - want)
+        return False, float("inf"), f"output '{name}' has shape {list(got.shape)}, reference {list(want.shape)}", False
+    d, wrong = abs_diff(want, got)
     diff = float(d.max()) if d.size else 0.0
+    if wrong.any():
+        return False, diff, f"output '{name}' answers NaN or inf on {int(wrong.sum())} of {wrong.size} values", True
     if atol is not None and np.any(beyond(want, d, atol, rtol, cap)):
-        return False, diff, f"output '{name}' |diff| {diff:.3g} > {bound_text(atol, rtol, cap)}"
-    return True, diff, ""
+        return False, diff, f"output '{name}' |diff| {diff:.3g} > {bound_text(atol, rtol, cap)}", False
+    return True, diff, "", False
 
 
 def check(spec: dict, golden, i: int, payload: dict) -> Verdict:
@@ -338,17 +412,17 @@ def check(spec: dict, golden, i: int, payload: dict) -> Verdict:
     tol = Tolerance.from_dict(spec["tolerance"])
     if isinstance(payload.get("outputs"), list):  # an Open Inference Protocol answer: judged the same way
         payload = from_v2(spec, payload)
-    problems, worst, label_ok, within = [], 0.0, None, True
+    problems, worst, label_ok, within, nonfinite = [], 0.0, None, True, False
     expected = list(spec["outputs"])
     returned = dict(payload.get("outputs") or {})
     if spec["task"] == "classification":
         first = expected.pop(0)
-        label_ok = payload["index"] == int(golden["index"][i])
+        label_ok = payload.get("index") == int(golden["index"][i])
         if not label_ok:
-            problems.append(f"label index {payload['index']}, reference {int(golden['index'][i])}")
-        ok, diff, why = _judge("probabilities", payload["probabilities"], golden["probabilities"][i],
-                               tol.max_prob_diff, 0.0)
-        worst, within = max(worst, diff), within and ok
+            problems.append(f"label index {payload.get('index')}, reference {int(golden['index'][i])}")
+        ok, diff, why, bad = _judge("probabilities", payload.get("probabilities"), golden["probabilities"][i],
+                                    tol.max_prob_diff, 0.0)
+        worst, within, nonfinite = max(worst, diff), within and ok, nonfinite or bad
         problems += [why] if why else []
         returned.pop(first, None)
     for name in expected:
@@ -357,13 +431,14 @@ def check(spec: dict, golden, i: int, payload: dict) -> Verdict:
             worst, within = float("inf"), False
             continue
         key = f"out{spec['outputs'].index(name)}"  # golden arrays are stored by output position
-        ok, diff, why = _judge(name, returned.pop(name), golden[key][i], *tol.for_output(name))
-        worst, within = max(worst, diff), within and ok
+        ok, diff, why, bad = _judge(name, returned.pop(name), golden[key][i], *tol.for_output(name))
+        worst, within, nonfinite = max(worst, diff), within and ok, nonfinite or bad
         problems += [why] if why else []
     if returned:
         problems.append(f"unexpected output(s) {', '.join(sorted(returned))}")
         within = False
-    return Verdict(label_ok, within, worst, f"sample {i}: " + "; ".join(problems) if problems else "")
+    return Verdict(label_ok, within, worst, f"sample {i}: " + "; ".join(problems) if problems else "",
+                   nonfinite=nonfinite)
 
 
 def from_v2(spec: dict, payload: dict) -> dict:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .comparison import abs_diff
 from .errors import GateError, ServeError
 from .loadtests import golden
 from .loadtests.summary import GateFailure, kind_of, wilson_upper
@@ -316,7 +317,11 @@ def _versus(a: dict, b: dict) -> tuple[bool, float]:
     (la, va), (lb, vb) = _numbers(a), _numbers(b)
     if va.shape != vb.shape or len(la) != len(lb):
         return False, float("inf")
-    return la == lb, float(np.abs(va - vb).max()) if va.size else 0.0
+    d, wrong_a = abs_diff(vb, va)
+    _, wrong_b = abs_diff(va, vb)
+    if wrong_a.any() or wrong_b.any():  # NaN or inf on one side only: no label to share, infinitely far
+        return False, float("inf")
+    return la == lb, float(d.max()) if d.size else 0.0
 
 
 def _numbers(answer: dict) -> tuple[list, np.ndarray]:

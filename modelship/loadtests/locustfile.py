@@ -27,7 +27,7 @@ HEADERS = request_headers(SPEC)
 def _fresh():
     # samples: one [seconds since the test started, latency ms, ok, verdict] per answered request, failed ones
     # included (at their time to failure); verdict: None (not checked: HTTP error), or
-    # [label agreed (or None), within tolerance, max |diff|]
+    # [label agreed (or None), within tolerance, max |diff| (1e30: inf), NaN or inf where the reference is finite]
     return {"started": 0, "responses": 0, "checked": 0, "mismatches": 0, "samples": [], "examples": []}
 
 
@@ -88,7 +88,8 @@ class ModelUser(FastHttpUser):
             except (ValueError, KeyError, TypeError) as e:
                 r.failure(f"malformed answer: {type(e).__name__}")
                 return
-            sample[2], sample[3] = True, [v.label_ok, v.within, v.diff if v.diff != float("inf") else 1e30]
+            sample[2], sample[3] = True, [v.label_ok, v.within, v.diff if v.diff != float("inf") else 1e30,
+                                          v.nonfinite]
             LOCAL["checked"] += 1
             if not v.ok:
                 LOCAL["mismatches"] += 1

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..comparison import p99
 from ..errors import GateError
 
 
@@ -70,7 +71,11 @@ class Gates:
         if r.get("top1_agreement") is not None and floor is not None and upper is not None and upper < floor:
             out.append(GateFailure("parity", f"agreement: {r['top1_agreement']:.4f} (95% upper bound {upper:.4f}) < "
                                              f"{floor} ({r['label_mismatches']} labels differ from the reference)"))
-        if r.get("out_of_tolerance"):
+        if r.get("nonfinite"):
+            out.append(GateFailure("parity", f"non-finite: {r['nonfinite']} answers hold NaN or inf where the "
+                                             f"reference is finite (e.g. "
+                                             f"{'; '.join(r.get('mismatch_examples', [])[:1])})"))
+        if r.get("out_of_tolerance", 0) > r.get("nonfinite", 0):
             out.append(GateFailure("parity", f"difference: {r['out_of_tolerance']} answers beyond the "
                                              f"{r.get('precision')} tolerance (max |diff| {r['max_abs_diff']:.3g}; e.g. "
                                              f"{'; '.join(r.get('mismatch_examples', [])[:1])})"))
@@ -93,9 +98,11 @@ def summarize(out_dir: Path, tag: str, spec: dict, users: int, duration_s: float
     lat = np.array([s[1] for s in rows], dtype=float)
     verdicts = [s[3] for s in rows if s[3] is not None]
     diffs = np.array([v[2] for v in verdicts], dtype=float)
+    diffs[diffs >= 1e30] = np.inf  # the Locust user's stand-in for inf (NaN or inf answered, an output missing)
     labels = [v[0] for v in verdicts if v[0] is not None]
     label_mismatches = sum(1 for ok in labels if not ok)
     out_of_tol = sum(1 for v in verdicts if not v[1])
+    nonfinite = sum(1 for v in verdicts if len(v) > 3 and v[3])
     mismatches = sum(1 for v in verdicts if not v[1] or v[0] is False)
     span = (duration_s - warmup_s) if duration_s else None
     # requests Locust itself cancelled when the run ended (not failures: the server never got to answer)
@@ -109,11 +116,11 @@ def summarize(out_dir: Path, tag: str, spec: dict, users: int, duration_s: float
         "rps": len(rows) / span if span else _num(final.get("rps")),
         "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99), "mean_ms": float(lat.mean()) if len(lat) else None,
         "checked": len(verdicts), "mismatches": mismatches, "label_mismatches": label_mismatches,
-        "out_of_tolerance": out_of_tol,
+        "out_of_tolerance": out_of_tol, "nonfinite": nonfinite,
         "top1_agreement": (1 - label_mismatches / len(labels)) if labels else None,
         "agreement_upper_95": wilson_upper(len(labels) - label_mismatches, len(labels)) if labels else None,
         "max_abs_diff": float(diffs.max()) if len(diffs) else None,
-        "p99_abs_diff": float(np.percentile(diffs, 99)) if len(diffs) else None,
+        "p99_abs_diff": p99(diffs) if len(diffs) else None,
         "precision": spec.get("precision"), "tolerance": spec.get("tolerance"), "reference": spec.get("reference"),
         "mismatch_examples": counts.get("examples", []), "per_worker": counts.get("per_worker", {}),
         "locust_requests": final.get("requests"), "locust_responses": counts.get("responses"),

@@ -33,6 +33,7 @@ SPOOL_KEEP = 500  # the newest requests kept per model version; older ones are d
 
 DIFF_BUCKETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 LABELS = ("model", "version")
+MISMATCH_KINDS = ("nonfinite", "label", "tolerance")  # NaN or inf answered; another label; a difference too large
 _metrics = None
 _metrics_lock = threading.Lock()
 
@@ -49,7 +50,8 @@ def metrics():
                 "checked": Counter("modelship_shadow_checked", "Sampled requests re-run on the reference and judged",
                                    LABELS),
                 "mismatch": Counter("modelship_shadow_mismatch", "Checked requests whose served answer the reference "
-                                    "disagreed with (kind: label, or a difference beyond the tolerance)",
+                                    "disagreed with (kind: nonfinite: NaN or inf where the reference is finite, label, or a "
+                                    "difference beyond the tolerance: tolerance)",
                                     LABELS + ("kind",)),
                 "dropped": Counter("modelship_shadow_dropped", "Sampled requests not checked (reason: queue_full, "
                                    "reference_error)", LABELS + ("reason",)),
@@ -76,7 +78,7 @@ class Shadow:
         self.queue: queue.Queue = queue.Queue(maxsize=max(1, int(queue_size)))
         m = metrics()
         self.sampled, self.checked = m["sampled"].labels(model, self.version), m["checked"].labels(model, self.version)
-        self.mismatch = {k: m["mismatch"].labels(model, self.version, k) for k in ("label", "tolerance")}
+        self.mismatch = {k: m["mismatch"].labels(model, self.version, k) for k in MISMATCH_KINDS}
         self.dropped = {k: m["dropped"].labels(model, self.version, k) for k in ("queue_full", "reference_error")}
         self.diff = m["diff"].labels(model, self.version)
         spool = os.environ.get(SPOOL_ENV)
@@ -119,7 +121,7 @@ class Shadow:
         bad = [v for v in verdicts if not v.ok]
         if not bad:
             return
-        kind = "label" if any(v.label_ok is False for v in bad) else "tolerance"
+        kind = next(k for k in MISMATCH_KINDS if any(v.kind == k for v in bad))  # the most severe first
         self.mismatch[kind].inc()
         digest = input_hash(body, feed)
         log.warning("modelship shadow mismatch: model %s version %s request %s input sha256 %s kind %s "
