@@ -122,8 +122,15 @@ class ImagePreprocessor:
         self.spec, self.input = spec, inputs[0].name
 
     def __call__(self, images: list) -> tuple[dict, list[dict]]:
-        return {self.input: np.stack([image_array(decode_image(b, self.spec.max_pixels), self.spec)
-                                      for b in images])}, [{} for _ in images]
+        return {self.input: np.stack([self.one(b) for b in images])}, [{} for _ in images]
+
+    def one(self, data) -> np.ndarray:
+        img = decode_image(data, self.spec.max_pixels)
+        try:
+            return image_array(img, self.spec)
+        except Exception as e:  # noqa: BLE001 — a decodable header whose pixels or mode PIL cannot convert
+            raise InputError(f"cannot read this {img.format or ''} image's pixels ({str(e)[:200] or type(e).__name__})"
+                             "; expected a PNG or JPEG file of 8-bit grey or RGB pixels") from None
 
 
 def decode_image(data, max_pixels: int):
@@ -140,6 +147,9 @@ def decode_image(data, max_pixels: int):
                          "image/jpeg, or base64 in JSON as {\"inputs\": {\"image_b64\": ...}})") from None
     except Image.DecompressionBombError as e:
         raise InputError(f"image too large ({e})") from None
+    except Exception as e:  # noqa: BLE001 — a known signature, then a broken header: PIL's OSError, SyntaxError, ...
+        raise InputError(f"corrupt image header ({str(e)[:200] or type(e).__name__}); expected a complete PNG or "
+                         "JPEG file") from None
     w, h = img.size
     if w * h > max_pixels:
         raise InputError(f"image of {w}x{h} = {w * h:,} pixels; this model takes at most {max_pixels:,}")
