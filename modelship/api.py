@@ -315,6 +315,10 @@ def serve(store, state=None, *, port: int | None = None, max_request_bytes: int 
     signals.enter_context(stopping())  # from here until stop(), SIGTERM and SIGHUP stop it too
     temporary = Path(tempfile.mkdtemp(prefix="modelship-state-")) if state is None else None
     try:
+        if state is not None and Path(store).is_dir():  # a promote or rollback killed after its commit: finished
+            from .promotion import restore_store
+
+            restore_store(Path(store).resolve(), Path(state).resolve())
         info = server.start(store, state or temporary, server.ServeConfig(
             port=port or server.free_port(), max_request_bytes=max_request_bytes, job_queue_size=job_queue_size,
             token_auth=auth, token_expiration_min=token_expiration_min, startup_timeout_s=startup_timeout_s,

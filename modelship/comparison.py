@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from .errors import ArtifactError, ModelshipError, ParityError
+from .manifest import V2_DTYPES
 from . import data as datasets
 from .runners import Runner
 
@@ -410,16 +411,24 @@ def check(spec: dict, golden, i: int, payload: dict) -> Verdict:
     reference's outputs: ``out0``.. by output position, and a classifier's ``probabilities`` and ``index``),
     judged with ``spec``'s task, outputs and tolerance: what the load test and shadow parity both decide with."""
     tol = Tolerance.from_dict(spec["tolerance"])
+    problems, worst, label_ok, within, nonfinite = [], 0.0, None, True, False
     if isinstance(payload.get("outputs"), list):  # an Open Inference Protocol answer: judged the same way
         payload = from_v2(spec, payload)
-    problems, worst, label_ok, within, nonfinite = [], 0.0, None, True, False
+        problems += payload.pop("wrong", [])
+        within = not problems
     expected = list(spec["outputs"])
     returned = dict(payload.get("outputs") or {})
     if spec["task"] == "classification":
         first = expected.pop(0)
-        label_ok = payload.get("index") == int(golden["index"][i])
+        want = int(golden["index"][i])
+        label_ok = payload.get("index") == want
         if not label_ok:
-            problems.append(f"label index {payload.get('index')}, reference {int(golden['index'][i])}")
+            problems.append(f"label index {payload.get('index')}, reference {want}")
+        names = spec.get("labels") or []
+        if label_ok and "label" in payload and payload["label"] != (names[want] if want < len(names) else str(want)):
+            label_ok = False  # the right index under another class's name: what a client shows is wrong
+            problems.append(f"label {payload['label']!r} for index {want}, which is "
+                            f"{names[want] if want < len(names) else str(want)!r}")
         ok, diff, why, bad = _judge("probabilities", payload.get("probabilities"), golden["probabilities"][i],
                                     tol.max_prob_diff, 0.0)
         worst, within, nonfinite = max(worst, diff), within and ok, nonfinite or bad
@@ -444,17 +453,40 @@ def check(spec: dict, golden, i: int, payload: dict) -> Verdict:
 def from_v2(spec: dict, payload: dict) -> dict:
     """An Open Inference Protocol answer to one sample (its tensors, a leading batch dim of 1) as the REST API's
     answer reads: each output by name and, for a classifier, the softmax of its first output and its argmax."""
-    outputs = {}
+    outputs, wrong = {}, []
+    declared = spec.get("dtypes") or {}
     for t in payload["outputs"]:
         arr = np.asarray(t["data"], dtype=np.float64).reshape(t["shape"])
         outputs[t["name"]] = (arr[0] if arr.ndim and arr.shape[0] == 1 else arr).tolist()
-    answer = {"outputs": outputs}
+        want = V2_DTYPES.get(declared.get(t["name"], ""))
+        if want and t.get("datatype") != want:
+            wrong.append(f"output '{t['name']}' is labelled {t.get('datatype')}, but the model declares {want}")
+    answer = {"outputs": outputs, "wrong": wrong}
     if spec["task"] == "classification":
         z = np.asarray(outputs[spec["outputs"][0]], dtype=np.float64)
         z = np.exp(z - z.max(-1, keepdims=True))
         answer["probabilities"] = (z / z.sum(-1, keepdims=True)).tolist()
         answer["index"] = int(np.argmax(z))
     return answer
+
+
+def per_sample(answer: dict) -> list[dict]:
+    """An answer to a request of n samples as n answers to one: a simple answer's ``predictions``, or a v2 answer
+    whose tensors are cut along their first (batch) dimension."""
+    if "predictions" in answer:
+        return list(answer["predictions"])
+    if not isinstance(answer.get("outputs"), list) or not answer["outputs"]:
+        return [answer]
+    n = answer["outputs"][0]["shape"][0] if answer["outputs"][0].get("shape") else 1
+    items = []
+    for i in range(n):
+        tensors = []
+        for t in answer["outputs"]:
+            shape = list(t["shape"])
+            size = int(np.prod(shape[1:])) if shape else 1
+            tensors.append({**t, "shape": [1, *shape[1:]], "data": list(t["data"][i * size:(i + 1) * size])})
+        items.append({**answer, "outputs": tensors})
+    return items
 
 
 def golden_of(task: str, outputs: list[str], ref: dict) -> dict:

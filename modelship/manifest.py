@@ -17,6 +17,11 @@ from .integrity import SIGNING_KEY_ENV, check_seal, seal  # noqa: F401 — re-ex
 
 MANIFEST = "manifest.json"
 DTYPES = ("float32", "float16", "int64", "int32", "bool")
+# numpy dtype -> the Open Inference Protocol v2 datatype (Triton's and KServe's names), and back
+V2_DTYPES = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int64": "INT64", "int32": "INT32",
+             "int16": "INT16", "int8": "INT8", "uint64": "UINT64", "uint32": "UINT32", "uint16": "UINT16",
+             "uint8": "UINT8", "bool": "BOOL"}
+V2_NUMPY = {v: k for k, v in V2_DTYPES.items()}
 
 
 @dataclass

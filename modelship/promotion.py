@@ -11,9 +11,11 @@ finish on the version that took them. STATE/promote.json keeps the evidence of e
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
-import shutil
+import signal
 import tempfile
 import time
 import zipfile
@@ -30,7 +32,8 @@ from .serving.archive import read_mar
 from .serving.server import bearer, read_state
 
 RECORD = "promote.json"
-KEPT = "promote"  # STATE/promote/: the store files promote replaced, for --rollback
+KEPT = "promote"  # STATE/promote/: the store file promote replaced, for --rollback
+LOCK = "promote.lock"  # one promote or rollback at a time
 
 
 @dataclass
@@ -104,21 +107,120 @@ def _hidden(model: str, version: str) -> str:
     return f".promote-{model}-{version}.mar"
 
 
-def _history(state: Path) -> list[dict]:
+# ---- the record: STATE/promote.json ------------------------------------------------------------------------------
+# Its "defaults" say, per model, which version must be the default, where its judged bytes are (sha256), and the
+# rollback target; "applied": false while a promote or rollback that committed has not finished putting it in place.
+
+def _read(state: Path) -> dict:
     p = state / RECORD
     if not p.is_file():
-        return []
+        return {}
     try:
-        return json.loads(p.read_text()).get("history", [])
+        found = json.loads(p.read_text())
+        if not isinstance(found, dict):
+            raise AttributeError
+        return found
     except (json.JSONDecodeError, AttributeError):
         raise ServeError(f"{p}: not a promote record; move it away and promote again") from None
 
 
-def _record(state: Path, result: Promotion) -> Path:
-    history = _history(state) + [asdict(result)]
+def _history(state: Path) -> list[dict]:
+    return _read(state).get("history", [])
+
+
+def _record(state: Path, result: Promotion, default: dict | None = None) -> Path:
+    """promote.json with ``result`` added to its history (and ``default`` as the model's recorded default), written
+    to a temporary file, flushed to disk and renamed over the old one: a crash leaves the old record or the new."""
+    old = _read(state)
+    defaults = dict(old.get("defaults") or {})
+    if default is not None:
+        defaults[result.model] = default
     path = state / RECORD
-    path.write_text(json.dumps({**asdict(result), "history": history}, indent=2) + "\n")
+    _atomic_write(path, (json.dumps({**asdict(result), "history": old.get("history", []) + [asdict(result)],
+                                     "defaults": defaults}, indent=2) + "\n").encode())
     return path
+
+
+def _applied(state: Path, model: str) -> None:
+    """The recorded default of ``model`` is in place: the store file and the server's default version."""
+    old = _read(state)
+    entry = (old.get("defaults") or {}).get(model)
+    if entry and not entry.get("applied"):
+        old["defaults"][model] = {**entry, "applied": True}
+        _atomic_write(state / RECORD, (json.dumps(old, indent=2) + "\n").encode())
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _sync_dir(path.parent)
+
+
+def _sync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _copy(src: Path, dst: Path) -> str:
+    """``dst`` replaced by a copy of ``src`` at once (flushed, renamed: never a partial file under that name);
+    returns the sha256 of the bytes copied."""
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.partial")
+    h = hashlib.sha256()
+    with open(src, "rb") as fin, open(tmp, "wb") as fout:
+        for chunk in iter(lambda: fin.read(1 << 20), b""):
+            h.update(chunk)
+            fout.write(chunk)
+        fout.flush()
+        os.fsync(fout.fileno())
+    os.replace(tmp, dst)
+    _sync_dir(dst.parent)
+    return h.hexdigest()
+
+
+def _sha(path: Path) -> str | None:
+    from .manifest import sha256_path
+
+    return sha256_path(path) if path.is_file() else None
+
+
+# ---- one at a time, and steps a crash can stop at ---------------------------------------------------------------
+
+FAULT_ENV = "MODELSHIP_FAULT"  # "promote:STEP" or "rollback:STEP": the command SIGKILLs itself after STEP (tests)
+
+
+def _step(op: str, name: str) -> None:
+    """A point a crash can stop the command at; the tests kill it here (``MODELSHIP_FAULT``) to show that every
+    such point leaves the old or the new version in place with a record that says which."""
+    if os.environ.get(FAULT_ENV) == f"{op}:{name}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def _locked(state: Path):
+    """STATE/promote.lock, held for the whole command (released by the kernel if the process dies)."""
+    import fcntl
+
+    fd = os.open(state / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise ServeError(f"another promote or rollback of this server is running ({holder}); wait for it to "
+                             "finish and try again") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, since {time.strftime('%H:%M:%S')}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _ready(info: dict, model: str) -> None:
@@ -130,170 +232,284 @@ def _ready(info: dict, model: str) -> None:
         raise ServeError(f"model '{model}' is not served from {info['state']}; served: {', '.join(info['models'])}")
 
 
+def _register(info: dict, model: str, mar: Path) -> None:
+    _api(info, "POST", "/models", url=mar.name, model_name=model, initial_workers=_workers(mar), synchronous="true")
+
+
 def _withdraw(info: dict, model: str, version: str) -> None:
     """Unregister ``version`` of ``model`` and remove its hidden store file."""
     _api(info, "DELETE", f"/models/{model}/{version}")
     (Path(info["store"]) / _hidden(model, version)).unlink(missing_ok=True)
 
 
-def _clear_kept(info: dict, model: str, default: str, every: list[str]) -> None:
-    """Withdraw what a previous promote kept for --rollback: every version but the default."""
-    for v in every:
-        if v != default:
-            _withdraw(info, model, v)
+def restore_store(store: Path, state: Path) -> list[str]:
+    """Before a server starts: each model whose recorded default was committed but not yet put in place (a promote
+    or rollback killed after its commit) gets its store file from the recorded, judged bytes. Returns the models."""
+    done = []
+    for model, entry in (_read(state).get("defaults") or {}).items():
+        if entry.get("applied"):
+            continue  # in place when it was recorded; a store file changed since is the user's
+        live = Path(store) / f"{model}.mar"
+        if _sha(live) != entry["sha256"]:
+            src = Path(entry["archive"])
+            if _sha(src) != entry["sha256"]:
+                raise ServeError(f"{state / RECORD} makes version {entry['version']} of '{model}' the default, but its "
+                                 f"archive {src} is missing or changed; restore it, or move the record away")
+            _copy(src, live)
+        _applied(state, model)
+        done.append(model)
+    return done
 
+
+def reconcile(state: Path, info: dict, model: str, log=lambda msg: None) -> None:
+    """Finish what a killed promote or rollback committed: the store file and the running server's default
+    version made what the record says."""
+    entry = (_read(state).get("defaults") or {}).get(model)
+    if not entry or entry.get("applied"):
+        return
+    log(f"finishing the {entry.get('op', 'promote')} of {model} to version {entry['version']} that stopped half-way")
+    restore_store(Path(info["store"]), state)
+    every, current = versions(info, model)
+    if entry["version"] not in every:
+        hidden = Path(info["store"]) / _hidden(model, entry["version"])
+        _copy(Path(entry["archive"]), hidden)
+        _register(info, model, hidden)
+    if current != entry["version"]:
+        _api(info, "PUT", f"/models/{model}/{entry['version']}/set-default")
+    _applied(state, model)
+
+
+# ---- promote -----------------------------------------------------------------------------------------------------
 
 def promote(state: str | Path, model: str, candidate: str | Path, samples: int = 200,
             slo_p95_ms: float | None = None, min_agreement: float | None = None, reference: str | Path | None = None,
             live: int | None = None, log=lambda msg: None) -> Promotion:
     """Register ``candidate`` as a new version of ``model``, judge it on ``samples`` answers to its evaluation data
     and on up to ``live`` (default: as many) live requests the current version's shadow sampled, and make it the
-    default or unregister it. Raises GateError (with the Promotion as its result) when it is refused."""
+    default or unregister it. Raises GateError (with the Promotion as its result) when it is refused.
+
+    A transaction: the candidate's bytes are copied once into the store's hidden name and everything after uses
+    those bytes; the record is committed (renamed into place) before the store file is replaced and the default
+    switched, so a crash before the commit leaves the old version, and after it, a record of the new one that the
+    next promote, rollback or server start finishes putting in place."""
     state = Path(state).resolve()
-    info = read_state(state)
-    _ready(info, model)
-    candidate = Path(candidate).resolve()
-    read_mar(candidate)  # integrity, seal, model file: a broken archive is refused here
-    version = mar_version(candidate)
-    every, current = versions(info, model)
-    if version in every:
-        raise ServeError(f"version {version} of '{model}' is already registered ({', '.join(every)}); archive the "
-                         f"candidate with a new one: modelship archive ARTIFACT --name {model} --version NEW")
     if samples < 1:
         raise ServeError(f"--samples {samples}: expected 1 or more answers to judge")
-    _clear_kept(info, model, current, every)
-    store = Path(info["store"])
-    hidden = store / _hidden(model, version)
-    shutil.copyfile(candidate, hidden)
-    log(f"registering {candidate.name} as version {version} of {model} (default stays {current})")
-    try:
-        _api(info, "POST", "/models", url=hidden.name, model_name=model, initial_workers=_workers(candidate),
-             synchronous="true")
-    except ServeError:
-        hidden.unlink(missing_ok=True)
-        raise
-    result = Promotion(model, "refused", version, current, slo_p95_ms=slo_p95_ms, candidate=str(candidate),
-                       at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            spec = golden.prepare(state, model, Path(tmp), reference=reference, mar=hidden)
-            replay = spooled(state, model, current, samples if live is None else live)
-            log(f"judging {samples} answers of version {version} beside version {current}"
-                + (f", and {len(replay)} live requests its shadow sampled" if replay else ""))
-            _judge(info, spec, model, current, version, samples, min_agreement, result, replay)
-    except BaseException:
-        _withdraw(info, model, version)
-        raise
-    if result.failures:
-        _withdraw(info, model, version)
-        path = _record(state, result)
-        raise GateError(f"version {version} of {model} refused; version {current} stays the default: "
-                        + "; ".join(f["message"] for f in result.failures) + f" (evidence in {path})",
-                        result, result.kind)
-    _api(info, "PUT", f"/models/{model}/{version}/set-default")
-    _swap_store_file(state, store, model, current, candidate)
-    result.decision = "promoted"
-    _record(state, result)
+    candidate = Path(candidate).resolve()
+    if not candidate.is_file():
+        raise ServeError(f"{candidate}: no such archive; expected a .mar written by modelship archive")
+    info = read_state(state)
+    _ready(info, model)
+    with _locked(state):
+        reconcile(state, info, model, log)
+        store = Path(info["store"])
+        incoming, version = _take(candidate, store, model)
+        every, current = versions(info, model)
+        if version in every:
+            incoming.unlink(missing_ok=True)
+            raise ServeError(f"version {version} of '{model}' is already registered ({', '.join(every)}); archive "
+                             f"the candidate with a new one: modelship archive ARTIFACT --name {model} --version NEW")
+        hidden = store / _hidden(model, version)
+        os.replace(incoming, hidden)
+        _step("promote", "copied")
+        log(f"registering {candidate.name} as version {version} of {model} (default stays {current})")
+        try:
+            _register(info, model, hidden)
+        except ServeError:
+            hidden.unlink(missing_ok=True)
+            raise
+        _step("promote", "registered")
+        result = Promotion(model, "refused", version, current, slo_p95_ms=slo_p95_ms, candidate=str(candidate),
+                           at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        try:
+            _judge_candidate(state, info, model, current, version, hidden, samples, live, min_agreement, reference,
+                             result, log)
+        except BaseException:
+            _withdraw(info, model, version)
+            raise
+        _step("promote", "judged")
+        if result.failures:
+            _withdraw(info, model, version)
+            path = _record(state, result)
+            raise GateError(f"version {version} of {model} refused; version {current} stays the default: "
+                            + "; ".join(f["message"] for f in result.failures) + f" (evidence in {path})",
+                            result, result.kind)
+        _switch(state, info, model, current, version, hidden, result)
     return result
 
 
-def _swap_store_file(state: Path, store: Path, model: str, previous: str, new: Path) -> None:
-    """STORE/MODEL.mar becomes the promoted archive (a restart serves it); the replaced one is kept in
-    STATE/promote/ for --rollback."""
-    kept = state / KEPT
-    kept.mkdir(exist_ok=True)
+def _take(candidate: Path, store: Path, model: str) -> tuple[Path, str]:
+    """The candidate's bytes, copied once into the store under a hidden name and checked there (integrity, seal,
+    model file): (that file, its version). Everything after judges, registers and serves these bytes."""
+    incoming = store / f".promote-{model}-incoming-{os.getpid()}.mar"
+    try:
+        _copy(candidate, incoming)
+        read_mar(incoming)  # a broken archive is refused here
+        return incoming, mar_version(incoming)
+    except BaseException:
+        incoming.unlink(missing_ok=True)
+        raise
+
+
+def _judge_candidate(state, info, model, current, version, hidden, samples, live, min_agreement, reference,
+                     result, log) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = golden.prepare(state, model, Path(tmp), reference=reference, mar=hidden)
+        replay = spooled(state, model, current, samples if live is None else live)
+        log(f"judging {samples} answers of version {version} beside version {current}"
+            + (f", and {len(replay)} live requests its shadow sampled" if replay else ""))
+        answers = collect(info, spec, model, current, version, samples, replay)
+        floor = min_agreement if min_agreement is not None else \
+            (spec["tolerance"] or {}).get("min_top1_agreement") or 1.0
+        judge(answers, spec, np.load(spec["golden"]), floor, result)
+
+
+def _switch(state: Path, info: dict, model: str, current: str, version: str, hidden: Path,
+            result: Promotion) -> None:
+    """The judged version made the default: the current store file kept for --rollback, the decision committed in
+    the record, the store file replaced by the judged bytes, TorchServe's default switched, older versions
+    withdrawn."""
+    store = Path(info["store"])
+    kept = state / KEPT / f"{model}-{current}.mar"
+    kept.parent.mkdir(exist_ok=True, mode=0o700)
     live = store / f"{model}.mar"
-    if live.is_file():
-        shutil.copyfile(live, kept / f"{model}-{previous}.mar")
-    _place(new, store, model)
+    previous = {"version": current, "archive": str(kept), "sha256": _copy(live, kept)} if live.is_file() else None
+    _step("promote", "kept")
+    result.decision = "promoted"
+    _record(state, result, {"op": "promote", "version": version, "archive": str(hidden), "sha256": _sha(hidden),
+                            "previous": previous, "applied": False})
+    _step("promote", "committed")
+    _copy(hidden, live)
+    _step("promote", "placed")
+    _api(info, "PUT", f"/models/{model}/{version}/set-default")
+    _step("promote", "default")
+    _applied(state, model)
+    every, _ = versions(info, model)
+    for v in every:  # what an earlier promote kept for --rollback: only this one's previous version stays
+        if v not in (version, current):
+            _withdraw(info, model, v)
+    for old in (state / KEPT).glob(f"{model}-*.mar"):
+        if old != kept:
+            old.unlink(missing_ok=True)
+    _step("promote", "cleared")
 
 
-def _place(src: Path, store: Path, model: str) -> None:
-    """STORE/MODEL.mar replaced by a copy of ``src`` at once (a partial copy is never seen under that name)."""
-    tmp = store / f".{model}.mar.partial"
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, store / f"{model}.mar")
-
-
-def spooled(state: Path, model: str, version: str, n: int) -> list[tuple[str, bytes]]:
-    """The newest ``n`` live requests to ``model`` ``version`` that its shadow parity sampled (content type, body)."""
+def spooled(state: Path, model: str, version: str, n: int) -> list[tuple[dict, bytes]]:
+    """The newest ``n`` live requests to ``model`` ``version`` that its shadow parity sampled: (the headers that
+    say how to read the body: its content type, and the binary extension's header length; the body as sent)."""
     from .serving.server import SPOOL_DIR
+    from .serving.shadow import read_spooled
 
     out = []
     for path in sorted((state / SPOOL_DIR / model / version).glob("*.req"), reverse=True)[:n]:
         try:
-            head, _, body = path.read_bytes().partition(b"\n")
+            out.append(read_spooled(path.read_bytes()))
         except OSError:  # deleted by the worker as newer ones came
             continue
-        out.append((head.decode(errors="replace"), body))
     return out
 
 
-def _judge(info: dict, spec: dict, model: str, current: str, version: str, samples: int,
-           min_agreement: float | None, result: Promotion, replay: list | None = None) -> None:
+@dataclass
+class Answers:
+    """What ``collect`` gathered: per request sent to both versions, the evaluation sample it was (None: a replayed
+    live request) and each version's answer (None when it gave none), with every latency and the first error."""
+
+    current: str
+    version: str
+    work: list = field(default_factory=list)  # [(sample index | None, {version: answer dict | None})]
+    latency_ms: dict = field(default_factory=dict)  # version -> [ms, ...] for every request sent
+    example: str = ""  # the first request a version did not answer
+
+
+def collect(info: dict, spec: dict, model: str, current: str, version: str, samples: int,
+            replay: list | None = None) -> Answers:
+    """Send ``samples`` evaluation requests and the ``replay``ed live ones to both versions by their versioned
+    paths, one at a time, alternating which goes first."""
     import requests
 
     # bytes: sent in one piece with the headers (a str body waits out Nagle and a delayed ACK, ~40 ms)
     bodies = [b.encode() if isinstance(b, str) else b for b in golden.request_bodies(spec)]
-    ref = np.load(spec["golden"])
     hdr = golden.request_headers({**spec, "token": info.get("token")})
     url = info["inference_url"] + f"/predictions/{model}/"
-    lat = {current: [], version: []}
-    ok_ref = beyond = label_same = judged = errors = 0
-    diff_ref = diff_cur = 0.0
-    example = ""
-    # (index into the evaluation data or None for a live request, body, headers)
+    out = Answers(current, version, latency_ms={current: [], version: []})
     work = [(k % len(bodies), bodies[k % len(bodies)], hdr) for k in range(samples)]
-    work += [(None, body, {**hdr, "Content-Type": ct}) for ct, body in replay or []]
+    work += [(None, body, {**hdr, **headers}) for headers, body in replay or []]
     with requests.Session() as http:
         for k, (i, body, headers) in enumerate(work):
             answers = {}
             for v in ((current, version) if k % 2 == 0 else (version, current)):  # neither always goes first
                 t0 = time.perf_counter()
+                answers[v] = None
                 try:
                     r = http.post(url + v, data=body, headers=headers, timeout=30)
                 except requests.RequestException as e:
+                    out.example = out.example or f"version {v}: {type(e).__name__}: {e}"
                     r = None
-                    example = example or f"version {v}: {type(e).__name__}: {e}"
-                lat[v].append((time.perf_counter() - t0) * 1e3)
+                out.latency_ms[v].append((time.perf_counter() - t0) * 1e3)
                 if r is not None and r.status_code == 200:
-                    answers[v] = r.json()
+                    answers[v] = _answer(r)
                 elif r is not None:
-                    example = example or f"version {v}: HTTP {r.status_code} {r.text[:200]}"
-            if version not in answers or current not in answers:
-                if current in answers or i is not None:  # a live request the current version refuses is no fault
-                    errors += 1
-                continue
-            same, d = _versus(answers[version], answers[current])
-            label_same += same
-            diff_cur = max(diff_cur, d)
-            if i is None:
-                result.live += 1
-                continue
-            judged += 1
-            verdict = golden.check(spec, ref, i, answers[version])
-            ok_ref += verdict.label_ok is not False
-            beyond += not verdict.within
-            diff_ref = max(diff_ref, verdict.diff)
-            if not verdict.ok and not example:
-                example = verdict.why
+                    out.example = out.example or f"version {v}: HTTP {r.status_code} {r.text[:200]}"
+            out.work.append((i, answers))
+    return out
+
+
+def _answer(r) -> dict:
+    """A 200 answer as a dict: JSON, or the v2 binary extension's JSON header with its tensors' data filled in."""
+    from .serving.codec import BINARY_HEADER, read_binary_answer
+
+    length = r.headers.get(BINARY_HEADER)
+    return read_binary_answer(r.content, int(length)) if length else r.json()
+
+
+def judge(answers: Answers, spec: dict, golden_arrays, floor: float, result: Promotion) -> None:
+    """The verdict on ``answers`` (pure: no server): each candidate answer to an evaluation sample judged against
+    the reference (the load test's check and served tolerance), every answer against the current version's (its
+    labels and largest difference); agreement judged by its 95 % upper bound against ``floor``, any answer beyond
+    the tolerance or NaN/inf refused, and the SLO on the candidate's p95. Fills ``result``."""
+    current, version = answers.current, answers.version
+    ok_ref = beyond = nonfinite = label_same = judged = errors = 0
+    diff_ref = diff_cur = 0.0
+    example = answers.example
+    for i, got in answers.work:
+        if got.get(version) is None or got.get(current) is None:
+            if got.get(current) is not None or i is not None:  # a live request the current version refuses: no fault
+                errors += 1
+            continue
+        same, d = _versus(got[version], got[current])
+        label_same += same
+        diff_cur = max(diff_cur, d)
+        if i is None:
+            result.live += 1
+            continue
+        judged += 1
+        verdict = golden.check(spec, golden_arrays, i, got[version])
+        ok_ref += verdict.label_ok is not False
+        beyond += not verdict.within
+        nonfinite += verdict.nonfinite
+        diff_ref = max(diff_ref, verdict.diff)
+        if not verdict.ok and not example:
+            example = verdict.why
     result.samples = judged
-    result.p95_ms_current = float(np.percentile(lat[current], 95))  # every request sent, live ones too
-    result.p95_ms_candidate = float(np.percentile(lat[version], 95))
+    lat = answers.latency_ms
+    result.p95_ms_current = float(np.percentile(lat[current], 95)) if lat[current] else None
+    result.p95_ms_candidate = float(np.percentile(lat[version], 95)) if lat[version] else None
     result.max_abs_diff_reference, result.max_abs_diff_current = diff_ref, diff_cur
     result.beyond_tolerance = beyond
     fail = result.failures
+    sent = len(answers.work)
     if errors:
-        fail.append(asdict(GateFailure("errors", f"{errors} of {len(work)} requests were not answered by both "
+        fail.append(asdict(GateFailure("errors", f"{errors} of {sent} requests were not answered by both "
                                                  f"versions (e.g. {example})")))
     if not judged:
+        if not errors:
+            fail.append(asdict(GateFailure("errors", "no evaluation sample was answered by both versions")))
         return
     both = judged + result.live
     result.agreement_reference = ok_ref / judged
     result.agreement_current = label_same / both
     result.agreement = min(result.agreement_reference, result.agreement_current)
     result.max_abs_diff = diff_ref
-    floor = min_agreement if min_agreement is not None else (spec["tolerance"] or {}).get("min_top1_agreement") or 1.0
     for what, agree, n in (("the reference", ok_ref, judged), (f"version {current}", label_same, both)):
         upper = wilson_upper(agree, n)
         if upper < floor:  # judged as the load test judges: a short sample cannot fail a variant on chance alone
@@ -301,8 +517,11 @@ def _judge(info: dict, spec: dict, model: str, current: str, version: str, sampl
                                                      f"(95% upper bound {upper:.4f}) < {floor}"
                                                      + (f"; e.g. {example}" if what == "the reference" and example
                                                         else ""))))
-    if beyond:  # as the load test judges: no answer beyond the tolerance
-        fail.append(asdict(GateFailure("parity", f"difference: {beyond} of {judged} answers beyond the "
+    if nonfinite:
+        fail.append(asdict(GateFailure("parity", f"non-finite: {nonfinite} of {judged} answers hold NaN or inf "
+                                                 f"where the reference is finite (e.g. {example})")))
+    if beyond > nonfinite:  # as the load test judges: no answer beyond the tolerance
+        fail.append(asdict(GateFailure("parity", f"difference: {beyond - nonfinite} of {judged} answers beyond the "
                                                  f"{spec.get('precision')} tolerance of the reference's (max |diff| "
                                                  f"{diff_ref:.3g}; e.g. {example})")))
     if result.slo_p95_ms is not None and result.p95_ms_candidate > result.slo_p95_ms:
@@ -339,26 +558,41 @@ def _numbers(answer: dict) -> tuple[list, np.ndarray]:
 
 
 def rollback(state: str | Path, model: str, log=lambda msg: None) -> Promotion:
-    """Make the version the last promote replaced the default again (it stays registered until the next promote),
-    and put its archive back in the store."""
+    """Make the version the last promote replaced the default again, from the archive that promote kept (registered
+    again if the server was restarted since), and put that archive back in the store. A transaction like promote:
+    committed in the record first, then put in place."""
     state = Path(state).resolve()
     info = read_state(state)
     _ready(info, model)
-    last = next((h for h in reversed(_history(state)) if h["model"] == model and h["decision"] == "promoted"), None)
-    if last is None:
-        raise ServeError(f"no promote of '{model}' is recorded in {state / RECORD}: nothing to roll back")
-    every, current = versions(info, model)
-    previous = last["previous"]
-    if current != last["version"]:
-        raise ServeError(f"the default version of '{model}' is {current}, not {last['version']} that the last promote "
-                         "made default; nothing was changed")
-    if previous not in every:
-        raise ServeError(f"version {previous} of '{model}' is no longer registered; promote it again instead")
-    log(f"making version {previous} of {model} the default again (was {current})")
-    _api(info, "PUT", f"/models/{model}/{previous}/set-default")
-    kept = state / KEPT / f"{model}-{previous}.mar"
-    if kept.is_file():
-        _place(kept, Path(info["store"]), model)
-    result = Promotion(model, "rolled back", previous, current, at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    _record(state, result)
+    with _locked(state):
+        reconcile(state, info, model, log)
+        entry = (_read(state).get("defaults") or {}).get(model)
+        if not entry or entry.get("op") != "promote" or not entry.get("previous"):
+            raise ServeError(f"no promote of '{model}' to roll back is recorded in {state / RECORD}"
+                             + (" (the last change was a rollback)" if entry else ""))
+        every, current = versions(info, model)
+        if current != entry["version"]:
+            raise ServeError(f"the default version of '{model}' is {current}, not {entry['version']} that the last "
+                             "promote made default; nothing was changed")
+        prev = entry["previous"]
+        kept = Path(prev["archive"])
+        if _sha(kept) != prev["sha256"]:
+            raise ServeError(f"{kept}: the archive of version {prev['version']} that promote kept is missing or "
+                             "changed; promote that version again instead")
+        if prev["version"] not in every:  # the server was restarted since: the kept archive is registered again
+            log(f"registering the kept archive of version {prev['version']} again")
+            hidden = Path(info["store"]) / _hidden(model, prev["version"])
+            _copy(kept, hidden)
+            _register(info, model, hidden)
+        _step("rollback", "registered")
+        log(f"making version {prev['version']} of {model} the default again (was {current})")
+        result = Promotion(model, "rolled back", prev["version"], current, at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        _record(state, result, {"op": "rollback", "version": prev["version"], "archive": str(kept),
+                                "sha256": prev["sha256"], "previous": None, "applied": False})
+        _step("rollback", "committed")
+        _copy(kept, Path(info["store"]) / f"{model}.mar")
+        _step("rollback", "placed")
+        _api(info, "PUT", f"/models/{model}/{prev['version']}/set-default")
+        _step("rollback", "default")
+        _applied(state, model)
     return result

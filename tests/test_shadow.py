@@ -46,6 +46,15 @@ def biased(onnx_art, dst, shift):
     return write_artifact(dst, art.manifest)
 
 
+def edited(onnx_art, dst, edit):
+    """A copy of an artifact whose manifest ``edit`` changed (re-hashed: it loads as a well-formed artifact)."""
+    shutil.copytree(onnx_art.path, dst)
+    art = load_artifact(dst, verify=False)
+    edit(art.manifest)
+    art.manifest.reference = str(load_artifact(onnx_art.path).resolve(onnx_art.manifest.reference))
+    return write_artifact(dst, art.manifest)
+
+
 def scrape(url) -> dict:
     """Every modelship_shadow sample of a Prometheus scrape: {(name, frozenset(labels)): value}."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -88,6 +97,13 @@ def shadow_server(tmp_path_factory, cnn, cnn_onnx):
     ms.archive(wrong, store, name="wrong", workers=1, shadow_rate=1.0, shadow_reference=cnn_onnx.path,
                shadow_capture=work / "captured", shadow_capture_mb=1.0)
     ms.archive(cnn_onnx, store, name="tiny-queue", workers=1, shadow_rate=1.0, shadow_queue=1, batch_size=1)
+    ms.archive(cnn_onnx, store, name="third", workers=1, shadow_rate=0.3, batch_size=1)
+    # what only a shadow that judges the request as sent and the answer as received can see: the recorded image
+    # preprocessing off by a constant (the model's arithmetic is right), and the labels' names permuted
+    drift = edited(cnn_onnx, work / "drift", lambda man: man.preprocess.update(mean=[0.1]))
+    ms.archive(drift, store, name="drift", workers=1, shadow_rate=1.0, force=True)
+    misnamed = edited(cnn_onnx, work / "misnamed", lambda man: setattr(man, "labels", man.labels[::-1]))
+    ms.archive(misnamed, store, name="misnamed", workers=1, shadow_rate=1.0, force=True)
     p = cli("serve", store, "--state", work / "state", "--detach", "--allow-promote", "--port",
             str(ms_free_port()), check=0)
     info = json.loads((work / "state" / "serve.json").read_text())
@@ -119,7 +135,7 @@ def test_every_sampled_request_is_checked_or_dropped(shadow_server):
     spool = sorted((shadow_server["state"] / "spool" / "good" / "1.0").glob("*.req"))
     assert len(spool) == 40 and all(p.stat().st_mode & 0o777 == 0o600 for p in spool)
     head, _, body = spool[0].read_bytes().partition(b"\n")
-    assert head.startswith(b"application/json") and json.loads(body)["inputs"] == x[0].tolist()
+    assert json.loads(head) == {"Content-Type": "application/json"} and json.loads(body)["inputs"] == x[0].tolist()
 
     # the Python API reads the same scrape
     import contextlib
@@ -313,3 +329,91 @@ def test_archive_refuses_a_shadow_it_cannot_judge_with(cnn_onnx, cnn_int8, text_
     assert not list(store.glob("*.mar"))
     p = cli("archive", cnn_onnx.path, "--out", store, "--shadow-rate", "2")  # typer's own range check
     assert p.returncode != 0 and not list(store.glob("*.mar"))
+
+
+def pngs(n, offset=0):
+    from modelship import data as datasets
+
+    raw, _ = datasets.digits_raw({}, "test")
+    return raw[offset:offset + n]
+
+
+def test_shadow_judges_the_request_as_sent_and_the_answer_as_received(shadow_server):
+    """A preprocessing recorded wrong and label names permuted: the model's arithmetic on its own inputs is right in
+    both, so only a shadow that preprocesses the raw request the reference's way, and reads the answer the client
+    got, sees them."""
+    info = shadow_server["info"]
+    hdr = {"Authorization": f"Bearer {info['token']}", "Content-Type": "image/png"}
+    for png in pngs(30):
+        for model in ("drift", "misnamed"):
+            assert requests.post(info["inference_url"] + f"/predictions/{model}", data=png, headers=hdr,
+                                 timeout=30).status_code == 200
+    m = settled(info["shadow_metrics_url"], "drift", 30)
+    assert value(m, "modelship_shadow_checked_total", model="drift") == 30
+    assert value(m, "modelship_shadow_mismatch_total", model="drift") >= 10
+    m = settled(info["shadow_metrics_url"], "misnamed", 30)
+    assert value(m, "modelship_shadow_mismatch_total", model="misnamed", kind="label") == 30  # every shown name
+    log = (shadow_server["state"] / "logs" / "model_log.log").read_text()
+    assert "for index" in log and "which is" in log
+
+
+def test_binary_and_grpc_requests_are_sampled_judged_and_spooled(shadow_server, tmp_path):
+    import base64
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from modelship.promotion import spooled
+    from modelship.serving.codec import BINARY_HEADER
+
+    info = shadow_server["info"]
+    before = scrape(info["shadow_metrics_url"])
+    base = value(before, "modelship_shadow_checked_total", model="good", version="1.0")
+    sampled = value(before, "modelship_shadow_sampled_total", model="good", version="1.0")
+    x = digits(5, offset=300)
+    head = json.dumps({"inputs": [{"name": "pixels", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                                   "parameters": {"binary_data_size": 256}}],
+                       "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]}).encode()
+    for xi in x:  # the binary tensor extension over v2 REST, answered in it too
+        r = requests.post(info["v2_url"] + "/v2/models/good/infer", data=head + xi.astype("<f4").tobytes(),
+                          headers={"Authorization": f"Bearer {info['token']}", BINARY_HEADER: str(len(head))},
+                          timeout=30)
+        assert r.status_code == 200 and r.headers.get(BINARY_HEADER), r.text[:300]
+    bodies = tmp_path / "bodies.json"  # and v2 gRPC (raw PNGs as BYTES)
+    bodies.write_text(json.dumps([base64.b64encode(p).decode() for p in pngs(4)]))
+    p = subprocess.run([sys.executable, str(Path(__file__).with_name("grpc_send_bytes.py")), info["v2_grpc_address"],
+                        info["token"], "good", "image", str(bodies)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and json.loads(p.stdout.splitlines()[-1]) == [["OK", ""]] * 4, p.stderr[-2000:]
+    m = settled(info["shadow_metrics_url"], "good", base + value(before, "modelship_shadow_dropped_total",
+                                                                 model="good") + 9)
+    assert value(m, "modelship_shadow_sampled_total", model="good", version="1.0") == sampled + 9
+    assert value(m, "modelship_shadow_checked_total", model="good", version="1.0") == base + 9
+    assert value(m, "modelship_shadow_mismatch_total", model="good") == 0
+    # spooled as they came, with what says how to read them: promote replays them to both versions
+    newest = spooled(shadow_server["state"], "good", "1.0", 9)
+    binary = [(h, b) for h, b in newest if BINARY_HEADER in h]
+    assert len(binary) == 9, [h for h, _ in newest]
+    for h, body in binary:
+        r = requests.post(info["inference_url"] + "/predictions/good/1.0", data=body, timeout=30,
+                          headers={**h, "Authorization": f"Bearer {info['token']}"})
+        assert r.status_code == 200
+
+
+def test_a_rate_below_one_samples_its_share(shadow_server):
+    """Rate 0.3 over 300 requests: the sampled count within the binomial's 99.9 % bounds (90 ± 26), every sampled
+    one judged."""
+    info = shadow_server["info"]
+    x = digits(300)
+    with requests.Session() as http:
+        for xi in x:
+            assert http.post(info["inference_url"] + "/predictions/third", json={"inputs": xi.tolist()}, timeout=30,
+                             headers={"Authorization": f"Bearer {info['token']}"}).status_code == 200
+    time.sleep(1)
+    m = scrape(info["shadow_metrics_url"])
+    sampled = value(m, "modelship_shadow_sampled_total", model="third")
+    n, p = 300, 0.3
+    half = 3.29 * (n * p * (1 - p)) ** 0.5
+    assert n * p - half <= sampled <= n * p + half, sampled
+    m = settled(info["shadow_metrics_url"], "third", sampled)
+    assert value(m, "modelship_shadow_checked_total", model="third") == sampled
+    assert value(m, "modelship_shadow_mismatch_total", model="third") == 0

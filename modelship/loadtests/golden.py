@@ -43,12 +43,16 @@ def prepare(state: str | Path, model: str, out_dir: Path, reference: str | Path 
     if protocol == "v2" and not info.get("v2_url"):
         raise ServeError(f"the server in {state} runs without the Open Inference Protocol (serve --no-oip); start it "
                          "without that flag, or load-test /predictions")
-    served = read_mar(mar or Path(info["store"]) / f"{model}.mar")
+    mar = mar or Path(info["store"]) / f"{model}.mar"
+    served = read_mar(mar)
     source = (served.extra.get("archive") or {}).get("source")
+    sealed = sealed_reference(mar, out_dir / "sealed-reference")
     if reference:
         ref_art, module = open_source(reference)
+    elif sealed is not None:  # the reference packed (and sealed) inside the archive: what its shadow runs
+        ref_art, module = reference_of(sealed)
     elif source and Path(source).is_dir():
-        ref_art, module = reference_of(load_artifact(source, verify=False))
+        ref_art, module = reference_of(load_artifact(source))  # its model file checked against its manifest
     else:
         raise ArtifactError(f"cannot find the reference model of '{model}'; pass --reference PATH")
     spec = data or served.data
@@ -98,7 +102,8 @@ def prepare(state: str | Path, model: str, out_dir: Path, reference: str | Path 
     (out_dir / "bodies.json").write_text(json.dumps(bodies))
     tol = served_tolerance(served).adjusted(overrides, per_output)
     return {"model": model, "path": f"/v2/models/{model}/infer" if protocol == "v2" else f"/predictions/{model}",
-            "protocol": protocol, "token": info.get("token"), "task": served.task,
+            "protocol": protocol, "token": info.get("token"), "task": served.task, "labels": ref_art.manifest.labels or served.labels,
+            "dtypes": {t.name: t.dtype for t in served.outputs},
             "precision": served.precision, "outputs": outputs, "tolerance": asdict(tol),
             "golden": str(out_dir / "golden.npz"), "bodies": str(out_dir / "bodies.json"),
             "report": str(out_dir / "parity_counts.json"),
@@ -108,6 +113,25 @@ def prepare(state: str | Path, model: str, out_dir: Path, reference: str | Path 
 
 
 PROTOCOLS = ("predictions", "v2")
+
+
+def sealed_reference(mar: Path, dst: Path):
+    """The reference packed inside a .mar (archived with a shadow rate) unpacked into ``dst`` and loaded with its
+    hashes checked, or None when the archive has none. ``read_mar`` checked every member against the archive's
+    integrity record first."""
+    import zipfile
+
+    from ..serving.archive import SHADOW_REFERENCE
+
+    with zipfile.ZipFile(mar) as z:
+        members = [n for n in z.namelist() if n.startswith(SHADOW_REFERENCE + "/") and not n.endswith("/")]
+        if not members:
+            return None
+        for n in members:
+            target = dst / n[len(SHADOW_REFERENCE) + 1:]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(z.read(n))
+    return load_artifact(dst, verify=True)
 
 
 def retarget(spec: dict, state: str | Path, model: str, out_dir: Path) -> dict:

@@ -145,6 +145,8 @@ def _pack_reference(ref: Artifact, dst: Path) -> None:
     else:
         (dst / man.file).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ref.model_path, dst / man.file)
+    if man.preprocess and (ref.path / PREPROCESS).is_dir():  # an exported reference's recorded tokenizer
+        shutil.copytree(ref.path / PREPROCESS, dst / PREPROCESS)
     write_artifact(dst, man)
 
 

@@ -14,15 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError
-from ..manifest import Manifest
+from ..manifest import V2_DTYPES, V2_NUMPY, Manifest  # noqa: F401 — V2_*: re-exported
 from ..runners.base import check_names, fmt_shape
 
 # a request carrying DESCRIBE gets its answer's SERVED_ON header: the machine and kernels that computed it (JSON)
 DESCRIBE, SERVED_ON = "Modelship-Describe", "Modelship-Served-On"
 BINARY_HEADER = "Inference-Header-Content-Length"  # the v2 binary tensor extension: its JSON header's length
-V2_DTYPES = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int64": "INT64", "int32": "INT32",
-             "int8": "INT8", "uint8": "UINT8", "bool": "BOOL"}
-V2_NUMPY = {v: k for k, v in V2_DTYPES.items()}
 
 
 @dataclass
@@ -332,7 +329,9 @@ class Codec:
         if req.protocol == "v2":
             tensors, blobs = [], []
             for k, v in outputs.items():
-                datatype = V2_DTYPES.get(str(v.dtype), "FP32")
+                datatype = V2_DTYPES.get(str(v.dtype))
+                if datatype is None:  # never label an answer with a type it is not in
+                    v, datatype = v.astype(np.float64), "FP64"
                 t = {"name": k, "shape": list(v.shape), "datatype": datatype}
                 if req.binary_outputs is True or (req.binary_outputs and k in req.binary_outputs):
                     blob = np.ascontiguousarray(v, dtype=np.dtype(V2_NUMPY[datatype]).newbyteorder("<")).tobytes()
@@ -403,6 +402,21 @@ class Binary:
     def body(self) -> tuple[bytes, int]:
         head = json.dumps(self.header).encode()
         return head + b"".join(self.blobs), len(head)
+
+
+def read_binary_answer(body: bytes, header_length: int) -> dict:
+    """An answer in the v2 binary tensor extension read back as its JSON form: each output's ``data`` from the bytes
+    after the header (``parameters.binary_data_size`` each, in order). What clients decode, so what is judged."""
+    head = json.loads(bytes(body[:header_length]).decode("utf-8"))
+    rest, at = memoryview(body)[header_length:], 0
+    for t in head.get("outputs", []):
+        size = (t.get("parameters") or {}).get("binary_data_size")
+        if size is None:
+            continue
+        dtype = np.dtype(V2_NUMPY.get(t["datatype"], "float32")).newbyteorder("<")
+        t["data"] = np.frombuffer(bytes(rest[at:at + size]), dtype=dtype).tolist()
+        at += size
+    return head
 
 
 def _binary_outputs(body: dict) -> set | bool:

@@ -20,6 +20,7 @@ from modelship.manifest import load_artifact
 from modelship.preprocess import open_preprocessor
 from modelship.runners import open_runner
 from modelship.serving.codec import BINARY_HEADER, DESCRIBE, SERVED_ON, Binary, Codec, error_body
+from modelship.serving.shadow import Sample
 
 log = logging.getLogger("modelship")
 
@@ -91,10 +92,11 @@ class ModelshipHandler:
                 spent["infer"] += t2 - t1
                 for (i, req), out in zip(chunk, outs):
                     if out is not None:
-                        answers[i] = self._reply(context, i, self.codec.encode(req, out))
+                        payload = self.codec.encode(req, out)
+                        answers[i] = self._reply(context, i, payload)
                         if self.shadow is not None:  # sampled and queued; judged off the request path
-                            self.shadow.offer(req.feed, out, None if req.binary_input else _body(data[i]),
-                                              _request_id(context, i), _content_type(context, i))
+                            self.shadow.offer(Sample(_body(data[i]), _how_to_read(context, i), payload,
+                                                     _request_id(context, i)))
                 spent["encode"] += time.perf_counter() - t2
         timing = ", ".join(f"{k};dur={v * 1e3:.3f}" for k, v in spent.items())
         for i in range(len(data)):
@@ -181,3 +183,9 @@ def _request_id(context, idx) -> str | None:
 
 def _content_type(context, idx) -> str | None:
     return _header(context, idx, "Content-Type")
+
+
+def _how_to_read(context, idx) -> dict:
+    """The request headers that say how its body reads (what shadow parity and a replay need)."""
+    found = {"Content-Type": _content_type(context, idx), BINARY_HEADER: _header(context, idx, BINARY_HEADER)}
+    return {k: v for k, v in found.items() if v is not None}
