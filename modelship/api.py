@@ -23,6 +23,7 @@ import contextlib
 import json
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -263,10 +264,16 @@ class Server:
         from .serving import server
 
         try:
-            while server.alive(self.info["pid"]):
+            while server.alive(self.info["pid"]) and not self.stopped:
+                if self.info.get("v2_url") and not server.front_alive(self.state):  # TorchServe serves on
+                    self.info = server.front_died(self.state)
+                    warnings.warn(f"the Open Inference Protocol front stopped: {self.info.get('v2_status')}; "
+                                  "/predictions is still served")
                 time.sleep(1)
         except KeyboardInterrupt:  # modelship.signals.Stopped is one
             return self.stop()
+        if self.stopped:
+            return
         self.stop()
         raise ServeError(f"TorchServe exited; see {self.state / 'logs'}")
 
@@ -300,14 +307,15 @@ class Server:
 
 def serve(store, state=None, *, port: int | None = None, max_request_bytes: int = 1 << 20, job_queue_size: int = 100,
           token_expiration_min: int = 24 * 60, auth: bool = True, startup_timeout_s: float = 120.0,
-          model_api: bool = False, allow_promote: bool = False, oip: bool = True, v2_host: str = "127.0.0.1"
-          ) -> Server:
+          model_api: bool = False, allow_promote: bool = False, oip: bool = True, v2_host: str = "127.0.0.1",
+          v2_tls: tuple | None = None, insecure_public: bool = False) -> Server:
     """Start TorchServe on 127.0.0.1 (token auth on, model registration off) serving the ``.mar`` files of ``store``
     and return once every model is ready. ``state``: the folder for serve.json, config and logs (default: a new
     0700 temporary folder, removed on stop); ``port``: the inference port (default: a free one); ``allow_promote``
     (or ``model_api``): new model versions can be registered by the management token's holder (``promote``);
     ``oip``: the Open Inference Protocol v2 too (REST at ``info["v2_url"]``, gRPC at ``info["v2_grpc_address"]``;
-    ``v2_host``: the address it listens on)."""
+    ``v2_host``: the address it listens on; off loopback it needs ``v2_tls`` (PEM certificate and key files) with
+    the token, or ``auth=False`` with ``insecure_public=True``)."""
     from .serving import server
     from .signals import stopping
 
@@ -322,7 +330,9 @@ def serve(store, state=None, *, port: int | None = None, max_request_bytes: int 
         info = server.start(store, state or temporary, server.ServeConfig(
             port=port or server.free_port(), max_request_bytes=max_request_bytes, job_queue_size=job_queue_size,
             token_auth=auth, token_expiration_min=token_expiration_min, startup_timeout_s=startup_timeout_s,
-            model_api=model_api or allow_promote, oip=oip, v2_host=v2_host))
+            model_api=model_api or allow_promote, oip=oip, v2_host=v2_host,
+            v2_tls_cert=(v2_tls or (None, None))[0], v2_tls_key=(v2_tls or (None, None))[1],
+            insecure_public=insecure_public))
     except BaseException:
         signals.close()
         if temporary is not None:

@@ -243,7 +243,13 @@ def serve(store: Optional[Path] = typer.Argument(None, help="Model store with .m
           oip: bool = O(True, "--oip/--no-oip", help="The Open Inference Protocol v2 (REST and gRPC, for Triton and "
                         "KServe clients) on PORT+6 and PORT+7."),
           v2_host: str = O("127.0.0.1", "--v2-host", help="Where the v2 front listens; 0.0.0.0 in a KServe runtime "
-                           "container (TorchServe itself stays on 127.0.0.1)."),
+                           "container (TorchServe itself stays on 127.0.0.1). Off loopback it needs TLS, or "
+                           "--no-auth --insecure-public."),
+          v2_tls_cert: Optional[Path] = O(None, "--v2-tls-cert", help="PEM certificate: the v2 front's REST and "
+                                          "gRPC speak TLS (with --v2-tls-key)."),
+          v2_tls_key: Optional[Path] = O(None, "--v2-tls-key", help="PEM private key of --v2-tls-cert."),
+          insecure_public: bool = O(False, "--insecure-public", help="Allow a v2 front off loopback without a "
+                                    "token: only behind a proxy or mesh that authorizes requests (KServe)."),
           json_path: Optional[Path] = JsonOpt):
     """Run TorchServe on 127.0.0.1 with token auth on and model registration off."""
     from .serving import server
@@ -262,7 +268,9 @@ def serve(store: Optional[Path] = typer.Argument(None, help="Model store with .m
     with err.status("starting TorchServe and waiting for models…"):
         running = api.serve(store, state, port=port, max_request_bytes=max_request_bytes, job_queue_size=job_queue_size,
                             token_expiration_min=token_expiration_min, auth=not no_auth, startup_timeout_s=startup_timeout_s,
-                            allow_promote=allow_promote, oip=oip, v2_host=v2_host)
+                            allow_promote=allow_promote, oip=oip, v2_host=v2_host,
+                            v2_tls=(str(v2_tls_cert), str(v2_tls_key)) if v2_tls_cert or v2_tls_key else None,
+                            insecure_public=insecure_public)
     info = running.info
     write_json(json_path, server.public(info))  # tokens stay in serve.json (0600) only
     console.print(f"serving {', '.join(info['models'])} at {info['inference_url']}/predictions/NAME "

@@ -50,18 +50,30 @@ def stopping():
     def handler(signum, frame):
         for s in SIGNALS:  # the shutdown that follows runs to its end
             signal.signal(s, signal.SIG_IGN)
-        for r in _ACTIVE:  # every enclosing block learns it too (a command that serves nests two)
+        for r, _ in _OPEN:  # every enclosing block learns it too (a command that serves nests two)
             r.signum = signum
         raise Stopped(signum)
 
-    previous = {s: signal.signal(s, handler) for s in SIGNALS}
-    _ACTIVE.append(received)
+    entry = [received, {s: signal.signal(s, handler) for s in SIGNALS}]
+    _OPEN.append(entry)
     try:
         yield received
     finally:
-        _ACTIVE.remove(received)
-        for s, h in previous.items():
+        _close(entry)
+
+
+def _close(entry: list) -> None:
+    """Leave a block: the innermost puts back the handlers it found; one left out of order (a server stopped after
+    a block opened inside its lifetime has closed, or before) hands what it found to the block opened after it,
+    so the handlers from before every block come back when the last one closes, and no stale one stays."""
+    k = next(i for i, e in enumerate(_OPEN) if e is entry)
+    if k == len(_OPEN) - 1:
+        for s, h in entry[1].items():
             signal.signal(s, h)
+    else:
+        _OPEN[k + 1][1] = entry[1]
+    del _OPEN[k]
 
 
-_ACTIVE: list = []  # the Received of every stopping() block now open
+_OPEN: list = []  # [Received, the handlers it replaced] of every stopping() block now open, oldest first
+

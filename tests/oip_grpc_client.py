@@ -43,6 +43,25 @@ def main(address: str, token: str, texts: list, pixels: list) -> dict:
     except InferenceServerException as e:
         out["bad"] = str(e)
     out["ready_after"] = c.is_model_ready("cnn-onnx", headers=h)
+    out["versions"] = {}  # the version a client names is honoured
+    for what, call in (("ready 1.0", lambda: c.is_model_ready("cnn-onnx", "1.0", headers=h)),
+                       ("ready 9.9", lambda: c.is_model_ready("cnn-onnx", "9.9", headers=h)),
+                       ("metadata 1.0", lambda: c.get_model_metadata("cnn-onnx", "1.0", headers=h, as_json=True)["name"]),
+                       ("metadata 9.9", lambda: c.get_model_metadata("cnn-onnx", "9.9", headers=h)),
+                       ("load", lambda: c.load_model("cnn-onnx", headers=h)),
+                       ("unload", lambda: c.unload_model("cnn-onnx", headers=h))):
+        try:
+            out["versions"][what] = call()
+        except InferenceServerException as e:
+            out["versions"][what] = str(e)[:300]
+    big = triton.InferInput("pixels", [5000, 1, 8, 8], "FP32")  # 1.28 MB: over the server's 1 MiB cap
+    big.set_data_from_numpy(np.zeros((5000, 1, 8, 8), np.float32))
+    try:
+        c.infer("cnn-onnx", [big], headers=h)
+        out["big"] = "answered"
+    except InferenceServerException as e:
+        out["big"] = str(e)[:300]
+    out["ready_at_end"] = c.is_model_ready("cnn-onnx", headers=h)
     return out
 
 

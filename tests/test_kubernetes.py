@@ -262,6 +262,17 @@ def test_kserve_runtime_runs_modelship_serve_with_the_v2_front_on_its_port(kserv
     serve = cli.get_command(cli.make_context("modelship", ["serve", "--help"], resilient_parsing=True), "serve")
     params = serve.make_context("serve", list(cmd[2:])).params
     assert params["v2_host"] == "0.0.0.0" and params["no_auth"] and params["oip"] and str(params["store"]) == "/mnt/models"
+    # a public front without a token: accepted because the runtime says so (KServe authorizes in front of the pod)
+    from dataclasses import replace
+
+    from modelship.errors import ServeError
+    from modelship.serving.server import ServeConfig
+
+    front = ServeConfig(token_auth=not params["no_auth"], v2_host=params["v2_host"],
+                        insecure_public=params["insecure_public"])
+    front.check_front()
+    with pytest.raises(ServeError, match="--insecure-public"):
+        replace(front, insecure_public=False).check_front()
     base = int(cmd[cmd.index("--port") + 1])
     assert cmd[cmd.index("--v2-host") + 1] == "0.0.0.0"  # the front faces the pod network; TorchServe stays inside
     http = container["ports"][0]["containerPort"]

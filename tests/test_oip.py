@@ -113,6 +113,32 @@ def test_triton_grpc_client(served, cnn_onnx, text_onnx, texts):
     np.testing.assert_allclose(got["texts"], want, atol=ATOL)
     assert len(got["refused"]) == 8 and all("UNAUTHENTICATED" in v for v in got["refused"].values()), got["refused"]
     assert "INVALID_ARGUMENT" in got["bad"] and "shape [2, 3], expected [batch, 1, 8, 8]" in got["bad"]
+    v = got["versions"]
+    assert v["ready 1.0"] is True and v["metadata 1.0"] == "cnn-onnx", v
+    assert v["ready 9.9"] is False or "NOT_FOUND" in str(v["ready 9.9"]), v
+    assert "NOT_FOUND" in v["metadata 9.9"] or "not found" in v["metadata 9.9"].lower(), v
+    assert "UNIMPLEMENTED" in v["load"] and "UNIMPLEMENTED" in v["unload"] and "modelship promote" in v["load"], v
+    assert "RESOURCE_EXHAUSTED" in got["big"] and got["ready_at_end"], got["big"]
+
+
+def test_bodies_over_the_cap_are_refused_before_being_read(served):
+    """v2 REST under --max-request-bytes (1 MiB here), as /predictions is: 413 in the protocol's error form, for a
+    declared length and for a chunked body that never says its length; the front answers the next request."""
+    url = served["v2_url"] + "/v2/models/cnn-onnx/infer"
+    big = json.dumps({"inputs": [{"name": "pixels", "shape": [5000, 1, 8, 8], "datatype": "FP32",
+                                  "data": [0.0] * 320000}]}).encode()
+    assert len(big) > 1 << 20
+    r = requests.post(url, data=big, headers={**_token(served), "Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and "limit of 1048576 bytes" in r.json()["error"]
+
+    def chunks():
+        for k in range(0, len(big), 64 << 10):
+            yield big[k:k + (64 << 10)]
+    r = requests.post(url, data=chunks(), headers={**_token(served), "Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 413 and "at least" in r.json()["error"]
+    ok = requests.post(url, json={"inputs": [{"name": "pixels", "shape": [1, 1, 8, 8], "datatype": "FP32",
+                                              "data": [0.0] * 64}]}, headers=_token(served), timeout=30)
+    assert ok.status_code == 200
 
 
 KSERVE_CLIENT = """

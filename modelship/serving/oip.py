@@ -33,6 +33,7 @@ from .codec import BINARY_HEADER, DESCRIBE, SERVED_ON, V2_DTYPES, V2_NUMPY
 FORWARD = ("authorization", "content-type", BINARY_HEADER.lower(), DESCRIBE.lower(), "x-request-id")
 
 VERSION = contextvars.ContextVar("modelship_oip_version", default=None)  # /v2/models/NAME/versions/V/...
+PID_FILE = "oip.pid"  # in the state folder: the running front's pid
 
 log = logging.getLogger("modelship.oip")
 
@@ -272,24 +273,35 @@ def build(args):
         return 200, [(k.encode(), got[k].encode()) for k in ("content-type", BINARY_HEADER.lower(), SERVED_ON.lower())
                      if k in got], content
 
-    return _Guard(app, token, infer), plane, registry, token
+    return _Guard(app, token, infer, args.max_request_bytes), plane, registry, token
 
 
 class _Guard:
-    """ASGI: the token on every path; /v2/models/NAME/versions/V/... served by the unversioned route with the
-    version in VERSION (KServe's own routes do not take versions); REST infer passed to ``infer`` directly."""
+    """ASGI: the token on every path and scope (the lifespan excepted; no websocket is served); a body over
+    ``max_bytes`` refused with 413 before it is read whole; /v2/models/NAME/versions/V/... served by the unversioned
+    route with the version in VERSION (KServe's own routes do not take versions); REST infer passed to ``infer``
+    directly."""
 
-    def __init__(self, app, token: Token, infer):
-        self.app, self.token, self.infer = app, token, infer
+    def __init__(self, app, token: Token, infer, max_bytes: int):
+        self.app, self.token, self.infer, self.max_bytes = app, token, infer, max_bytes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] == "lifespan":
             return await self.app(scope, receive, send)
+        if scope["type"] != "http":  # a websocket (or any other scope): nothing here speaks it
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+            return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         why = self.token.refusal(headers.get("authorization"))
         if why:
             status, out, body = _error(401, why)
             return await _answer(send, status, out + [(b"www-authenticate", b"Bearer")], body)
+        body = await self._body(headers, receive)
+        if isinstance(body, tuple):
+            return await _answer(send, *body)
+        if body is None:
+            return  # the client went away
         parts = scope["path"].split("/")
         if len(parts) >= 6 and parts[1:3] == ["v2", "models"] and parts[4] == "versions" and parts[5]:
             VERSION.set(parts[5])
@@ -297,15 +309,44 @@ class _Guard:
             path = "/".join(parts)
             scope = {**scope, "path": path, "raw_path": path.encode()}
         if scope["method"] == "POST" and len(parts) == 5 and parts[1:3] == ["v2", "models"] and parts[4] == "infer":
-            chunks, more = [], True
-            while more:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                chunks.append(message.get("body", b""))
-                more = message.get("more_body", False)
-            return await _answer(send, *await self.infer(parts[3], headers, b"".join(chunks)))
-        return await self.app(scope, receive, send)
+            return await _answer(send, *await self.infer(parts[3], headers, body))
+        return await self.app(scope, _replay(body), send)
+
+    async def _body(self, headers: dict, receive):
+        """The request body, read up to the cap: bytes; a 413 answer (a tuple) once it is over; None when the
+        client disconnected."""
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return _too_large(int(declared), self.max_bytes)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:  # a chunked body: refused as soon as it is over, not read to its end
+                return _too_large(size, self.max_bytes, "at least ")
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        return b"".join(chunks)
+
+
+def _replay(body: bytes):
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+    return receive
+
+
+def _too_large(size: int, limit: int, qualifier: str = "") -> tuple[int, list, bytes]:
+    return _error(413, f"request body of {qualifier}{size} bytes is over this server's limit of {limit} bytes "
+                       "(modelship serve --max-request-bytes); send fewer samples per request")
 
 
 async def _answer(send, status: int, headers: list, body: bytes) -> None:
@@ -360,12 +401,31 @@ def _version() -> str:
         return "0"
 
 
-def _grpc_server(plane, registry, token: Token, host: str, port: int):
+def _grpc_server(plane, registry, token: Token, host: str, port: int, max_bytes: int = 1 << 20,
+                 tls: tuple[str, str] | None = None):
     import grpc
     from grpc import aio
     from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
     from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
     from kserve.protocol.grpc.servicer import InferenceServicer
+
+    class Servicer(InferenceServicer):
+        """KServe's servicer, with the version a client names honoured (readiness, metadata) and the model
+        repository extension, which modelship does not serve, refused as unimplemented."""
+
+        async def ModelReady(self, request, context):
+            VERSION.set(request.version or None)
+            return await super().ModelReady(request, context)
+
+        async def ModelMetadata(self, request, context):
+            VERSION.set(request.version or None)
+            return await super().ModelMetadata(request, context)
+
+        async def RepositoryModelLoad(self, request, context):
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, REPOSITORY)
+
+        async def RepositoryModelUnload(self, request, context):
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, REPOSITORY)
 
     class Authorized(aio.ServerInterceptor):
         async def intercept_service(self, continuation, details):
@@ -378,21 +438,34 @@ def _grpc_server(plane, registry, token: Token, host: str, port: int):
                 await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
             return grpc.unary_unary_rpc_method_handler(refuse)
 
+    # a message over the cap is refused by gRPC itself (RESOURCE_EXHAUSTED) before it is handed over
     server = aio.server(interceptors=(Authorized(), ExceptionToStatusInterceptor()),
-                        options=[("grpc.max_receive_message_length", 64 << 20)])
-    grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane, None), server)
-    if not server.add_insecure_port(f"{host}:{port}"):
+                        options=[("grpc.max_receive_message_length", max_bytes)])
+    grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(plane, None), server)
+    if tls:
+        cert, key = (Path(f).read_bytes() for f in tls)
+        bound = server.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([(key, cert)]))
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    if not bound:
         raise OSError(f"cannot bind {host}:{port}")
     return server
+
+
+REPOSITORY = ("the model repository extension is not served: models are loaded from the store when the server "
+              "starts; new versions come through modelship promote")
 
 
 async def serve(args) -> None:
     import uvicorn
 
     app, plane, registry, token = build(args)
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
     rest = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.http_port, log_config=None,
-                                         access_log=False, loop="auto", timeout_keep_alive=65))
-    grpc_server = _grpc_server(plane, registry, token, args.host, args.grpc_port)
+                                         access_log=False, loop="auto", timeout_keep_alive=65,
+                                         ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key))
+    grpc_server = _grpc_server(plane, registry, token, args.host, args.grpc_port, args.max_request_bytes, tls)
+    (Path(args.state) / PID_FILE).write_text(str(os.getpid()))  # how `Server.wait` knows the front still runs
     await grpc_server.start()
     try:
         await rest.serve()
@@ -410,6 +483,9 @@ def main(argv=None) -> None:
     p.add_argument("--http-port", type=int, required=True)
     p.add_argument("--grpc-port", type=int, required=True)
     p.add_argument("--no-auth", action="store_true")
+    p.add_argument("--max-request-bytes", type=int, default=1 << 20)
+    p.add_argument("--tls-cert")
+    p.add_argument("--tls-key")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--json-args"]:  # modelship serve passes its arguments as one JSON list (paths with spaces)
         argv = json.loads(argv[1])

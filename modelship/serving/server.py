@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,30 @@ class ServeConfig:
     oip: bool = True  # the Open Inference Protocol v2 front (KServe's model server), REST and gRPC
     v2_host: str = "127.0.0.1"  # where the v2 front listens (a KServe runtime container: 0.0.0.0; TorchServe stays
     # on loopback whatever this says)
+    v2_tls_cert: str | None = None  # PEM certificate and key: the v2 front's REST and gRPC speak TLS
+    v2_tls_key: str | None = None
+    insecure_public: bool = False  # the user's word that a public front without a token is on purpose
+
+    def check_front(self) -> None:
+        """A v2 front off loopback must not take anonymous requests by accident, nor carry the token in clear
+        text: it needs TLS (with the token), or --insecure-public for a front without one (behind a proxy or mesh
+        that authorizes and encrypts, as KServe's)."""
+        if not self.oip:
+            return
+        if bool(self.v2_tls_cert) != bool(self.v2_tls_key):
+            raise ServeError("--v2-tls-cert and --v2-tls-key go together: give the PEM certificate and its key")
+        for f in filter(None, (self.v2_tls_cert, self.v2_tls_key)):
+            if not Path(f).is_file():
+                raise ServeError(f"{f}: no such file; expected a PEM certificate or key")
+        if is_loopback(self.v2_host):
+            return
+        if not self.token_auth and not self.insecure_public:
+            raise ServeError(f"--v2-host {self.v2_host} with --no-auth answers anyone who can reach it; pass "
+                             "--insecure-public if a proxy or mesh in front of it authorizes requests (a KServe "
+                             "runtime), or keep the token on and give --v2-tls-cert/--v2-tls-key")
+        if self.token_auth and not self.v2_tls_cert:
+            raise ServeError(f"--v2-host {self.v2_host} without TLS would carry the token across the network in "
+                             "clear text; give --v2-tls-cert and --v2-tls-key (PEM), or keep the front on 127.0.0.1")
 
     def properties(self, store: Path) -> str:
         host = "http://127.0.0.1"
@@ -88,8 +113,22 @@ def front_args(store: Path, state: Path, config: ServeConfig) -> list[str]:
     """The Open Inference Protocol front's command line (``python -m modelship.serving.oip``)."""
     return ["--store", str(store), "--state", str(state), "--inference-url", f"http://127.0.0.1:{config.port}",
             "--management-url", f"http://127.0.0.1:{config.port + 1}", "--host", config.v2_host,
-            "--http-port", str(config.port + 6), "--grpc-port", str(config.port + 7)] + \
-        ([] if config.token_auth else ["--no-auth"])
+            "--http-port", str(config.port + 6), "--grpc-port", str(config.port + 7),
+            "--max-request-bytes", str(config.max_request_bytes)] + \
+        ([] if config.token_auth else ["--no-auth"]) + \
+        (["--tls-cert", str(Path(config.v2_tls_cert).resolve()), "--tls-key", str(Path(config.v2_tls_key).resolve())]
+         if config.v2_tls_cert else [])
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def visible_mars(store: Path) -> list[Path]:
@@ -171,6 +210,7 @@ def alive(pid: int | None) -> bool:
 def start(store: str | Path, state: str | Path, config: ServeConfig | None = None) -> dict:
     """Start TorchServe in its own process group; return the serve.json contents once all models are ready."""
     config = config or ServeConfig()
+    config.check_front()
     check_java()
     store, state = Path(store).resolve(), Path(state).resolve()
     if not store.is_dir():
@@ -198,7 +238,7 @@ def start(store: str | Path, state: str | Path, config: ServeConfig | None = Non
         (state / "logs").rename(state / "logs.prev")
     (state / "logs").mkdir()
     (state / "tmp").mkdir(exist_ok=True)
-    for stale in ("key_file.json", STATE_FILE):
+    for stale in ("key_file.json", STATE_FILE, "oip.pid"):
         (state / stale).unlink(missing_ok=True)
     shutil.rmtree(state / METRICS_DIR, ignore_errors=True)  # counters start from zero with the server
     shutil.rmtree(state / SPOOL_DIR, ignore_errors=True)  # and no request of an earlier run is kept
@@ -236,8 +276,10 @@ def start(store: str | Path, state: str | Path, config: ServeConfig | None = Non
     info = {"status": "starting", "inference_url": f"http://127.0.0.1:{config.port}",
             "management_url": f"http://127.0.0.1:{config.port + 1}", "metrics_url": f"http://127.0.0.1:{config.port + 2}",
             "shadow_metrics_url": f"http://127.0.0.1:{config.port + 5}", "model_api": config.model_api,
-            "v2_url": f"http://127.0.0.1:{config.port + 6}" if config.oip else None,
-            "v2_grpc_address": f"127.0.0.1:{config.port + 7}" if config.oip else None,
+            "v2_url": f"{'https' if config.v2_tls_cert else 'http'}://{_client_host(config.v2_host)}:{config.port + 6}"
+            if config.oip else None,
+            "v2_grpc_address": f"{_client_host(config.v2_host)}:{config.port + 7}" if config.oip else None,
+            "v2_tls": bool(config.v2_tls_cert) if config.oip else None,
             "token": None, "management_token": None, "models": sorted(models), "pid": proc.pid,
             "pid_started": _started(proc.pid), "store": str(store), "state": str(state),
             "max_request_bytes": config.max_request_bytes,
@@ -252,6 +294,11 @@ def start(store: str | Path, state: str | Path, config: ServeConfig | None = Non
         _stopped(state, info)
         raise
     return info
+
+
+def _client_host(host: str) -> str:
+    """Where a client on this machine reaches a front listening on ``host`` (every address: loopback)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
 def _write_state(state: Path, info: dict) -> None:
@@ -391,11 +438,37 @@ def _v2_up(info: dict) -> bool:
 
 def _answers(url: str, token: str | None) -> bool:
     import requests
+    import urllib3
 
     try:
-        return requests.get(url, headers=bearer(token), timeout=2).status_code == 200
+        with warnings.catch_warnings():  # our own TLS front, asked on this machine whether it answers
+            warnings.simplefilter("ignore", urllib3.exceptions.InsecureRequestWarning)
+            return requests.get(url, headers=bearer(token), timeout=2, verify=False).status_code == 200
     except requests.RequestException:
         return False
+
+
+def front_alive(state: Path) -> bool:
+    """The Open Inference Protocol front this state started still runs (its pid file, its process)."""
+    import psutil
+
+    try:
+        pid = int((Path(state) / "oip.pid").read_text())
+    except (OSError, ValueError):
+        return True  # not written yet: starting
+    try:  # its parent (TorchServe's JVM, which the launching shell became) does not reap it: a zombie is dead
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def front_died(state: Path) -> dict:
+    """serve.json marked: the v2 front is gone (its addresses taken out, the reason in ``v2_status``)."""
+    info = read_state(state, running=False)
+    cause = _front_failure(Path(state)) or "it exited"
+    info.update(v2_status=f"stopped: {cause}", v2_url=None, v2_grpc_address=None)
+    _write_state(Path(state), info)
+    return info
 
 
 def _fatal_line(state: Path) -> str | None:
@@ -405,7 +478,12 @@ def _fatal_line(state: Path) -> str | None:
             m = FATAL_LOG.search(p.read_text(errors="replace"))
             if m:
                 return m.group(1).strip()[:400]
-    front = state / "logs" / "oip.out"  # the v2 front died: a traceback, or its argument parser's complaint
+    return _front_failure(state)
+
+
+def _front_failure(state: Path) -> str | None:
+    """Why the v2 front died, from its log: a traceback's last line, or its argument parser's complaint."""
+    front = state / "logs" / "oip.out"
     text = front.read_text(errors="replace") if front.is_file() else ""
     if "Traceback" in text or ": error:" in text:
         last = [l for l in text.splitlines() if l.strip() and not l.startswith((" ", "\t"))][-1]
