@@ -44,6 +44,7 @@ class Promotion:
     previous: str | None
     samples: int = 0  # evaluation samples judged (against the reference and the current version)
     live: int = 0  # live requests replayed from the shadow spool (judged against the current version)
+    burst: int = 0  # evaluation samples also sent to the candidate all at once (judged against the reference)
     agreement_reference: float | None = None  # share of candidate labels equal to the reference's
     beyond_tolerance: int = 0  # candidate answers beyond the served tolerance of the reference's
     agreement_current: float | None = None  # share of candidate labels equal to the current version's (all)
@@ -419,6 +420,7 @@ class Answers:
     work: list = field(default_factory=list)  # [(sample index | None, {version: answer dict | None})]
     latency_ms: dict = field(default_factory=dict)  # version -> [ms, ...] for every request sent
     example: str = ""  # the first request a version did not answer
+    burst: list = field(default_factory=list)  # [(sample index, candidate's answer | None)], sent all at once
 
 
 def collect(info: dict, spec: dict, model: str, current: str, version: str, samples: int,
@@ -451,7 +453,31 @@ def collect(info: dict, spec: dict, model: str, current: str, version: str, samp
                 elif r is not None:
                     out.example = out.example or f"version {v}: HTTP {r.status_code} {r.text[:200]}"
             out.work.append((i, answers))
+    out.burst = _burst(url + version, bodies, hdr, min(BURST, len(bodies)), out)
     return out
+
+
+BURST = 16  # evaluation samples sent to the candidate at once: answers inside a batch of other users' requests
+
+
+def _burst(url: str, bodies: list, headers: dict, n: int, out: "Answers") -> list:
+    """``n`` evaluation samples sent to ``url`` concurrently, so a candidate that batches takes them in batches: an
+    answer that depends on what it is batched with differs here from its answer alone."""
+    import requests
+    from concurrent.futures import ThreadPoolExecutor
+
+    def send(i):
+        try:
+            r = requests.post(url, data=bodies[i], headers=headers, timeout=30)
+        except requests.RequestException as e:
+            out.example = out.example or f"version {out.version} (in a burst): {type(e).__name__}: {e}"
+            return i, None
+        if r.status_code != 200:
+            out.example = out.example or f"version {out.version} (in a burst): HTTP {r.status_code} {r.text[:200]}"
+            return i, None
+        return i, _answer(r)
+    with ThreadPoolExecutor(max_workers=max(1, n)) as pool:
+        return list(pool.map(send, range(n)))
 
 
 def _answer(r) -> dict:
@@ -462,72 +488,100 @@ def _answer(r) -> dict:
     return read_binary_answer(r.content, int(length)) if length else r.json()
 
 
+@dataclass
+class _Tally:
+    """The candidate's answers judged against the reference, counted."""
+
+    judged: int = 0
+    agree: int = 0  # labels equal to the reference's (every answer of a model without labels)
+    beyond: int = 0  # answers beyond the served tolerance (or NaN/inf, or malformed)
+    nonfinite: int = 0  # answers holding NaN or inf where the reference is finite
+    worst: float = 0.0
+    example: str = ""
+
+    def add(self, verdict, where: str = "") -> None:
+        self.judged += 1
+        self.agree += verdict.label_ok is not False
+        self.beyond += not verdict.within
+        self.nonfinite += verdict.nonfinite
+        self.worst = max(self.worst, verdict.diff)
+        if not verdict.ok and not self.example:
+            self.example = where + verdict.why
+
+
 def judge(answers: Answers, spec: dict, golden_arrays, floor: float, result: Promotion) -> None:
-    """The verdict on ``answers`` (pure: no server): each candidate answer to an evaluation sample judged against
-    the reference (the load test's check and served tolerance), every answer against the current version's (its
-    labels and largest difference); agreement judged by its 95 % upper bound against ``floor``, any answer beyond
-    the tolerance or NaN/inf refused, and the SLO on the candidate's p95. Fills ``result``."""
+    """The verdict on ``answers`` (pure: no server). Each candidate answer to an evaluation sample, in turn and in
+    the burst, is judged against the reference (the load test's check, the served tolerance); every answer given in
+    turn against the current version's (its labels and largest difference). Agreement is judged by its 95 % upper
+    bound against ``floor``; any answer beyond the tolerance or holding NaN/inf refuses the candidate, and so does
+    a p95 over the SLO. Fills ``result``."""
     current, version = answers.current, answers.version
-    ok_ref = beyond = nonfinite = label_same = judged = errors = 0
-    diff_ref = diff_cur = 0.0
-    example = answers.example
+    ref, errors, same, diff_cur = _Tally(), 0, 0, 0.0
     for i, got in answers.work:
         if got.get(version) is None or got.get(current) is None:
-            if got.get(current) is not None or i is not None:  # a live request the current version refuses: no fault
-                errors += 1
+            errors += got.get(current) is not None or i is not None  # a live request both refuse is no fault
             continue
-        same, d = _versus(got[version], got[current])
-        label_same += same
-        diff_cur = max(diff_cur, d)
+        agree, d = _versus(got[version], got[current])
+        same, diff_cur = same + agree, max(diff_cur, d)
         if i is None:
             result.live += 1
+        else:
+            result.samples += 1
+            ref.add(golden.check(spec, golden_arrays, i, got[version]))
+    for i, got in answers.burst:  # the same samples answered inside batches of each other
+        if got is None:
+            errors += 1
             continue
-        judged += 1
-        verdict = golden.check(spec, golden_arrays, i, got[version])
-        ok_ref += verdict.label_ok is not False
-        beyond += not verdict.within
-        nonfinite += verdict.nonfinite
-        diff_ref = max(diff_ref, verdict.diff)
-        if not verdict.ok and not example:
-            example = verdict.why
-    result.samples = judged
-    lat = answers.latency_ms
-    result.p95_ms_current = float(np.percentile(lat[current], 95)) if lat[current] else None
-    result.p95_ms_candidate = float(np.percentile(lat[version], 95)) if lat[version] else None
-    result.max_abs_diff_reference, result.max_abs_diff_current = diff_ref, diff_cur
-    result.beyond_tolerance = beyond
-    fail = result.failures
-    sent = len(answers.work)
+        result.burst += 1
+        ref.add(golden.check(spec, golden_arrays, i, got), f"in a burst of {len(answers.burst)}: ")
+    _latency(answers, result)
+    result.max_abs_diff_reference, result.max_abs_diff_current = ref.worst, diff_cur
+    result.beyond_tolerance = ref.beyond
+    example = answers.example or ref.example
     if errors:
-        fail.append(asdict(GateFailure("errors", f"{errors} of {sent} requests were not answered by both "
-                                                 f"versions (e.g. {example})")))
-    if not judged:
+        result.failures.append(asdict(GateFailure("errors", f"{errors} of {len(answers.work) + len(answers.burst)} "
+                                                            f"requests were not answered (e.g. {example})")))
+    if not ref.judged:
         if not errors:
-            fail.append(asdict(GateFailure("errors", "no evaluation sample was answered by both versions")))
+            result.failures.append(asdict(GateFailure("errors", "no evaluation sample was answered by both "
+                                                                "versions")))
         return
-    both = judged + result.live
-    result.agreement_reference = ok_ref / judged
-    result.agreement_current = label_same / both
-    result.agreement = min(result.agreement_reference, result.agreement_current)
-    result.max_abs_diff = diff_ref
-    for what, agree, n in (("the reference", ok_ref, judged), (f"version {current}", label_same, both)):
-        upper = wilson_upper(agree, n)
+    both = result.samples + result.live  # the requests both versions answered in turn
+    result.agreement_reference = ref.agree / ref.judged
+    result.agreement_current = same / both if both else None
+    result.agreement = min(a for a in (result.agreement_reference, result.agreement_current) if a is not None)
+    result.max_abs_diff = ref.worst
+    result.failures += [asdict(f) for f in _verdicts(ref, same, both, floor, current, spec, result)]
+
+
+def _latency(answers: Answers, result: Promotion) -> None:
+    lat = answers.latency_ms
+    result.p95_ms_current = float(np.percentile(lat[answers.current], 95)) if lat[answers.current] else None
+    result.p95_ms_candidate = float(np.percentile(lat[answers.version], 95)) if lat[answers.version] else None
+
+
+def _verdicts(ref: _Tally, same: int, both: int, floor: float, current: str, spec: dict,
+              result: Promotion) -> list[GateFailure]:
+    out = []
+    for what, agree, n in (("the reference", ref.agree, ref.judged), (f"version {current}", same, both)):
+        upper = wilson_upper(agree, n) if n else 1.0
         if upper < floor:  # judged as the load test judges: a short sample cannot fail a variant on chance alone
-            fail.append(asdict(GateFailure("parity", f"agreement with {what}: {agree / n:.4f} of {n} answers "
-                                                     f"(95% upper bound {upper:.4f}) < {floor}"
-                                                     + (f"; e.g. {example}" if what == "the reference" and example
-                                                        else ""))))
-    if nonfinite:
-        fail.append(asdict(GateFailure("parity", f"non-finite: {nonfinite} of {judged} answers hold NaN or inf "
-                                                 f"where the reference is finite (e.g. {example})")))
-    if beyond > nonfinite:  # as the load test judges: no answer beyond the tolerance
-        fail.append(asdict(GateFailure("parity", f"difference: {beyond - nonfinite} of {judged} answers beyond the "
-                                                 f"{spec.get('precision')} tolerance of the reference's (max |diff| "
-                                                 f"{diff_ref:.3g}; e.g. {example})")))
-    if result.slo_p95_ms is not None and result.p95_ms_candidate > result.slo_p95_ms:
-        fail.append(asdict(GateFailure("slo", f"latency: version {version} p95 {result.p95_ms_candidate:.1f} ms > SLO "
-                                              f"{result.slo_p95_ms:g} ms (version {current}: "
-                                              f"{result.p95_ms_current:.1f} ms)")))
+            out.append(GateFailure("parity", f"agreement with {what}: {agree / n:.4f} of {n} answers (95% upper "
+                                             f"bound {upper:.4f}) < {floor}"
+                                             + (f"; e.g. {ref.example}" if what == "the reference" and ref.example
+                                                else "")))
+    if ref.nonfinite:
+        out.append(GateFailure("parity", f"non-finite: {ref.nonfinite} of {ref.judged} answers hold NaN or inf where "
+                                         f"the reference is finite (e.g. {ref.example})"))
+    if ref.beyond > ref.nonfinite:  # as the load test judges: no answer beyond the tolerance
+        out.append(GateFailure("parity", f"difference: {ref.beyond - ref.nonfinite} of {ref.judged} answers beyond "
+                                         f"the {spec.get('precision')} tolerance of the reference's (max |diff| "
+                                         f"{ref.worst:.3g}; e.g. {ref.example})"))
+    slo, p95 = result.slo_p95_ms, result.p95_ms_candidate
+    if slo is not None and (p95 is None or p95 > slo):
+        out.append(GateFailure("slo", f"latency: version {result.version} p95 {p95 or float('nan'):.1f} ms > SLO "
+                                      f"{slo:g} ms (version {current}: {result.p95_ms_current or float('nan'):.1f} ms)"))
+    return out
 
 
 def _versus(a: dict, b: dict) -> tuple[bool, float]:

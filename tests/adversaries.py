@@ -38,7 +38,10 @@ def make(kind: str, good, out: Path):
     EDITS[kind](model, good)
     onnx.checker.check_model(model)
     onnx.save(model, str(out / good.manifest.file))
-    return write_artifact(out, load_artifact(out, verify=False).manifest)
+    man = load_artifact(out, verify=False).manifest
+    ref = good.resolve(good.manifest.reference)  # the copy sits elsewhere: its reference by absolute path
+    man.reference = str(ref) if ref is not None else None
+    return write_artifact(out, man)
 
 
 def zoo(good, root: Path, kinds=ZOO) -> dict:

@@ -6,6 +6,8 @@ import pytest
 
 import modelship as ms
 
+pytest_plugins = ["pytester"]  # tests/test_plugin.py runs pytest --modelship on a project of its own
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # three workers on two cores: one compute thread each, no spinning pools
 
 

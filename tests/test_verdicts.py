@@ -226,3 +226,66 @@ def test_promote_compares_nan_as_infinitely_far():
     assert _versus({"index": 1, "probabilities": [NAN, 0.9]}, a) == (False, INF)
     same, d = _versus(a, {"index": 0, "probabilities": [0.6, 0.4]})
     assert not same and d == pytest.approx(0.5)
+
+
+# ---- promote's judgement of collected answers (pure) -----------------------------------------------------------
+
+def promote_case(n=20, wrong=(), nan=(), missing=(), burst_wrong=(), live=0, current_wrong=(), slo=None, lat=5.0):
+    """Answers of versions 1.0 (current) and 2.0 (candidate) to ``n`` samples of a 4-class classifier, with the
+    candidate wrong (another label), NaN or silent on the samples named, and a burst of every sample."""
+    from modelship.promotion import Answers, Promotion
+
+    z = logits(n)
+    golden = golden_of("classification", ["logits"], {"logits": z})
+    spec = {**spec_of(manifest()), "precision": "fp32"}
+    work = []
+    for i in range(n):
+        cand = answer(np.roll(z[i], 1)) if i in wrong else answer(z[i])
+        if i in nan:
+            cand["probabilities"][0] = NAN
+        cur = answer(np.roll(z[i], 1)) if i in current_wrong else answer(z[i])
+        work.append((i, {"1.0": cur, "2.0": None if i in missing else cand}))
+    work += [(None, {"1.0": answer(z[k % n]), "2.0": answer(z[k % n])}) for k in range(live)]
+    burst = [(i, answer(np.roll(z[i], 1)) if i in burst_wrong else answer(z[i])) for i in range(n)]
+    answers = Answers("1.0", "2.0", work=work, latency_ms={"1.0": [lat] * n, "2.0": [lat] * n}, burst=burst)
+    result = Promotion("m", "refused", "2.0", "1.0", slo_p95_ms=slo)
+    return answers, spec, golden, result
+
+
+def promote_judged(**kw):
+    from modelship.promotion import judge as promote_judge
+
+    answers, spec, golden, result = promote_case(**kw)
+    promote_judge(answers, spec, golden, 1.0, result)
+    return result
+
+
+def test_promote_judges_the_good_candidate_as_good():
+    r = promote_judged(live=3)
+    assert r.failures == [] and r.samples == 20 and r.burst == 20 and r.live == 3
+    assert r.agreement == r.agreement_reference == r.agreement_current == 1.0 and r.max_abs_diff == 0.0
+
+
+@pytest.mark.parametrize("case,kind,says", [
+    ({"wrong": {3}}, "parity", "agreement with the reference"),
+    ({"nan": {5}}, "parity", "non-finite: 1 of 40"),
+    ({"missing": {2}}, "errors", "1 of 40 requests were not answered"),
+    ({"burst_wrong": {4}}, "parity", "in a burst of 20"),
+    ({"current_wrong": {6}}, "parity", "agreement with version 1.0"),
+    ({"slo": 4.0}, "slo", "p95 5.0 ms > SLO 4 ms"),
+])
+def test_promote_refuses_each_wrong_form(case, kind, says):
+    r = promote_judged(**case)
+    assert r.kind == kind and any(says in f["message"] for f in r.failures), r.failures
+
+
+def test_promote_counts_nan_as_a_difference_and_never_hides_it():
+    r = promote_judged(nan={1, 2})
+    assert r.max_abs_diff == INF and r.beyond_tolerance == 2
+    assert "non-finite" in [f["message"].split(":")[0] for f in r.failures]
+    assert r.agreement_current == 18 / 20  # no label shared with the current version's answer
+
+
+def test_promote_with_nothing_judged_fails():
+    r = promote_judged(n=3, missing={0, 1, 2})
+    assert r.kind == "errors" and r.samples == 0
