@@ -323,11 +323,7 @@ def serve(store, state=None, *, port: int | None = None, max_request_bytes: int 
     signals.enter_context(stopping())  # from here until stop(), SIGTERM and SIGHUP stop it too
     temporary = Path(tempfile.mkdtemp(prefix="modelship-state-")) if state is None else None
     try:
-        if state is not None and Path(store).is_dir():  # a promote or rollback killed after its commit: finished
-            from .promotion import restore_store
-
-            restore_store(Path(store).resolve(), Path(state).resolve())
-        info = server.start(store, state or temporary, server.ServeConfig(
+        info = server.start(store, state or temporary, before_launch=_finish_promotes, config=server.ServeConfig(
             port=port or server.free_port(), max_request_bytes=max_request_bytes, job_queue_size=job_queue_size,
             token_auth=auth, token_expiration_min=token_expiration_min, startup_timeout_s=startup_timeout_s,
             model_api=model_api or allow_promote, oip=oip, v2_host=v2_host,
@@ -339,6 +335,14 @@ def serve(store, state=None, *, port: int | None = None, max_request_bytes: int 
             shutil.rmtree(temporary, ignore_errors=True)
         raise
     return Server(info, temporary, signals)
+
+
+def _finish_promotes(store: Path, state: Path) -> None:
+    """A promote or rollback killed after its commit: its store file put in place before the server loads it."""
+    from .promotion import RECORD, restore_store
+
+    if (state / RECORD).is_file():
+        restore_store(store, state, log=lambda msg: warnings.warn(msg))
 
 
 def promote(state, model: str, candidate=None, *, samples: int = 200, slo_p95_ms: float | None = None,

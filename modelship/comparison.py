@@ -77,8 +77,10 @@ def spread(values: np.ndarray, logits: bool) -> tuple[str, float]:
     difference must stay under not to flip labels), any other output by its standard deviation."""
     v = np.asarray(values, dtype=np.float64)
     if logits and v.ndim >= 2 and v.reshape(len(v), -1).shape[1] > 1:
-        srt = np.sort(v.reshape(len(v), -1), axis=-1)
-        return "median top-1 margin", float(np.median(srt[:, -1] - srt[:, -2]))
+        rows = v.reshape(len(v), -1)
+        srt = np.sort(rows[np.isfinite(rows).all(-1)], axis=-1)  # NaN or inf: no evidence (weak_reasons says so)
+        return "median top-1 margin", float(np.median(srt[:, -1] - srt[:, -2])) if len(srt) else 0.0
+    v = v[np.isfinite(v)]
     return "std", float(np.std(v)) if v.size else 0.0
 
 
@@ -170,8 +172,8 @@ def compare(reference: Runner, candidate: Runner, split: str = "test", tolerance
 
 
 def bound(ref: np.ndarray, atol: float, rtol: float, cap: float | None = None) -> np.ndarray:
-    """The difference each value may have: atol + rtol·|ref|, capped at ``cap``."""
-    b = atol + rtol * np.abs(ref)
+    """The difference each value may have: atol + rtol·|ref|, capped at ``cap`` (in float64, as the differences)."""
+    b = atol + (rtol * np.abs(np.asarray(ref, dtype=np.float64)) if rtol else np.zeros(np.shape(ref)))
     return np.minimum(b, cap) if cap is not None else b
 
 
@@ -251,6 +253,8 @@ def weak_reasons(ref: dict, man, tol: Tolerance, labels, spec: dict | None) -> l
     """What the evaluation data could not tell about this candidate (empty when the judgement is sound)."""
     reasons = []
     first = man.outputs[0].name
+    if any(len(v) == 0 for v in ref.values()):
+        return ["the evaluation data holds no samples, so nothing was judged; supply data (--data)"]
     for t in man.outputs:
         if t.name in ref and not np.all(np.isfinite(ref[t.name])):
             rows = bad_rows(~np.isfinite(ref[t.name]))
@@ -282,13 +286,14 @@ def weak_reasons(ref: dict, man, tol: Tolerance, labels, spec: dict | None) -> l
                                "difference within tolerance can still flip labels; supply data the model separates "
                                "(--data) or a tighter --max-abs-diff")
     for t in man.outputs:
-        if t.name not in ref:
-            continue
+        if t.name not in ref or (man.is_classifier and t.name == first):
+            continue  # a classifier's logits: judged by their margins above
         atol, rtol, cap = tol.for_output(t.name)
-        if not man.is_classifier and atol is None:
-            reasons.append(f"output '{t.name}': this tolerance judges no output difference and the task "
-                           f"'{man.task}' has no labels to agree on, so nothing is judged; pass --max-abs-diff")
-        elif not man.is_classifier and atol is not None:
+        if atol is None:
+            if not man.is_classifier:
+                reasons.append(f"output '{t.name}': this tolerance judges no output difference and the task "
+                               f"'{man.task}' has no labels to agree on, so nothing is judged; pass --max-abs-diff")
+        else:
             _, std = spread(ref[t.name], False)
             allowed = float(np.median(bound(ref[t.name], atol, rtol, cap)))
             if std < allowed:
@@ -433,7 +438,10 @@ def check(spec: dict, golden, i: int, payload: dict) -> Verdict:
                                     tol.max_prob_diff, 0.0)
         worst, within, nonfinite = max(worst, diff), within and ok, nonfinite or bad
         problems += [why] if why else []
-        returned.pop(first, None)
+        if first in returned:  # the client got the logits too (a v2 answer): judged as any output
+            ok, diff, why, bad = _judge(first, returned.pop(first), golden["out0"][i], *tol.for_output(first))
+            worst, within, nonfinite = max(worst, diff), within and ok, nonfinite or bad
+            problems += [why] if why else []
     for name in expected:
         if name not in returned:
             problems.append(f"output '{name}' is missing from the answer")
@@ -463,11 +471,19 @@ def from_v2(spec: dict, payload: dict) -> dict:
             wrong.append(f"output '{t['name']}' is labelled {t.get('datatype')}, but the model declares {want}")
     answer = {"outputs": outputs, "wrong": wrong}
     if spec["task"] == "classification":
-        z = np.asarray(outputs[spec["outputs"][0]], dtype=np.float64)
-        z = np.exp(z - z.max(-1, keepdims=True))
-        answer["probabilities"] = (z / z.sum(-1, keepdims=True)).tolist()
-        answer["index"] = int(np.argmax(z))
+        p = softmax(outputs[spec["outputs"][0]])
+        answer["probabilities"] = p.tolist()
+        answer["index"] = int(np.argmax(p))
     return answer
+
+
+def softmax(logits) -> np.ndarray:
+    """Probabilities from logits along the last axis, in float64 (the one softmax: the REST answer's, the
+    reference's golden probabilities, a v2 answer read as a REST one)."""
+    z = np.asarray(logits, dtype=np.float64)
+    with np.errstate(invalid="ignore"):  # a row of NaN or inf gives NaN, which the verdict then refuses
+        z = np.exp(z - z.max(-1, keepdims=True))
+        return z / z.sum(-1, keepdims=True)
 
 
 def per_sample(answer: dict) -> list[dict]:
@@ -493,8 +509,6 @@ def golden_of(task: str, outputs: list[str], ref: dict) -> dict:
     """The reference's outputs as ``check`` reads them (see ``check``)."""
     golden = {f"out{j}": np.asarray(ref[o], dtype=np.float32) for j, o in enumerate(outputs)}
     if task == "classification":  # the softmax the REST codec answers with
-        z = np.asarray(ref[outputs[0]], dtype=np.float64)
-        z = np.exp(z - z.max(-1, keepdims=True))
-        golden["probabilities"] = (z / z.sum(-1, keepdims=True)).astype(np.float32)
+        golden["probabilities"] = softmax(ref[outputs[0]]).astype(np.float32)
         golden["index"] = golden["probabilities"].argmax(-1)
     return golden

@@ -133,6 +133,9 @@ class ImagePreprocessor:
                              "; expected a PNG or JPEG file of 8-bit grey or RGB pixels") from None
 
 
+IMAGE_FORMATS = ["PNG", "JPEG"]  # what the REST contract takes; PIL would open any format it knows
+
+
 def decode_image(data, max_pixels: int):
     """Bytes of an encoded image → a PIL image, refusing what is not an image, a corrupt one, and one over the
     pixel cap (checked from the header, before the pixels are decoded)."""
@@ -141,7 +144,7 @@ def decode_image(data, max_pixels: int):
     if not isinstance(data, (bytes, bytearray)) or not data:
         raise InputError("empty image; expected the bytes of a PNG or JPEG image")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # not EPS (Ghostscript), PSD, TIFF, ...
     except UnidentifiedImageError:
         raise InputError("not an image; expected the bytes of a PNG or JPEG image (Content-Type: image/png or "
                          "image/jpeg, or base64 in JSON as {\"inputs\": {\"image_b64\": ...}})") from None

@@ -32,7 +32,7 @@ from .serving.archive import read_mar
 from .serving.server import bearer, read_state
 
 RECORD = "promote.json"
-KEPT = "promote"  # STATE/promote/: the store file promote replaced, for --rollback
+KEPT = "promote"  # STATE/promote/MODEL/VERSION.mar: the store file promote replaced, for --rollback
 LOCK = "promote.lock"  # one promote or rollback at a time
 
 
@@ -243,41 +243,71 @@ def _withdraw(info: dict, model: str, version: str) -> None:
     (Path(info["store"]) / _hidden(model, version)).unlink(missing_ok=True)
 
 
-def restore_store(store: Path, state: Path) -> list[str]:
-    """Before a server starts: each model whose recorded default was committed but not yet put in place (a promote
-    or rollback killed after its commit) gets its store file from the recorded, judged bytes. Returns the models."""
-    done = []
-    for model, entry in (_read(state).get("defaults") or {}).items():
-        if entry.get("applied"):
-            continue  # in place when it was recorded; a store file changed since is the user's
-        live = Path(store) / f"{model}.mar"
-        if _sha(live) != entry["sha256"]:
-            src = Path(entry["archive"])
-            if _sha(src) != entry["sha256"]:
-                raise ServeError(f"{state / RECORD} makes version {entry['version']} of '{model}' the default, but its "
-                                 f"archive {src} is missing or changed; restore it, or move the record away")
-            _copy(src, live)
-        _applied(state, model)
-        done.append(model)
-    return done
+def restore_store(store: Path, state: Path, log=lambda msg: None) -> list[str]:
+    """Before a server starts (no server of this state runs): each model whose recorded default was committed but
+    not yet put in place (a promote or rollback killed after its commit) gets its store file from the recorded,
+    judged bytes; the server then loads it. Returns the models."""
+    with _locked(state):
+        done = []
+        for model, entry in (_read(state).get("defaults") or {}).items():
+            if not entry.get("applied"):  # applied: in place when recorded; a store file changed since is the user's
+                _place_recorded(Path(store), state, model, entry, log)
+                _applied(state, model)
+                done.append(model)
+        return done
+
+
+def _place_recorded(store: Path, state: Path, model: str, entry: dict, log) -> dict:
+    """STORE/MODEL.mar made the recorded default's bytes. Where those are gone (a hidden archive deleted by hand)
+    and the store still holds the version before it, the record goes back to that version instead."""
+    live = store / f"{model}.mar"
+    if _sha(live) == entry["sha256"]:
+        return entry
+    if _sha(Path(entry["archive"])) == entry["sha256"]:
+        _copy(Path(entry["archive"]), live)
+        return entry
+    prev = entry.get("previous") or {}
+    if prev and _sha(live) == prev.get("sha256"):
+        log(f"the judged archive of version {entry['version']} of {model} is gone ({entry['archive']}); "
+            f"version {prev['version']}, still in the store, stays the default")
+        back = Promotion(model, "reverted", prev["version"], entry["version"], at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        entry = {"op": "revert", "version": prev["version"], "archive": prev["archive"], "sha256": prev["sha256"],
+                 "previous": None, "applied": False}
+        _record(state, back, entry)
+        return entry
+    raise ServeError(f"{state / RECORD} makes version {entry['version']} of '{model}' the default, but its archive "
+                     f"{entry['archive']} is missing or changed and {live} holds neither it nor the version before; "
+                     "restore the archive, or move the record away")
 
 
 def reconcile(state: Path, info: dict, model: str, log=lambda msg: None) -> None:
-    """Finish what a killed promote or rollback committed: the store file and the running server's default
-    version made what the record says."""
+    """Finish what a killed promote or rollback committed (the store file and the running server's default made
+    what the record says; marked applied only once both are), and withdraw versions a killed promote registered
+    but never committed."""
     entry = (_read(state).get("defaults") or {}).get(model)
-    if not entry or entry.get("applied"):
-        return
-    log(f"finishing the {entry.get('op', 'promote')} of {model} to version {entry['version']} that stopped half-way")
-    restore_store(Path(info["store"]), state)
+    if entry and not entry.get("applied"):
+        log(f"finishing the {entry.get('op', 'promote')} of {model} to version {entry['version']} that stopped "
+            "half-way")
+        entry = _place_recorded(Path(info["store"]), state, model, entry, log)
+        every, current = versions(info, model)
+        if entry["version"] not in every:
+            hidden = Path(info["store"]) / _hidden(model, entry["version"])
+            _copy(Path(entry["archive"]), hidden)
+            _register(info, model, hidden)
+        if current != entry["version"]:
+            _api(info, "PUT", f"/models/{model}/{entry['version']}/set-default")
+        _applied(state, model)
     every, current = versions(info, model)
-    if entry["version"] not in every:
-        hidden = Path(info["store"]) / _hidden(model, entry["version"])
-        _copy(Path(entry["archive"]), hidden)
-        _register(info, model, hidden)
-    if current != entry["version"]:
-        _api(info, "PUT", f"/models/{model}/{entry['version']}/set-default")
-    _applied(state, model)
+    keep = {current} | _recorded_versions(state, model)
+    for v in every:
+        if v not in keep:  # registered by a promote killed before its commit: never judged to the end
+            log(f"withdrawing version {v} of {model}, which a promote that stopped half-way left registered")
+            _withdraw(info, model, v)
+
+
+def _recorded_versions(state: Path, model: str) -> set:
+    entry = (_read(state).get("defaults") or {}).get(model) or {}
+    return {entry.get("version"), (entry.get("previous") or {}).get("version")} - {None}
 
 
 # ---- promote -----------------------------------------------------------------------------------------------------
@@ -304,6 +334,7 @@ def promote(state: str | Path, model: str, candidate: str | Path, samples: int =
     with _locked(state):
         reconcile(state, info, model, log)
         store = Path(info["store"])
+        _sweep(state, info, model)
         incoming, version = _take(candidate, store, model)
         every, current = versions(info, model)
         if version in every:
@@ -352,10 +383,38 @@ def _take(candidate: Path, store: Path, model: str) -> tuple[Path, str]:
         raise
 
 
+def _same_reference(live: Path, hidden: Path, tmp: Path, reference) -> None:
+    """The candidate is judged against the reference the served version was proven against (its sealed copy): a
+    candidate sealed with a reference of its own (another model, or itself) is refused unless ``reference`` is
+    given on purpose."""
+    if reference is not None or not live.is_file():
+        return
+    mine, theirs = (golden.sealed_reference(m, tmp / name) for m, name in ((live, "served"), (hidden, "candidate")))
+    if mine is not None and theirs is not None and mine.manifest.sha256 != theirs.manifest.sha256:
+        raise ServeError(f"{hidden.name} carries another reference (model sha256 {theirs.manifest.sha256[:12]}) than "
+                         f"the served version's ({mine.manifest.sha256[:12]}); a candidate is judged against what "
+                         "production is proven against: archive it with the same reference, or pass --reference")
+
+
+def _sweep(state: Path, info: dict, model: str) -> None:
+    """Remove what killed promotes left in the store: hidden copies of versions neither registered nor recorded
+    (the record's archives stay), and half-written files."""
+    store = Path(info["store"])
+    every, _ = versions(info, model)
+    entry = (_read(state).get("defaults") or {}).get(model) or {}
+    keep = {str(store / _hidden(model, v)) for v in every} | {entry.get("archive")}
+    for stale in list(store.glob(f".promote-{model}-*.mar")) + list(store.glob(f".*{model}*.partial")):
+        if str(stale) not in keep:
+            stale.unlink(missing_ok=True)
+
+
 def _judge_candidate(state, info, model, current, version, hidden, samples, live, min_agreement, reference,
                      result, log) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        spec = golden.prepare(state, model, Path(tmp), reference=reference, mar=hidden)
+        served = Path(info["store"]) / f"{model}.mar"
+        _same_reference(served, hidden, Path(tmp), reference)
+        spec = golden.prepare(state, model, Path(tmp), reference=reference, mar=hidden,
+                              reference_mar=served if served.is_file() else None)
         replay = spooled(state, model, current, samples if live is None else live)
         log(f"judging {samples} answers of version {version} beside version {current}"
             + (f", and {len(replay)} live requests its shadow sampled" if replay else ""))
@@ -371,9 +430,13 @@ def _switch(state: Path, info: dict, model: str, current: str, version: str, hid
     the record, the store file replaced by the judged bytes, TorchServe's default switched, older versions
     withdrawn."""
     store = Path(info["store"])
-    kept = state / KEPT / f"{model}-{current}.mar"
-    kept.parent.mkdir(exist_ok=True, mode=0o700)
+    kept = state / KEPT / model / f"{current}.mar"
+    kept.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     live = store / f"{model}.mar"
+    if live.is_file() and mar_version(live) != current:
+        raise ServeError(f"{live} is version {mar_version(live)}, but the server's default is {current}: the store "
+                         f"was changed by hand since the server started; restart it (modelship serve --stop, then "
+                         f"serve) and promote again; version {version} stays registered beside it")
     previous = {"version": current, "archive": str(kept), "sha256": _copy(live, kept)} if live.is_file() else None
     _step("promote", "kept")
     result.decision = "promoted"
@@ -389,7 +452,7 @@ def _switch(state: Path, info: dict, model: str, current: str, version: str, hid
     for v in every:  # what an earlier promote kept for --rollback: only this one's previous version stays
         if v not in (version, current):
             _withdraw(info, model, v)
-    for old in (state / KEPT).glob(f"{model}-*.mar"):
+    for old in (state / KEPT / model).glob("*.mar"):
         if old != kept:
             old.unlink(missing_ok=True)
     _step("promote", "cleared")
@@ -435,7 +498,7 @@ def collect(info: dict, spec: dict, model: str, current: str, version: str, samp
     url = info["inference_url"] + f"/predictions/{model}/"
     out = Answers(current, version, latency_ms={current: [], version: []})
     work = [(k % len(bodies), bodies[k % len(bodies)], hdr) for k in range(samples)]
-    work += [(None, body, {**hdr, **headers}) for headers, body in replay or []]
+    work += [(None, _replayable(body, headers), {**hdr, **headers}) for headers, body in replay or []]
     with requests.Session() as http:
         for k, (i, body, headers) in enumerate(work):
             answers = {}
@@ -454,10 +517,37 @@ def collect(info: dict, spec: dict, model: str, current: str, version: str, samp
                     out.example = out.example or f"version {v}: HTTP {r.status_code} {r.text[:200]}"
             out.work.append((i, answers))
     out.burst = _burst(url + version, bodies, hdr, min(BURST, len(bodies)), out)
+    out.burst += _batched(url + version, spec, {**hdr, "Content-Type": "application/json"},
+                          list(range(min(BURST, len(bodies)))), out)
     return out
 
 
-BURST = 16  # evaluation samples sent to the candidate at once: answers inside a batch of other users' requests
+def _batched(url: str, spec: dict, headers: dict, indices: list, out: "Answers") -> list:
+    """The same samples in one request (a list of them): answered as one batch whatever the server's timing."""
+    import requests
+
+    from .comparison import per_sample
+
+    body = golden.batch_body(spec, indices)
+    if body is None:
+        return []
+    try:
+        r = requests.post(url, data=body, headers=headers, timeout=60)
+    except requests.RequestException as e:
+        out.example = out.example or f"version {out.version} (one request of {len(indices)}): {type(e).__name__}"
+        return [(indices[0], None)]
+    if r.status_code != 200:
+        out.example = out.example or f"version {out.version} (one request of {len(indices)}): HTTP {r.status_code} " \
+                                     f"{r.text[:200]}"
+        return [(indices[0], None)]
+    items = per_sample(_answer(r))
+    if len(items) != len(indices):
+        out.example = out.example or f"version {out.version}: {len(items)} answers to one request of {len(indices)}"
+        return [(indices[0], None)]
+    return list(zip(indices, items))
+
+
+BURST = 16  # evaluation samples sent to the candidate at once, then in one request: answers inside a batch
 
 
 def _burst(url: str, bodies: list, headers: dict, n: int, out: "Answers") -> list:
@@ -478,6 +568,22 @@ def _burst(url: str, bodies: list, headers: dict, n: int, out: "Answers") -> lis
         return i, _answer(r)
     with ThreadPoolExecutor(max_workers=max(1, n)) as pool:
         return list(pool.map(send, range(n)))
+
+
+def _replayable(body: bytes, headers: dict) -> bytes:
+    """A spooled v2 JSON body without the model version its client named (it is sent to both versions)."""
+    from .serving.codec import BINARY_HEADER
+
+    if BINARY_HEADER in headers or not body.lstrip().startswith(b"{"):
+        return body
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return body
+    if isinstance(parsed, dict) and "model_version" in parsed:
+        parsed.pop("model_version")
+        return json.dumps(parsed).encode()
+    return body
 
 
 def _answer(r) -> dict:
@@ -629,6 +735,10 @@ def rollback(state: str | Path, model: str, log=lambda msg: None) -> Promotion:
             raise ServeError(f"the default version of '{model}' is {current}, not {entry['version']} that the last "
                              "promote made default; nothing was changed")
         prev = entry["previous"]
+        live = Path(info["store"]) / f"{model}.mar"
+        if _sha(live) != entry["sha256"]:
+            raise ServeError(f"{live} is not the archive the last promote put there (changed by hand?); nothing was "
+                             "changed")
         kept = Path(prev["archive"])
         if _sha(kept) != prev["sha256"]:
             raise ServeError(f"{kept}: the archive of version {prev['version']} that promote kept is missing or "

@@ -117,6 +117,8 @@ def promote_table(r) -> Table:
         t.add_column(c)
     f = lambda v, spec: "—" if v is None else format(v, spec)
     t.add_row("answers judged", str(r.samples), str(r.samples))
+    if r.burst:
+        t.add_row("answered in a burst (batched)", "", str(r.burst))
     if r.live:
         t.add_row("live requests replayed", str(r.live), str(r.live))
     t.add_row("p95 ms", f(r.p95_ms_current, ".1f"), f(r.p95_ms_candidate, ".1f")

@@ -91,8 +91,15 @@ def _v2_binary(b: bytes) -> tuple[bytes, dict]:
                                                       BINARY_HEADER: str(len(head))}
 
 
+def _v2_text_binary(b: bytes) -> tuple[bytes, dict]:
+    head = json.dumps({"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": len(b) + 4}}]}).encode()
+    return head + len(b).to_bytes(4, "little") + b, {"Content-Type": "application/octet-stream",
+                                                      BINARY_HEADER: str(len(head))}
+
+
 @pytest.mark.serve
-def test_damaged_images_get_400s_on_every_path_and_the_server_keeps_answering(served, cnn, tmp_path):
+def test_damaged_images_and_texts_get_400s_on_every_path_and_the_server_keeps_answering(served, cnn, tmp_path):
     from modelship import data as datasets
 
     cases = damaged.images(step=7)
@@ -122,6 +129,25 @@ def test_damaged_images_get_400s_on_every_path_and_the_server_keeps_answering(se
     statuses = json.loads(p.stdout.strip().splitlines()[-1])
     bad = [(what, s) for (what, _), s in zip(cases, statuses) if s[0] not in ("OK", "INVALID_ARGUMENT")]
     assert not bad and any(s[0] == "INVALID_ARGUMENT" for s in statuses), bad[:5]
+    # texts, damaged the same ways, to the text model: raw bodies, the v2 binary extension, gRPC
+    texts = damaged.texts(step=7)  # the text model waits out a 500 ms batch delay per request
+    text_routes = {"/predictions": (served["inference_url"] + "/predictions/text-onnx",
+                                    lambda b: (b, {"Content-Type": "text/plain"})),
+                   "v2 REST binary": (served["v2_url"] + "/v2/models/text-onnx/infer", _v2_text_binary)}
+    with requests.Session() as http:
+        for route, (url, form) in text_routes.items():
+            for what, b in texts:
+                body, headers = form(b)
+                r = http.post(url, data=body, headers={**auth, **headers}, timeout=30)
+                assert r.status_code in (200, 400), f"text {route}, {what}: {r.status_code} {r.text[:300]}"
+    bodies.write_text(json.dumps([base64.b64encode(b).decode() for _, b in texts]))
+    p = subprocess.run([sys.executable, str(Path(__file__).with_name("grpc_send_bytes.py")),
+                        served["v2_grpc_address"], served["token"], "text-onnx", "text", str(bodies)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    statuses = json.loads(p.stdout.strip().splitlines()[-1])
+    assert all(s[0] in ("OK", "INVALID_ARGUMENT") for s in statuses), statuses
+    assert {s[0] for s in statuses} == {"OK", "INVALID_ARGUMENT"}  # cut inside a character: refused; else answered
     # still serving, and still right
     raw, _ = datasets.digits_raw({}, "test")
     r = requests.post(routes["/predictions"][0], data=raw[0], headers={**auth, "Content-Type": "image/png"}, timeout=30)

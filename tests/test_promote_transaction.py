@@ -93,6 +93,8 @@ def test_promote_killed_at_each_step_leaves_old_or_new_with_a_record_that_says_w
                 assert running == version and mar_version(bench["store"] / "digits.mar") == version, step
             assert not list(bench["store"].glob(".*.partial")), step
             default = want
+        hidden = {p.name for p in bench["store"].glob(".promote-*")}
+        assert ".promote-digits-2.0.mar" not in hidden  # the copy a killed promote left, swept by the next one
         p = rollback(bench)  # finishes nothing (9.0's promote got to its end), then rolls it back
         assert p.returncode == 0, p.stderr[-2000:]
         assert versions(server.info, "digits")[1] == "8.0" == recorded(bench)

@@ -252,7 +252,7 @@ def test_a_wrong_or_slow_candidate_is_refused_and_never_answers_a_client(shadow_
     r = json.loads((tmp_path / "r.json").read_text())
     assert r["decision"] == "refused" and r["samples"] == 50 and r["agreement_reference"] == 0.0
     assert [f["kind"] for f in r["failures"]] == ["parity"] * 3  # labels vs reference and current; differences
-    assert r["beyond_tolerance"] == 50 + r["burst"] and r["burst"] == 16 and r["agreement_current"] == 0.0
+    assert r["beyond_tolerance"] == 50 + r["burst"] and r["burst"] == 32 and r["agreement_current"] == 0.0
     assert r["live"] == 50  # and 50 live requests that version 1.0's shadow sampled, replayed to both
     assert versions(info, "good") == (["1.0"], "1.0")  # unregistered; the current version stays the default
     assert not list(shadow_server["store"].glob(".promote-*"))
@@ -400,7 +400,7 @@ def test_binary_and_grpc_requests_are_sampled_judged_and_spooled(shadow_server, 
 
 
 def test_a_rate_below_one_samples_its_share(shadow_server):
-    """Rate 0.3 over 300 requests: the sampled count within the binomial's 99.9 % bounds (90 ± 26), every sampled
+    """Rate 0.3 over 300 requests: the sampled count within the binomial's 99.99 % bounds (90 ± 31), every sampled
     one judged."""
     info = shadow_server["info"]
     x = digits(300)
@@ -412,7 +412,7 @@ def test_a_rate_below_one_samples_its_share(shadow_server):
     m = scrape(info["shadow_metrics_url"])
     sampled = value(m, "modelship_shadow_sampled_total", model="third")
     n, p = 300, 0.3
-    half = 3.29 * (n * p * (1 - p)) ** 0.5
+    half = 3.89 * (n * p * (1 - p)) ** 0.5  # 99.99 %: a false failure once in 10,000 runs
     assert n * p - half <= sampled <= n * p + half, sampled
     m = settled(info["shadow_metrics_url"], "third", sampled)
     assert value(m, "modelship_shadow_checked_total", model="third") == sampled

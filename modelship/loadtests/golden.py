@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ArtifactError, ServeError
+from ..errors import ArtifactError, ParityError, ServeError
 from ..manifest import load_artifact
 from .. import data as datasets
-from ..comparison import Verdict, check, collect, golden_of, served_tolerance  # noqa: F401 — check: the one verdict
+from ..comparison import Verdict, bad_rows, check, collect, golden_of, served_tolerance  # noqa: F401 — check: the one verdict
 from ..serving.archive import read_mar
 from ..serving.codec import DESCRIBE, SERVED_ON, V2_DTYPES
 from ..serving.server import read_state
@@ -25,12 +25,14 @@ from ..serving.server import read_state
 
 def prepare(state: str | Path, model: str, out_dir: Path, reference: str | Path | None = None,
             samples: int | None = None, data: dict | None = None, overrides: dict | None = None,
-            per_output: dict | None = None, mar: Path | None = None, protocol: str = "predictions") -> dict:
+            per_output: dict | None = None, mar: Path | None = None, protocol: str = "predictions",
+            reference_mar: Path | None = None) -> dict:
     """Write the request bodies and the golden outputs of the root PyTorch model for one served model.
     ``data``: the user's evaluation data (default: the served artifact's); ``overrides`` / ``per_output``:
     the command line's changes to the served artifact's precision tolerance; ``mar``: the archive served
     (default: STORE/MODEL.mar; another version's for modelship promote); ``protocol``: ``predictions``
-    (TorchServe's /predictions/MODEL) or ``v2`` (the Open Inference Protocol front's /v2/models/MODEL/infer)."""
+    (TorchServe's /predictions/MODEL) or ``v2`` (the Open Inference Protocol front's /v2/models/MODEL/infer);
+    ``reference_mar``: the archive whose sealed reference judges (default: ``mar``'s; promote: the served one's)."""
     from ..models.checkpoints import open_source
     from ..runners.torch_runner import TorchRunner
     from ..stages import reference_of
@@ -46,7 +48,7 @@ def prepare(state: str | Path, model: str, out_dir: Path, reference: str | Path 
     mar = mar or Path(info["store"]) / f"{model}.mar"
     served = read_mar(mar)
     source = (served.extra.get("archive") or {}).get("source")
-    sealed = sealed_reference(mar, out_dir / "sealed-reference")
+    sealed = sealed_reference(reference_mar or mar, out_dir / "sealed-reference")
     if reference:
         ref_art, module = open_source(reference)
     elif sealed is not None:  # the reference packed (and sealed) inside the archive: what its shadow runs
@@ -96,6 +98,12 @@ def prepare(state: str | Path, model: str, out_dir: Path, reference: str | Path 
     missing = [o for o in outputs if o not in ref]
     if missing:
         raise ArtifactError(f"the reference {ref_art.path} has no output(s) {', '.join(missing)} that '{model}' answers")
+    bad = {o: int(bad_rows(~np.isfinite(ref[o])).sum()) for o in outputs if not np.all(np.isfinite(ref[o]))}
+    if bad:  # no evidence: an answer equal to a NaN would pass, one that differs could not be judged
+        raise ParityError(f"the reference {ref_art.path} answers NaN or inf on the evaluation data ("
+                          + ", ".join(f"output '{o}': {n} of {n_rows(ref[o])} samples" for o, n in bad.items())
+                          + "); served answers cannot be judged against it; supply data it answers finitely on "
+                          "(--data)", kind="weak")
     out_dir.mkdir(parents=True, exist_ok=True)
     golden = golden_of(served.task, outputs, ref)
     np.savez(out_dir / "golden.npz", **golden)
@@ -113,6 +121,10 @@ def prepare(state: str | Path, model: str, out_dir: Path, reference: str | Path 
 
 
 PROTOCOLS = ("predictions", "v2")
+
+
+def n_rows(a) -> int:
+    return len(a) if np.ndim(a) else 1
 
 
 def sealed_reference(mar: Path, dst: Path):
@@ -153,6 +165,22 @@ def request_bodies(spec: dict) -> list:
 
     bodies = json.loads(Path(spec["bodies"]).read_text()) if spec.get("bodies") else []
     return [base64.b64decode(b) for b in bodies] if spec.get("binary") else bodies
+
+
+def batch_body(spec: dict, indices: list) -> bytes | None:
+    """One /predictions request carrying the samples ``indices`` of ``prepare``'s bodies (a list of samples: the
+    handler runs them as one batch), or None where the bodies do not combine (the v2 protocol)."""
+    import base64
+
+    if spec.get("protocol") == "v2":
+        return None
+    bodies = request_bodies(spec)
+    if spec.get("binary"):  # encoded images: base64 in JSON
+        return json.dumps({"inputs": [{"image_b64": base64.b64encode(bodies[i]).decode()} for i in indices]}).encode()
+    samples = [json.loads(bodies[i])["inputs"] for i in indices]
+    if isinstance(samples[0], dict):
+        return json.dumps({"inputs": {k: [x[k] for x in samples] for k in samples[0]}}).encode()
+    return json.dumps({"inputs": samples}).encode()
 
 
 TOKEN_ENV = "MODELSHIP_TOKEN"  # how Locust processes get the bearer token: never written into the spec file

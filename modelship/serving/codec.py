@@ -387,9 +387,10 @@ def _b64(value) -> bytes:
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64)
-    z = np.exp(z - z.max(-1, keepdims=True))
-    return (z / z.sum(-1, keepdims=True)).astype(np.float32)
+    """The REST answer's probabilities (float32) of ``comparison.softmax``."""
+    from ..comparison import softmax as probabilities
+
+    return probabilities(logits).astype(np.float32)
 
 
 @dataclass

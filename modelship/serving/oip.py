@@ -421,6 +421,19 @@ def _grpc_server(plane, registry, token: Token, host: str, port: int, max_bytes:
             VERSION.set(request.version or None)
             return await super().ModelMetadata(request, context)
 
+        async def ModelInfer(self, request, context):
+            """KServe's, with a tensor whose raw contents do not fit its shape or datatype refused as the client's
+            error (INVALID_ARGUMENT), not an internal one."""
+            import struct
+
+            from kserve.errors import InvalidInput
+
+            try:
+                return await super().ModelInfer(request, context)
+            except (ValueError, struct.error, IndexError) as e:
+                raise InvalidInput(f"malformed input tensor: {str(e)[:200] or type(e).__name__}; expected raw "
+                                   "contents that fill each input's shape in its datatype") from None
+
         async def RepositoryModelLoad(self, request, context):
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, REPOSITORY)
 

@@ -207,8 +207,10 @@ def alive(pid: int | None) -> bool:
         return True
 
 
-def start(store: str | Path, state: str | Path, config: ServeConfig | None = None) -> dict:
-    """Start TorchServe in its own process group; return the serve.json contents once all models are ready."""
+def start(store: str | Path, state: str | Path, config: ServeConfig | None = None, before_launch=None) -> dict:
+    """Start TorchServe in its own process group; return the serve.json contents once all models are ready.
+    ``before_launch(store, state)`` runs once every check passed (no server of this state runs, the ports are free)
+    and before anything is launched: ``modelship promote``'s unfinished switch is put in place there."""
     config = config or ServeConfig()
     config.check_front()
     check_java()
@@ -233,6 +235,10 @@ def start(store: str | Path, state: str | Path, config: ServeConfig | None = Non
                          "it as a model — pass a --state outside the store")
     state.mkdir(parents=True, exist_ok=True)
     state.chmod(0o700)  # it holds the key file and serve.json: owner only
+    if before_launch is not None:
+        before_launch(store, state)
+        mars = visible_mars(store)
+        models = {m.stem: read_mar(m).name for m in mars}
     if (state / "logs").is_dir():  # startup failures are read from these logs: start from clean ones
         shutil.rmtree(state / "logs.prev", ignore_errors=True)
         (state / "logs").rename(state / "logs.prev")
@@ -298,15 +304,18 @@ def start(store: str | Path, state: str | Path, config: ServeConfig | None = Non
 
 def _client_host(host: str) -> str:
     """Where a client on this machine reaches a front listening on ``host`` (every address: loopback)."""
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"[{host}]" if ":" in host else host  # an IPv6 literal in a URL or address
 
 
 def _write_state(state: Path, info: dict) -> None:
     """serve.json (and TorchServe's key file beside it) readable by the owner only."""
     path = state / STATE_FILE
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    tmp = state / f".{STATE_FILE}.{os.getpid()}.partial"  # written whole, then renamed: a reader never sees half
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, path)
     path.chmod(0o600)
     if (state / "key_file.json").is_file():
         (state / "key_file.json").chmod(0o600)

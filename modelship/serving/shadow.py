@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..comparison import Verdict, check, collect, golden_of, served_tolerance
+from ..comparison import Verdict, check, collect, golden_of, per_sample, served_tolerance
 from ..errors import ArtifactError
 from ..manifest import Manifest, load_artifact
 from ..runners import open_runner
@@ -161,7 +161,6 @@ class Shadow:
                 self.queue.task_done()
 
     def _judge(self, sample: Sample) -> None:
-        from ..comparison import per_sample
         from .codec import BINARY_HEADER, Binary, read_binary_answer
 
         req = self.codec.decode(sample.body, sample.headers.get("Content-Type"), sample.headers.get(BINARY_HEADER))
@@ -172,22 +171,20 @@ class Shadow:
                         sample.request_id)
             return
         golden = golden_of(self.spec["task"], self.spec["outputs"], ref)
-        if isinstance(sample.answer, Binary):  # what the client reads: the header, then the tensors' bytes
-            body, length = sample.answer.body()
-            answer = read_binary_answer(body, length)
-        else:
-            answer = json.loads(json.dumps(sample.answer))
-        items = per_sample(answer)
-        verdicts = [check(self.spec, golden, i, item) for i, item in enumerate(items)]
-        if len(items) != req.items:
-            verdicts.append(Verdict(None, False, float("inf"), f"{len(items)} answers to {req.items} samples"))
-        worst = max(v.diff for v in verdicts)
+        try:
+            if isinstance(sample.answer, Binary):  # what the client reads: the header, then the tensors' bytes
+                body, length = sample.answer.body()
+                answer = read_binary_answer(body, length)
+            else:
+                answer = json.loads(json.dumps(sample.answer))
+            worst, kind, bad = verdict(self.spec, golden, answer, req.items)
+        except Exception as e:  # noqa: BLE001 — an answer a client could not read is a wrong answer, not ours
+            worst, kind = float("inf"), "tolerance"
+            bad = [Verdict(None, False, worst, f"the answer cannot be read ({type(e).__name__}: {str(e)[:200]})")]
         self.checked.inc()
         self.diff.observe(worst if np.isfinite(worst) else 1e30)
-        bad = [v for v in verdicts if not v.ok]
-        if not bad:
+        if kind is None:
             return
-        kind = next((k for k in MISMATCH_KINDS if any(v.kind == k for v in bad)), "tolerance")  # most severe
         self.mismatch[kind].inc()
         digest = input_hash(sample.body, req.feed)
         log.warning("modelship shadow mismatch: model %s version %s request %s input sha256 %s kind %s "
@@ -242,6 +239,21 @@ class Shadow:
                 return False
             time.sleep(0.01)
         return True
+
+
+def verdict(spec: dict, golden: dict, answer: dict, items: int) -> tuple[float, str | None, list[Verdict]]:
+    """Shadow's verdict on one answer (as the client read it) to a request of ``items`` samples: (the worst
+    difference from the reference over every sample and output, the mismatch kind: the most severe among the
+    samples' (``MISMATCH_KINDS``), or None when every sample is right, the verdicts that failed)."""
+    answers = per_sample(answer)
+    verdicts = [check(spec, golden, i, item) for i, item in enumerate(answers)]
+    if len(answers) != items:
+        verdicts.append(Verdict(None, False, float("inf"), f"{len(answers)} answers to {items} samples"))
+    worst = max((v.diff for v in verdicts), default=float("inf"))
+    bad = [v for v in verdicts if not v.ok]
+    if not bad:
+        return worst, None, []
+    return worst, next(k for k in MISMATCH_KINDS if any(v.kind == k for v in bad)), bad
 
 
 def read_spooled(data: bytes) -> tuple[dict, bytes]:
