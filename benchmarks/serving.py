@@ -9,7 +9,9 @@
    request ({"inputs": "review"}) against the same review sent as its token ids: the tokenizer's cost.
 Runs are interleaved (off, on, off, on, ...) and medians reported. Usage:
   python benchmarks/serving.py [--rounds 3] [--seconds 10] [--users 16] [--locust-workers 0] [--text] [--json PATH]
---json writes served_minus_inprocess_ms, batching_gain, locust_ceiling_rps and v2_over_predictions_p50 (with
+--json writes served_minus_inprocess_ms, batching_gain, locust_ceiling_rps, v2_over_predictions_p50 and
+served_over_floor_p50 (the served p50 over a bare loopback server's, benchmarks/floor_server.py, sent the same
+requests by the same Locust user: the floor of this machine; absolute ms differ two-fold between machines) (with
 --text: raw_text_p50_ms,
 token_ids_p50_ms, tokenizer_ms).
 """
@@ -28,7 +30,8 @@ from modelship.loadtests.golden import prepare
 from modelship.loadtests.runner import run_locust
 from modelship.models.train import train_artifact
 from modelship.runners import open_runner
-from modelship.serving import server
+from modelship.serving import config, lifecycle
+from modelship.serving.state import ServerState
 from modelship.serving.archive import ModelConfig, archive
 
 
@@ -50,15 +53,19 @@ def main():
     archive(onnx_art, store, name="nobatch", config=ModelConfig(batch_size=1, max_batch_delay_ms=0, **one))
     archive(onnx_art, store, name="batch", config=ModelConfig(batch_size=8, max_batch_delay_ms=5, **one))
     state = tmp / "state"
-    server.start(store, state, server.ServeConfig(port=server.free_port()))
+    lifecycle.start(store, state, config.ServeConfig(port=config.free_port()))
     try:
         specs = {m: prepare(state, m, tmp / f"lt-{m}") for m in ("nobatch", "batch")}
         v2_spec = prepare(state, "nobatch", tmp / "lt-v2", protocol="v2")
         runner = open_runner(onnx_art, threads=1)
         feed = feed_for(runner, 1)
-        served1, inproc, rps, v2 = [], [], {"nobatch": [], "batch": []}, []
+        floor_spec, floor = start_floor(specs["nobatch"], tmp)
+        served1, inproc, rps, v2, bare = [], [], {"nobatch": [], "batch": []}, [], []
         for r in range(args.rounds):
             inproc.append(float(np.median(measure(lambda: runner.infer(feed), 1.0))))
+            res = run_locust(floor_spec, tmp / "floor", 1, 1, args.seconds, tag=f"floor_{r}")
+            assert res["failures"] == 0 and res["requests"] > 0, res
+            bare.append(res["p50_ms"])
             res = run_locust(specs["nobatch"], tmp / "c1", 1, 1, args.seconds, tag=f"c1_{r}")
             served1.append(res["p50_ms"])
             res = run_locust(v2_spec, tmp / "v2", 1, 1, args.seconds, tag=f"v2_{r}")
@@ -71,10 +78,17 @@ def main():
                 rps[m].append(res["rps"])
         ping = run_locust({**specs["nobatch"], "mode": "ping"}, tmp / "ping", args.users, args.users, args.seconds,
                           args.locust_workers, tag="ping")
-        parts = breakdown(server.read_state(state), specs["nobatch"])
+        parts = breakdown(ServerState.load(state), specs["nobatch"])
     finally:
-        server.stop(state)
+        if "floor" in locals():
+            floor.terminate()
+            floor.wait(10)
+        lifecycle.stop(state)
     p_served, p_in = statistics.median(served1), statistics.median(inproc)
+    floor_ratio = statistics.median(a / b for a, b in zip(served1, bare))
+    print(f"concurrency 1, batching off: served p50 {p_served:.2f} ms, a bare loopback server's {statistics.median(bare):.2f}"
+          f" ms (the same Locust user and requests): ratio {floor_ratio:.2f} (goal <= 3; rounds: "
+          f"{', '.join(f'{a:.2f}/{b:.2f}' for a, b in zip(served1, bare))})")
     print(f"concurrency 1, batching off: served p50 {p_served:.2f} ms, in-process p50 {p_in:.3f} ms, "
           f"difference {p_served - p_in:.2f} ms (goal <= 2 ms)")
     v2_ratio = statistics.median(a / b for a, b in zip(v2, served1))
@@ -97,16 +111,40 @@ def main():
                               "locust_ceiling_rps": ping["rps"], "served_p50_ms": p_served, "inprocess_p50_ms": p_in,
                               "rps_batching_on": statistics.median(rps["batch"]),
                               "rps_batching_off": statistics.median(rps["nobatch"]),
-                              "v2_p50_ms": statistics.median(v2), "v2_over_predictions_p50": v2_ratio})
+                              "v2_p50_ms": statistics.median(v2), "v2_over_predictions_p50": v2_ratio,
+                              "floor_p50_ms": statistics.median(bare), "served_over_floor_p50": floor_ratio})
 
 
-def _counters(info: dict, model: str) -> dict:
+def start_floor(spec: dict, tmp: Path):
+    """The bare server (benchmarks/floor_server.py) answering every request with a real answer of the served model,
+    and a load-test spec that sends it the same requests: (spec, process)."""
+    import subprocess
+    import sys
+
+    import requests
+
+    from modelship.loadtests.golden import request_bodies, request_headers
+
+    answer = requests.post(spec["host"] + spec["path"], data=request_bodies(spec)[0], headers=request_headers(spec),
+                           timeout=30)
+    assert answer.status_code == 200, answer.text
+    (tmp / "floor-answer.json").write_bytes(answer.content)
+    port = config.free_port(1)
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("floor_server.py")), str(port),
+                             str(tmp / "floor-answer.json")])
+    deadline = time.monotonic() + 10
+    while config.port_free(port) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return {**spec, "mode": "floor", "host": f"http://127.0.0.1:{port}", "token": None}, proc
+
+
+def _counters(info: ServerState, model: str) -> dict:
     """TorchServe's per-model Prometheus counters: requests, frontend latency and queue latency (µs, summed)."""
     import re
 
     import requests
 
-    text = requests.get(f"{info['metrics_url']}/metrics", timeout=10).text
+    text = requests.get(f"{info.metrics_url}/metrics", timeout=10).text
     out = {}
     for name in ("ts_inference_requests_total", "ts_inference_latency_microseconds", "ts_queue_latency_microseconds"):
         m = re.search(rf'^{name}{{[^}}]*model_name="{model}"[^}}]*}} ([0-9.eE+-]+)', text, re.M)
@@ -114,7 +152,7 @@ def _counters(info: dict, model: str) -> dict:
     return out
 
 
-def breakdown(info: dict, spec: dict, n: int = 400) -> dict:
+def breakdown(info: ServerState, spec: dict, n: int = 400) -> dict:
     """Serial requests with a keep-alive client: the round trip it sees, TorchServe's frontend latency and queue
     time (its counters, per request), and the handler's own decode / infer / encode (its Server-Timing header)."""
     import requests
@@ -158,7 +196,7 @@ def text_vs_ids(tmp: Path, rounds: int, seconds: float) -> dict:
     art = ms.export(train_artifact("text", tmp / "text"), tmp / "text-onnx")
     archive(art, tmp / "text-store", name="text", config=ModelConfig(batch_size=1, max_batch_delay_ms=0, workers=1))
     state = tmp / "text-state"
-    server.start(tmp / "text-store", state, server.ServeConfig(port=server.free_port()))
+    lifecycle.start(tmp / "text-store", state, config.ServeConfig(port=config.free_port()))
     try:
         raw = prepare(state, "text", tmp / "lt-raw")
         texts = [json.loads(b)["inputs"] for b in json.loads(Path(raw["bodies"]).read_text())]
@@ -176,7 +214,7 @@ def text_vs_ids(tmp: Path, rounds: int, seconds: float) -> dict:
                 assert res["mismatches"] == 0 and res["failures"] == 0, res
                 p50[k].append(res["p50_ms"])
     finally:
-        server.stop(state)
+        lifecycle.stop(state)
     a, b = statistics.median(p50["raw text"]), statistics.median(p50["token ids"])
     print(f"text model, concurrency 1: raw text p50 {a:.2f} ms, token ids p50 {b:.2f} ms, tokenizer cost "
           f"{a - b:.2f} ms ({a / b:.3f}x) (rounds: {', '.join(f'{x:.1f}/{y:.1f}' for x, y in zip(p50['raw text'], p50['token ids']))})")

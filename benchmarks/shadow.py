@@ -20,7 +20,8 @@ from modelship.bench import scratch, write_figures
 from modelship.loadtests.golden import prepare
 from modelship.loadtests.runner import run_locust
 from modelship.models.train import train_artifact
-from modelship.serving import server
+from modelship.serving import config, lifecycle
+from modelship.serving.state import ServerState
 
 RATES = {"off": 0.0, "r001": 0.01, "r1": 1.0}
 
@@ -39,7 +40,7 @@ def main():
     for name, rate in RATES.items():
         ms.archive(onnx_art, store, name=name, workers=1, threads=1, shadow_rate=rate)
     state = tmp / "state"
-    server.start(store, state, server.ServeConfig(port=server.free_port()))
+    lifecycle.start(store, state, config.ServeConfig(port=config.free_port()))
     try:
         specs = {m: prepare(state, m, tmp / f"lt-{m}") for m in RATES}
         p50 = {m: [] for m in RATES}
@@ -51,9 +52,9 @@ def main():
                 p50[m].append(res["p50_ms"])
                 rps[m].append(res["rps"])
                 print(f"round {r + 1} {m:5s}: p50 {res['p50_ms']:.2f} ms, {res['rps']:.1f} req/s")
-        counters = shadow_counters(server.read_state(state))
+        counters = shadow_counters(ServerState.load(state))
     finally:
-        server.stop(state)
+        lifecycle.stop(state)
     figures = {}
     for m, key in (("r001", "001"), ("r1", "1")):
         figures[f"shadow_p50_ratio_{key}"] = statistics.median(s / o for s, o in zip(p50[m], p50["off"]))
@@ -70,10 +71,10 @@ def main():
     write_figures(args.json, figures)
 
 
-def shadow_counters(info: dict) -> dict:
+def shadow_counters(info: ServerState) -> dict:
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = requests.get(f"{info['shadow_metrics_url']}/metrics", timeout=10).text
+    text = requests.get(f"{info.shadow_metrics_url}/metrics", timeout=10).text
     out = {}
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:

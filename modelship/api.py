@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .convert import Judge, artifact, compile, data_spec, distill, export, quantize  # noqa: F401 — the API
-from .errors import GateError, InputError, ModelshipError, ServeError
+from .errors import GateError, ModelshipError, ServeError
 from .manifest import Artifact, load_artifact  # noqa: F401 — the API
 
 __all__ = ["export", "quantize", "distill", "compile", "parity", "archive", "serve", "loadtest", "promote", "tune", "pipeline",
@@ -201,46 +201,35 @@ class Server:
     """A TorchServe started by ``serve``: ``predict``, ``loadtest``, ``stop`` (also on leaving a ``with`` block, on an
     error, on SIGTERM / SIGHUP / SIGINT, and at interpreter exit)."""
 
-    def __init__(self, info: dict, temporary: Path | None, signals: contextlib.ExitStack):
-        self.info, self._temporary, self._signals = info, temporary, signals
+    def __init__(self, info, temporary: Path | None, signals: contextlib.ExitStack):
+        self.info, self._temporary, self._signals = info, temporary, signals  # info: serving.state.ServerState
         self.stopped = False
         atexit.register(self.stop)
 
     @property
     def state(self) -> Path:
-        return Path(self.info["state"])
+        return Path(self.info.state)
 
     @property
     def models(self) -> list:
-        return list(self.info["models"])
+        return list(self.info.models)
 
     @property
     def inference_url(self) -> str:
-        return self.info["inference_url"]
+        return self.info.inference_url
 
     def predict(self, model: str, inputs=None, *, body: bytes | str | None = None,
                 content_type: str = "application/json", timeout: float = 30.0) -> dict:
         """One request: ``inputs`` (a sample or a list of them, a text, an array) sent as ``{"inputs": ...}``, or a
         raw ``body`` (an encoded image, with its ``content_type``). Returns the answer; a 400 raises InputError with
         the server's message, any other failure ServeError."""
-        import requests
-
-        from .serving.server import bearer, read_state
+        from .serving.state import ServerState
+        from .serving.torchserve import TorchServe
 
         if body is None:
             body = json.dumps({"inputs": inputs.tolist() if hasattr(inputs, "tolist") else inputs})
-        token = read_state(self.state).get("token")  # re-read: a rotated token is picked up
-        try:
-            r = requests.post(f"{self.inference_url}/predictions/{model}", data=body, timeout=timeout,
-                              headers={"Content-Type": content_type, **bearer(token)})
-        except requests.RequestException as e:
-            raise ServeError(f"{self.inference_url} did not answer ({type(e).__name__}: {e})") from None
-        payload = r.json() if r.headers.get("Content-Type", "").startswith("application/json") else {"message": r.text}
-        if r.status_code == 400:
-            raise InputError(f"HTTP 400: {payload.get('message', payload)}")
-        if r.status_code != 200:
-            raise ServeError(f"HTTP {r.status_code}: {payload.get('message', payload)}")
-        return payload
+        ts = TorchServe(ServerState.load(self.state))  # read again: a rotated token is picked up
+        return ts.answer(ts.predict(model, body, {"Content-Type": content_type}, timeout_s=timeout))
 
     def loadtest(self, model: str, **kw) -> LoadResult:
         """``loadtest`` against this server (same options)."""
@@ -254,20 +243,20 @@ class Server:
         """modelship's Prometheus metrics (shadow parity), as a scrape returns them."""
         import requests
 
-        return requests.get(f"{self.info['shadow_metrics_url']}/metrics", timeout=10).text
+        return requests.get(f"{self.info.shadow_metrics_url}/metrics", timeout=10).text
 
     def wait(self) -> None:
         """Block while TorchServe runs; a signal (SIGTERM, SIGHUP, SIGINT) or Ctrl-C stops it and returns; TorchServe
         exiting by itself raises ServeError."""
         import time
 
-        from .serving import server
+        from .serving import lifecycle, processes
 
         try:
-            while server.alive(self.info["pid"]) and not self.stopped:
-                if self.info.get("v2_url") and not server.front_alive(self.state):  # TorchServe serves on
-                    self.info = server.front_died(self.state)
-                    warnings.warn(f"the Open Inference Protocol front stopped: {self.info.get('v2_status')}; "
+            while processes.alive(self.info.pid) and not self.stopped:
+                if self.info.v2_url and not processes.front_alive(self.state):  # TorchServe serves on
+                    self.info = lifecycle.front_died(self.state)
+                    warnings.warn(f"the Open Inference Protocol front stopped: {self.info.v2_status}; "
                                   "/predictions is still served")
                 time.sleep(1)
         except KeyboardInterrupt:  # modelship.signals.Stopped is one
@@ -287,11 +276,11 @@ class Server:
         """Stop TorchServe and its workers; remove the state folder if ``serve`` made it. Safe to call twice."""
         if self.stopped:
             return
-        from .serving import server
+        from .serving import lifecycle
 
         self.stopped = True
         try:
-            server.stop(self.state)
+            lifecycle.stop(self.state)
         finally:
             if self._temporary is not None:
                 shutil.rmtree(self._temporary, ignore_errors=True)
@@ -313,18 +302,19 @@ def serve(store, state=None, *, port: int | None = None, max_request_bytes: int 
     and return once every model is ready. ``state``: the folder for serve.json, config and logs (default: a new
     0700 temporary folder, removed on stop); ``port``: the inference port (default: a free one); ``allow_promote``
     (or ``model_api``): new model versions can be registered by the management token's holder (``promote``);
-    ``oip``: the Open Inference Protocol v2 too (REST at ``info["v2_url"]``, gRPC at ``info["v2_grpc_address"]``;
+    ``oip``: the Open Inference Protocol v2 too (REST at ``info.v2_url``, gRPC at ``info.v2_grpc_address``;
     ``v2_host``: the address it listens on; off loopback it needs ``v2_tls`` (PEM certificate and key files) with
     the token, or ``auth=False`` with ``insecure_public=True``)."""
-    from .serving import server
+    from .serving import lifecycle
+    from .serving.config import ServeConfig, free_port
     from .signals import stopping
 
     signals = contextlib.ExitStack()
     signals.enter_context(stopping())  # from here until stop(), SIGTERM and SIGHUP stop it too
     temporary = Path(tempfile.mkdtemp(prefix="modelship-state-")) if state is None else None
     try:
-        info = server.start(store, state or temporary, before_launch=_finish_promotes, config=server.ServeConfig(
-            port=port or server.free_port(), max_request_bytes=max_request_bytes, job_queue_size=job_queue_size,
+        info = lifecycle.start(store, state or temporary, before_launch=_finish_promotes, config=ServeConfig(
+            port=port or free_port(), max_request_bytes=max_request_bytes, job_queue_size=job_queue_size,
             token_auth=auth, token_expiration_min=token_expiration_min, startup_timeout_s=startup_timeout_s,
             model_api=model_api or allow_promote, oip=oip, v2_host=v2_host,
             v2_tls_cert=(v2_tls or (None, None))[0], v2_tls_key=(v2_tls or (None, None))[1],

@@ -252,17 +252,18 @@ def serve(store: Optional[Path] = typer.Argument(None, help="Model store with .m
                                     "token: only behind a proxy or mesh that authorizes requests (KServe)."),
           json_path: Optional[Path] = JsonOpt):
     """Run TorchServe on 127.0.0.1 with token auth on and model registration off."""
-    from .serving import server
+    from .serving import lifecycle
+    from .serving.state import STATE_FILE
 
     if stop:
-        was = server.stop(state)
+        was = lifecycle.stop(state)
         console.print("stopped" if was else "no server was running; state cleared")
         return write_json(json_path, {"stopped": was, "state": str(state)})
     if rotate_token:
-        info = server.rotate_token(state, ("inference", "management") if token_type == "both" else (token_type,))
-        console.print(f"rotated the {token_type} token(s); new values in {Path(state) / server.STATE_FILE} "
-                      f"(inference token expires {info.get('token_expires')})")
-        return write_json(json_path, server.public(info))
+        info = lifecycle.rotate_token(state, ("inference", "management") if token_type == "both" else (token_type,))
+        console.print(f"rotated the {token_type} token(s); new values in {Path(state) / STATE_FILE} "
+                      f"(inference token expires {info.token_expires})")
+        return write_json(json_path, info.public())
     if store is None:
         raise ModelshipError("serve needs a STORE folder of .mar files (or --stop)")
     with err.status("starting TorchServe and waiting for models…"):
@@ -272,12 +273,12 @@ def serve(store: Optional[Path] = typer.Argument(None, help="Model store with .m
                             v2_tls=(str(v2_tls_cert), str(v2_tls_key)) if v2_tls_cert or v2_tls_key else None,
                             insecure_public=insecure_public)
     info = running.info
-    write_json(json_path, server.public(info))  # tokens stay in serve.json (0600) only
-    console.print(f"serving {', '.join(info['models'])} at {info['inference_url']}/predictions/NAME "
-                  f"(token in {Path(state) / server.STATE_FILE}; metrics {info['metrics_url']}/metrics and "
-                  f"{info['shadow_metrics_url']}/metrics)")
-    if info.get("v2_url"):
-        console.print(f"Open Inference Protocol v2: {info['v2_url']}/v2/models/NAME (REST), {info['v2_grpc_address']} "
+    write_json(json_path, info.public())  # tokens stay in serve.json (0600) only
+    console.print(f"serving {', '.join(info.models)} at {info.inference_url}/predictions/NAME "
+                  f"(token in {Path(state) / STATE_FILE}; metrics {info.metrics_url}/metrics and "
+                  f"{info.shadow_metrics_url}/metrics)")
+    if info.v2_url:
+        console.print(f"Open Inference Protocol v2: {info.v2_url}/v2/models/NAME (REST), {info.v2_grpc_address} "
                       "(gRPC); the same token")
     if detach:
         return running.detach()  # it keeps running; `serve --stop` stops it
@@ -285,13 +286,28 @@ def serve(store: Optional[Path] = typer.Argument(None, help="Model store with .m
     console.print("stopped")
 
 
+def _body_from_file(path: Path) -> bytes:
+    """A request body from a .json file (sent as is) or a .npy array (one sample or a batch, simple JSON)."""
+    import numpy as np
+
+    if not path.is_file():
+        raise ModelshipError(f"{path}: no such file; expected a .json request body or a .npy array")
+    if path.suffix == ".npy":
+        return json.dumps({"inputs": np.load(path, allow_pickle=False).tolist()}).encode()
+    return path.read_bytes()
+
+
 @app.command()
 def predict(file: Path = typer.Argument(..., help="A .json request body or a .npy array."),
             state: Path = O(..., "--state"), model: str = O(..., "--model"), json_path: Optional[Path] = JsonOpt):
     """Send one request to the served model and print its answer."""
-    from .serving.client import body_from_file, post
+    from .serving.state import ServerState
+    from .serving.torchserve import TorchServe
 
-    r = post(state, model, body_from_file(file))
+    info = ServerState.load(state)
+    if model not in info.models:
+        raise ModelshipError(f"model '{model}' is not served from {state}; served: {', '.join(info.models)}")
+    r = TorchServe(info).predict(model, _body_from_file(file))
     payload = r.json() if "json" in r.headers.get("Content-Type", "") else {"code": r.status_code, "message": r.text[:500]}
     write_json(json_path, payload)
     if r.status_code != 200:

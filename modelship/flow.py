@@ -195,12 +195,13 @@ def _archive(run: Run):
 
 
 def _serve(run: Run):
-    from .serving import server
+    from .serving import lifecycle
+    from .serving.config import ServeConfig, free_port
 
-    port = run.cfg.port or server.free_port()
+    port = run.cfg.port or free_port()
     # the pipeline's own server, load-tested on /predictions and stopped: no Open Inference Protocol front
-    run.arts["server"] = server.start(run.arts["store"], run.state, server.ServeConfig(port=port, oip=False))
-    return server.public(run.arts["server"])
+    run.arts["server"] = lifecycle.start(run.arts["store"], run.state, ServeConfig(port=port, oip=False))
+    return run.arts["server"].public()
 
 
 def _loadtest(run: Run, key: str):
@@ -217,9 +218,9 @@ def _loadtest(run: Run, key: str):
 
 
 def _stop(run: Run):
-    from .serving import server
+    from .serving import lifecycle
 
-    server.stop(run.state)
+    lifecycle.stop(run.state)
 
 
 TUNE_TOP = 2  # tune searches the variants with the most requests/s in the pipeline's own load tests

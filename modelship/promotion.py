@@ -29,7 +29,8 @@ from .errors import GateError, ServeError
 from .loadtests import golden
 from .loadtests.summary import GateFailure, kind_of, wilson_upper
 from .serving.archive import read_mar
-from .serving.server import bearer, read_state
+from .serving.state import SPOOL_DIR, ServerState
+from .serving.torchserve import TorchServe
 
 RECORD = "promote.json"
 KEPT = "promote"  # STATE/promote/MODEL/VERSION.mar: the store file promote replaced, for --rollback
@@ -64,31 +65,9 @@ class Promotion:
         return kind_of(self.failures)
 
 
-def _api(info: dict, method: str, path: str, timeout_s: float = 180.0, **params):
-    import requests
-
-    try:
-        r = requests.request(method, f"{info['management_url']}{path}", params=params or None, timeout=timeout_s,
-                             headers=bearer(info.get("management_token")))
-    except requests.RequestException as e:
-        raise ServeError(f"the management API did not answer {method} {path}: {e}") from None
-    if r.status_code != 200:
-        raise ServeError(f"{method} {path}: HTTP {r.status_code} {_message(r)}")
-    return r.json()
-
-
-def _message(r) -> str:
-    try:
-        return r.json().get("message") or r.text[:300]
-    except ValueError:
-        return r.text[:300]
-
-
-def versions(info: dict, model: str) -> tuple[list[str], str]:
+def versions(info: ServerState, model: str) -> tuple[list[str], str]:
     """(every registered version of ``model``, its default version)."""
-    every = [m["modelVersion"] for m in _api(info, "GET", f"/models/{model}/all")]
-    default = _api(info, "GET", f"/models/{model}")[0]["modelVersion"]
-    return every, default
+    return TorchServe(info).versions(model)
 
 
 def mar_version(path: Path) -> str:
@@ -224,23 +203,23 @@ def _locked(state: Path):
         os.close(fd)
 
 
-def _ready(info: dict, model: str) -> None:
-    if not info.get("model_api"):
-        raise ServeError(f"the server in {info['state']} does not take new model versions: start it with "
-                         f"modelship serve STORE --state {info['state']} --allow-promote (registration is then "
+def _ready(info: ServerState, model: str) -> None:
+    if not info.model_api:
+        raise ServeError(f"the server in {info.state} does not take new model versions: start it with "
+                         f"modelship serve STORE --state {info.state} --allow-promote (registration is then "
                          "open to the management token's holder only)")
-    if model not in info["models"]:
-        raise ServeError(f"model '{model}' is not served from {info['state']}; served: {', '.join(info['models'])}")
+    if model not in info.models:
+        raise ServeError(f"model '{model}' is not served from {info.state}; served: {', '.join(info.models)}")
 
 
-def _register(info: dict, model: str, mar: Path) -> None:
-    _api(info, "POST", "/models", url=mar.name, model_name=model, initial_workers=_workers(mar), synchronous="true")
+def _register(info: ServerState, model: str, mar: Path) -> None:
+    TorchServe(info).register(mar.name, model, workers=_workers(mar))
 
 
-def _withdraw(info: dict, model: str, version: str) -> None:
+def _withdraw(info: ServerState, model: str, version: str) -> None:
     """Unregister ``version`` of ``model`` and remove its hidden store file."""
-    _api(info, "DELETE", f"/models/{model}/{version}")
-    (Path(info["store"]) / _hidden(model, version)).unlink(missing_ok=True)
+    TorchServe(info).unregister(model, version, timeout_s=180.0)
+    (Path(info.store) / _hidden(model, version)).unlink(missing_ok=True)
 
 
 def restore_store(store: Path, state: Path, log=lambda msg: None) -> list[str]:
@@ -280,7 +259,7 @@ def _place_recorded(store: Path, state: Path, model: str, entry: dict, log) -> d
                      "restore the archive, or move the record away")
 
 
-def reconcile(state: Path, info: dict, model: str, log=lambda msg: None) -> None:
+def reconcile(state: Path, info: ServerState, model: str, log=lambda msg: None) -> None:
     """Finish what a killed promote or rollback committed (the store file and the running server's default made
     what the record says; marked applied only once both are), and withdraw versions a killed promote registered
     but never committed."""
@@ -288,14 +267,14 @@ def reconcile(state: Path, info: dict, model: str, log=lambda msg: None) -> None
     if entry and not entry.get("applied"):
         log(f"finishing the {entry.get('op', 'promote')} of {model} to version {entry['version']} that stopped "
             "half-way")
-        entry = _place_recorded(Path(info["store"]), state, model, entry, log)
+        entry = _place_recorded(Path(info.store), state, model, entry, log)
         every, current = versions(info, model)
         if entry["version"] not in every:
-            hidden = Path(info["store"]) / _hidden(model, entry["version"])
+            hidden = Path(info.store) / _hidden(model, entry["version"])
             _copy(Path(entry["archive"]), hidden)
             _register(info, model, hidden)
         if current != entry["version"]:
-            _api(info, "PUT", f"/models/{model}/{entry['version']}/set-default")
+            TorchServe(info).set_default(model, entry['version'])
         _applied(state, model)
     every, current = versions(info, model)
     keep = {current} | _recorded_versions(state, model)
@@ -329,11 +308,11 @@ def promote(state: str | Path, model: str, candidate: str | Path, samples: int =
     candidate = Path(candidate).resolve()
     if not candidate.is_file():
         raise ServeError(f"{candidate}: no such archive; expected a .mar written by modelship archive")
-    info = read_state(state)
+    info = ServerState.load(state)
     _ready(info, model)
     with _locked(state):
         reconcile(state, info, model, log)
-        store = Path(info["store"])
+        store = Path(info.store)
         _sweep(state, info, model)
         incoming, version = _take(candidate, store, model)
         every, current = versions(info, model)
@@ -396,10 +375,10 @@ def _same_reference(live: Path, hidden: Path, tmp: Path, reference) -> None:
                          "production is proven against: archive it with the same reference, or pass --reference")
 
 
-def _sweep(state: Path, info: dict, model: str) -> None:
+def _sweep(state: Path, info: ServerState, model: str) -> None:
     """Remove what killed promotes left in the store: hidden copies of versions neither registered nor recorded
     (the record's archives stay), and half-written files."""
-    store = Path(info["store"])
+    store = Path(info.store)
     every, _ = versions(info, model)
     entry = (_read(state).get("defaults") or {}).get(model) or {}
     keep = {str(store / _hidden(model, v)) for v in every} | {entry.get("archive")}
@@ -411,7 +390,7 @@ def _sweep(state: Path, info: dict, model: str) -> None:
 def _judge_candidate(state, info, model, current, version, hidden, samples, live, min_agreement, reference,
                      result, log) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        served = Path(info["store"]) / f"{model}.mar"
+        served = Path(info.store) / f"{model}.mar"
         _same_reference(served, hidden, Path(tmp), reference)
         spec = golden.prepare(state, model, Path(tmp), reference=reference, mar=hidden,
                               reference_mar=served if served.is_file() else None)
@@ -424,12 +403,12 @@ def _judge_candidate(state, info, model, current, version, hidden, samples, live
         judge(answers, spec, np.load(spec["golden"]), floor, result)
 
 
-def _switch(state: Path, info: dict, model: str, current: str, version: str, hidden: Path,
+def _switch(state: Path, info: ServerState, model: str, current: str, version: str, hidden: Path,
             result: Promotion) -> None:
     """The judged version made the default: the current store file kept for --rollback, the decision committed in
     the record, the store file replaced by the judged bytes, TorchServe's default switched, older versions
     withdrawn."""
-    store = Path(info["store"])
+    store = Path(info.store)
     kept = state / KEPT / model / f"{current}.mar"
     kept.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     live = store / f"{model}.mar"
@@ -445,7 +424,7 @@ def _switch(state: Path, info: dict, model: str, current: str, version: str, hid
     _step("promote", "committed")
     _copy(hidden, live)
     _step("promote", "placed")
-    _api(info, "PUT", f"/models/{model}/{version}/set-default")
+    TorchServe(info).set_default(model, version)
     _step("promote", "default")
     _applied(state, model)
     every, _ = versions(info, model)
@@ -461,7 +440,6 @@ def _switch(state: Path, info: dict, model: str, current: str, version: str, hid
 def spooled(state: Path, model: str, version: str, n: int) -> list[tuple[dict, bytes]]:
     """The newest ``n`` live requests to ``model`` ``version`` that its shadow parity sampled: (the headers that
     say how to read the body: its content type, and the binary extension's header length; the body as sent)."""
-    from .serving.server import SPOOL_DIR
     from .serving.shadow import read_spooled
 
     out = []
@@ -486,88 +464,83 @@ class Answers:
     burst: list = field(default_factory=list)  # [(sample index, candidate's answer | None)], sent all at once
 
 
-def collect(info: dict, spec: dict, model: str, current: str, version: str, samples: int,
+def collect(info: ServerState, spec: dict, model: str, current: str, version: str, samples: int,
             replay: list | None = None) -> Answers:
     """Send ``samples`` evaluation requests and the ``replay``ed live ones to both versions by their versioned
-    paths, one at a time, alternating which goes first."""
+    paths, one at a time, alternating which goes first; then the burst (``_burst``, ``_batched``)."""
     import requests
 
     # bytes: sent in one piece with the headers (a str body waits out Nagle and a delayed ACK, ~40 ms)
     bodies = [b.encode() if isinstance(b, str) else b for b in golden.request_bodies(spec)]
-    hdr = golden.request_headers({**spec, "token": info.get("token")})
-    url = info["inference_url"] + f"/predictions/{model}/"
+    ts, ct = TorchServe(info), {"Content-Type": spec.get("content_type", "application/json")}
     out = Answers(current, version, latency_ms={current: [], version: []})
-    work = [(k % len(bodies), bodies[k % len(bodies)], hdr) for k in range(samples)]
-    work += [(None, _replayable(body, headers), {**hdr, **headers}) for headers, body in replay or []]
+    work = [(k % len(bodies), bodies[k % len(bodies)], ct) for k in range(samples)]
+    work += [(None, _replayable(body, headers), headers) for headers, body in replay or []]
     with requests.Session() as http:
         for k, (i, body, headers) in enumerate(work):
-            answers = {}
-            for v in ((current, version) if k % 2 == 0 else (version, current)):  # neither always goes first
-                t0 = time.perf_counter()
-                answers[v] = None
-                try:
-                    r = http.post(url + v, data=body, headers=headers, timeout=30)
-                except requests.RequestException as e:
-                    out.example = out.example or f"version {v}: {type(e).__name__}: {e}"
-                    r = None
-                out.latency_ms[v].append((time.perf_counter() - t0) * 1e3)
-                if r is not None and r.status_code == 200:
-                    answers[v] = _answer(r)
-                elif r is not None:
-                    out.example = out.example or f"version {v}: HTTP {r.status_code} {r.text[:200]}"
-            out.work.append((i, answers))
-    out.burst = _burst(url + version, bodies, hdr, min(BURST, len(bodies)), out)
-    out.burst += _batched(url + version, spec, {**hdr, "Content-Type": "application/json"},
-                          list(range(min(BURST, len(bodies)))), out)
+            order = (current, version) if k % 2 == 0 else (version, current)  # neither always goes first
+            out.work.append((i, {v: _timed(ts, model, v, body, headers, http, out) for v in order}))
+    indices = list(range(min(BURST, len(bodies))))
+    out.burst = _burst(ts, model, version, bodies, ct, indices, out) + _batched(ts, model, version, spec, indices, out)
     return out
 
 
-def _batched(url: str, spec: dict, headers: dict, indices: list, out: "Answers") -> list:
-    """The same samples in one request (a list of them): answered as one batch whatever the server's timing."""
-    import requests
-
-    from .comparison import per_sample
-
-    body = golden.batch_body(spec, indices)
-    if body is None:
-        return []
+def _timed(ts: TorchServe, model: str, version: str, body: bytes, headers: dict, http, out: "Answers") -> dict | None:
+    """One request to one version: its answer (None when it gave none), its latency recorded."""
+    t0 = time.perf_counter()
     try:
-        r = requests.post(url, data=body, headers=headers, timeout=60)
-    except requests.RequestException as e:
-        out.example = out.example or f"version {out.version} (one request of {len(indices)}): {type(e).__name__}"
-        return [(indices[0], None)]
-    if r.status_code != 200:
-        out.example = out.example or f"version {out.version} (one request of {len(indices)}): HTTP {r.status_code} " \
-                                     f"{r.text[:200]}"
-        return [(indices[0], None)]
-    items = per_sample(_answer(r))
-    if len(items) != len(indices):
-        out.example = out.example or f"version {out.version}: {len(items)} answers to one request of {len(indices)}"
-        return [(indices[0], None)]
-    return list(zip(indices, items))
+        r = ts.predict(model, body, headers, version=version, session=http)
+    except ServeError as e:
+        out.example = out.example or f"version {version}: {e}"
+        r = None
+    out.latency_ms[version].append((time.perf_counter() - t0) * 1e3)
+    if r is not None and r.status_code != 200:
+        out.example = out.example or f"version {version}: HTTP {r.status_code} {r.text[:200]}"
+    return _answer(r) if r is not None and r.status_code == 200 else None
 
 
 BURST = 16  # evaluation samples sent to the candidate at once, then in one request: answers inside a batch
 
 
-def _burst(url: str, bodies: list, headers: dict, n: int, out: "Answers") -> list:
-    """``n`` evaluation samples sent to ``url`` concurrently, so a candidate that batches takes them in batches: an
+def _burst(ts: TorchServe, model: str, version: str, bodies: list, headers: dict, indices: list,
+           out: "Answers") -> list:
+    """The samples ``indices`` sent to ``version`` concurrently, so a candidate that batches takes them in batches: an
     answer that depends on what it is batched with differs here from its answer alone."""
-    import requests
     from concurrent.futures import ThreadPoolExecutor
 
     def send(i):
-        try:
-            r = requests.post(url, data=bodies[i], headers=headers, timeout=30)
-        except requests.RequestException as e:
-            out.example = out.example or f"version {out.version} (in a burst): {type(e).__name__}: {e}"
-            return i, None
-        if r.status_code != 200:
-            out.example = out.example or f"version {out.version} (in a burst): HTTP {r.status_code} {r.text[:200]}"
-            return i, None
-        return i, _answer(r)
-    with ThreadPoolExecutor(max_workers=max(1, n)) as pool:
-        return list(pool.map(send, range(n)))
+        got = _once(ts, model, version, bodies[i], headers, f"version {version} (in a burst)", out)
+        return i, got
+    with ThreadPoolExecutor(max_workers=max(1, len(indices))) as pool:
+        return list(pool.map(send, indices))
+
+
+def _batched(ts: TorchServe, model: str, version: str, spec: dict, indices: list, out: "Answers") -> list:
+    """The same samples in one request (a list of them): answered as one batch whatever the server's timing."""
+    from .comparison import per_sample
+
+    body = golden.batch_body(spec, indices)
+    if body is None:
+        return []
+    got = _once(ts, model, version, body, {"Content-Type": "application/json"},
+                f"version {version} (one request of {len(indices)})", out, timeout_s=60)
+    items = per_sample(got) if got is not None else []
+    if got is not None and len(items) != len(indices):
+        out.example = out.example or f"version {version}: {len(items)} answers to one request of {len(indices)}"
+    return list(zip(indices, items)) if len(items) == len(indices) else [(indices[0], None)]
+
+
+def _once(ts: TorchServe, model: str, version: str, body: bytes, headers: dict, what: str, out: "Answers",
+          timeout_s: float = 30.0) -> dict | None:
+    try:
+        r = ts.predict(model, body, headers, version=version, timeout_s=timeout_s)
+    except ServeError as e:
+        out.example = out.example or f"{what}: {e}"
+        return None
+    if r.status_code != 200:
+        out.example = out.example or f"{what}: HTTP {r.status_code} {r.text[:200]}"
+        return None
+    return _answer(r)
 
 
 def _replayable(body: bytes, headers: dict) -> bytes:
@@ -722,7 +695,7 @@ def rollback(state: str | Path, model: str, log=lambda msg: None) -> Promotion:
     again if the server was restarted since), and put that archive back in the store. A transaction like promote:
     committed in the record first, then put in place."""
     state = Path(state).resolve()
-    info = read_state(state)
+    info = ServerState.load(state)
     _ready(info, model)
     with _locked(state):
         reconcile(state, info, model, log)
@@ -735,7 +708,7 @@ def rollback(state: str | Path, model: str, log=lambda msg: None) -> Promotion:
             raise ServeError(f"the default version of '{model}' is {current}, not {entry['version']} that the last "
                              "promote made default; nothing was changed")
         prev = entry["previous"]
-        live = Path(info["store"]) / f"{model}.mar"
+        live = Path(info.store) / f"{model}.mar"
         if _sha(live) != entry["sha256"]:
             raise ServeError(f"{live} is not the archive the last promote put there (changed by hand?); nothing was "
                              "changed")
@@ -745,7 +718,7 @@ def rollback(state: str | Path, model: str, log=lambda msg: None) -> Promotion:
                              "changed; promote that version again instead")
         if prev["version"] not in every:  # the server was restarted since: the kept archive is registered again
             log(f"registering the kept archive of version {prev['version']} again")
-            hidden = Path(info["store"]) / _hidden(model, prev["version"])
+            hidden = Path(info.store) / _hidden(model, prev["version"])
             _copy(kept, hidden)
             _register(info, model, hidden)
         _step("rollback", "registered")
@@ -754,9 +727,9 @@ def rollback(state: str | Path, model: str, log=lambda msg: None) -> Promotion:
         _record(state, result, {"op": "rollback", "version": prev["version"], "archive": str(kept),
                                 "sha256": prev["sha256"], "previous": None, "applied": False})
         _step("rollback", "committed")
-        _copy(kept, Path(info["store"]) / f"{model}.mar")
+        _copy(kept, Path(info.store) / f"{model}.mar")
         _step("rollback", "placed")
-        _api(info, "PUT", f"/models/{model}/{prev['version']}/set-default")
+        TorchServe(info).set_default(model, prev['version'])
         _step("rollback", "default")
         _applied(state, model)
     return result

@@ -127,7 +127,7 @@ class Tuner:
         self.dropped: set[str] = set()
         self.prepared: dict[str, dict] = {}  # variant -> its load test's request bodies and golden outputs
         self.t0 = time.monotonic()
-        self.info: dict | None = None
+        self.info = None  # the trials' server (serving.state.ServerState) while it runs
 
     # ---- budget -----------------------------------------------------------------------------------------
     def left_s(self) -> float:
@@ -139,7 +139,7 @@ class Tuner:
     # ---- one configuration ------------------------------------------------------------------------------
     def measure(self, cfg: Config) -> dict | None:
         """Serve ``cfg`` and raise concurrency until the SLO breaks or throughput stops growing."""
-        from .serving import server
+        from .serving import lifecycle
         from .serving.archive import archive
 
         if self.left_s() < 2 * self._level_cost():
@@ -151,7 +151,7 @@ class Tuner:
         self.log(f"trial {len(self.trials) + 1}: {name}")
         archive(art, store, name=name, config=cfg.model_config())
         try:
-            server.register(self.info["state"], f"{name}.mar", cfg.workers)
+            lifecycle.register(self.info.state, f"{name}.mar", cfg.workers)
             levels, best = self._ramp(cfg, name)
         except (ServeError, GateError) as e:  # it did not load, or did not answer: this configuration fails
             best, levels = None, [{"users": 0, "rps": None, "p50_ms": None, "p95_ms": None, "p99_ms": None,
@@ -159,7 +159,7 @@ class Tuner:
                                    "passed": False, "kind": "errors",
                                    "gate_failures": [f"failures: it did not serve ({e})"]}]
         finally:
-            server.unregister(self.info["state"], name)
+            lifecycle.unregister(self.info.state, name)
             (store / f"{name}.mar").unlink(missing_ok=True)
         worst = levels[-1] if levels else None
         failed, kind = ([], None) if best else ((worst or {}).get("gate_failures", ["no level measured"]),
@@ -194,7 +194,7 @@ class Tuner:
         while users <= self.space.max_users:
             if levels and self.left_s() < self._level_cost():
                 break
-            r = loadtest(self.info["state"], name, self.out / "trials" / name, users=(users,),
+            r = loadtest(self.info.state, name, self.out / "trials" / name, users=(users,),
                          duration_s=self.opts.seconds, gates=Gates(slo_p95_ms=self.opts.slo_p95_ms),
                          data=self.opts.data, prepared=self.prepared.get(cfg.variant))
             self.prepared[cfg.variant] = r["spec"]  # the golden outputs are computed once per variant
@@ -271,14 +271,15 @@ class Tuner:
                               f"{knob}={t['config'][knob]} did not gain over {cur['name']}")
 
     def run(self) -> dict:
-        from .serving import server
+        from .serving import lifecycle
+        from .serving.config import ServeConfig, free_port
 
         if not self.arts:
             raise ModelshipError("nothing to tune: no artifacts given")
         state = self.out / "state"
         (self.out / "trials-store").mkdir(parents=True, exist_ok=True)
-        self.info = server.start(self.out / "trials-store", state,
-                                 server.ServeConfig(port=server.free_port(), model_api=True, oip=False))
+        self.info = lifecycle.start(self.out / "trials-store", state,
+                                    ServeConfig(port=free_port(), model_api=True, oip=False))
         try:  # every variant's plainest configuration first, then the climbs, the most promising first
             bases = [t for t in (self.measure(Config(v)) for v in self.arts) if t is not None]
             for t in bases:
@@ -290,7 +291,7 @@ class Tuner:
                             reverse=True):
                 self.climb(t)
         finally:
-            server.stop(state)
+            lifecycle.stop(state)
         return self.result()
 
     def result(self) -> dict:

@@ -106,7 +106,7 @@ def zoo_server(wrong, cnn_onnx, tmp_path_factory):
     kind's name, every request shadowed on the root PyTorch model and dynamic batching on (so requests arriving
     together share a batch, as in production)."""
     import modelship as ms
-    from modelship.serving.server import free_port
+    from modelship.serving.config import free_port
 
     work = tmp_path_factory.mktemp("zoo-served")
     store = work / "store"

@@ -103,11 +103,11 @@ def test_damaged_images_and_texts_get_400s_on_every_path_and_the_server_keeps_an
     from modelship import data as datasets
 
     cases = damaged.images(step=7)
-    auth = {"Authorization": f"Bearer {served['token']}"}
-    routes = {"/predictions": (served["inference_url"] + "/predictions/cnn-onnx",
+    auth = {"Authorization": f"Bearer {served.token}"}
+    routes = {"/predictions": (served.inference_url + "/predictions/cnn-onnx",
                                lambda b: (b, {"Content-Type": "image/png"})),
-              "v2 REST JSON": (served["v2_url"] + "/v2/models/cnn-onnx/infer", _v2_json),
-              "v2 REST binary": (served["v2_url"] + "/v2/models/cnn-onnx/infer", _v2_binary)}
+              "v2 REST JSON": (served.v2_url + "/v2/models/cnn-onnx/infer", _v2_json),
+              "v2 REST binary": (served.v2_url + "/v2/models/cnn-onnx/infer", _v2_binary)}
     seen = {}
     with requests.Session() as http:
         for route, (url, form) in routes.items():
@@ -123,7 +123,7 @@ def test_damaged_images_and_texts_get_400s_on_every_path_and_the_server_keeps_an
     bodies = tmp_path / "bodies.json"
     bodies.write_text(json.dumps([base64.b64encode(b).decode() for _, b in cases]))
     p = subprocess.run([sys.executable, str(Path(__file__).with_name("grpc_send_bytes.py")),
-                        served["v2_grpc_address"], served["token"], "cnn-onnx", "image", str(bodies)],
+                        served.v2_grpc_address, served.token, "cnn-onnx", "image", str(bodies)],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     statuses = json.loads(p.stdout.strip().splitlines()[-1])
@@ -131,9 +131,9 @@ def test_damaged_images_and_texts_get_400s_on_every_path_and_the_server_keeps_an
     assert not bad and any(s[0] == "INVALID_ARGUMENT" for s in statuses), bad[:5]
     # texts, damaged the same ways, to the text model: raw bodies, the v2 binary extension, gRPC
     texts = damaged.texts(step=7)  # the text model waits out a 500 ms batch delay per request
-    text_routes = {"/predictions": (served["inference_url"] + "/predictions/text-onnx",
+    text_routes = {"/predictions": (served.inference_url + "/predictions/text-onnx",
                                     lambda b: (b, {"Content-Type": "text/plain"})),
-                   "v2 REST binary": (served["v2_url"] + "/v2/models/text-onnx/infer", _v2_text_binary)}
+                   "v2 REST binary": (served.v2_url + "/v2/models/text-onnx/infer", _v2_text_binary)}
     with requests.Session() as http:
         for route, (url, form) in text_routes.items():
             for what, b in texts:
@@ -142,7 +142,7 @@ def test_damaged_images_and_texts_get_400s_on_every_path_and_the_server_keeps_an
                 assert r.status_code in (200, 400), f"text {route}, {what}: {r.status_code} {r.text[:300]}"
     bodies.write_text(json.dumps([base64.b64encode(b).decode() for _, b in texts]))
     p = subprocess.run([sys.executable, str(Path(__file__).with_name("grpc_send_bytes.py")),
-                        served["v2_grpc_address"], served["token"], "text-onnx", "text", str(bodies)],
+                        served.v2_grpc_address, served.token, "text-onnx", "text", str(bodies)],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     statuses = json.loads(p.stdout.strip().splitlines()[-1])
@@ -151,7 +151,7 @@ def test_damaged_images_and_texts_get_400s_on_every_path_and_the_server_keeps_an
     # still serving, and still right
     raw, _ = datasets.digits_raw({}, "test")
     r = requests.post(routes["/predictions"][0], data=raw[0], headers={**auth, "Content-Type": "image/png"}, timeout=30)
-    assert r.status_code == 200 and requests.get(served["inference_url"] + "/ping", headers=auth, timeout=10).status_code == 200
+    assert r.status_code == 200 and requests.get(served.inference_url + "/ping", headers=auth, timeout=10).status_code == 200
     from modelship.models.reference import reference_preprocessor
     from modelship.runners.torch_runner import TorchRunner
 

@@ -16,7 +16,7 @@ import requests
 
 import modelship as ms
 from modelship.errors import ServeError
-from modelship.serving.server import ServeConfig
+from modelship.serving.config import ServeConfig
 
 
 # ---- what `serve` accepts ----------------------------------------------------------------------------------------
@@ -86,7 +86,8 @@ def run(guard, scope, chunks=(b"",)):
 
 
 def guard_of(tmp_path, max_bytes=100):
-    from modelship.serving.oip import Token, _Guard
+    from modelship.serving.oip.rest import Guard
+    from modelship.serving.oip.tokens import Token
 
     keys = tmp_path / "key_file.json"
     keys.write_text(json.dumps({"inference": {"key": "secret"}, "management": {"key": "m"}}))
@@ -94,7 +95,7 @@ def guard_of(tmp_path, max_bytes=100):
 
     async def infer(name, headers, body):
         return 200, [], b"inferred " + body
-    return _Guard(app, Token(keys), infer, max_bytes), app
+    return Guard(app, Token(keys), infer, max_bytes), app
 
 
 def http(path="/v2/models/m/infer", method="POST", headers=()):
@@ -205,7 +206,7 @@ print(json.dumps(out))
 
 @pytest.mark.serve
 def test_tls_on_both_v2_paths_and_a_front_that_dies_is_noticed(tmp_path, cnn_onnx):
-    from modelship.serving import server as srv
+    from modelship.serving.state import ServerState
 
     cert, key = self_signed(tmp_path)
     store = tmp_path / "store"
@@ -213,13 +214,13 @@ def test_tls_on_both_v2_paths_and_a_front_that_dies_is_noticed(tmp_path, cnn_onn
     server = ms.serve(store, tmp_path / "state", v2_tls=(str(cert), str(key)))
     try:
         info = server.info
-        assert info["v2_url"].startswith("https://") and info["v2_tls"]
-        auth = {"Authorization": f"Bearer {info['token']}"}
-        r = requests.get(info["v2_url"] + "/v2/models/m", headers=auth, verify=str(cert), timeout=10)
+        assert info.v2_url.startswith("https://") and info.v2_tls
+        auth = {"Authorization": f"Bearer {info.token}"}
+        r = requests.get(info.v2_url + "/v2/models/m", headers=auth, verify=str(cert), timeout=10)
         assert r.status_code == 200 and r.json()["name"] == "m"
         with pytest.raises(requests.exceptions.ConnectionError):  # no plain HTTP beside it
-            requests.get(info["v2_url"].replace("https://", "http://") + "/v2/health/live", headers=auth, timeout=10)
-        p = subprocess.run([sys.executable, "-c", GRPC_TLS, info["v2_grpc_address"], info["token"],
+            requests.get(info.v2_url.replace("https://", "http://") + "/v2/health/live", headers=auth, timeout=10)
+        p = subprocess.run([sys.executable, "-c", GRPC_TLS, info.v2_grpc_address, info.token,
                             str(cert)], capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stderr[-2000:]
         got = json.loads(p.stdout.splitlines()[-1])
@@ -232,13 +233,13 @@ def test_tls_on_both_v2_paths_and_a_front_that_dies_is_noticed(tmp_path, cnn_onn
             pid = int((tmp_path / "state" / "oip.pid").read_text())
             subprocess.run(["kill", "-9", str(pid)], check=True)
             deadline = time.monotonic() + 30
-            while srv.read_state(tmp_path / "state").get("v2_url") and time.monotonic() < deadline:
+            while ServerState.load(tmp_path / "state").v2_url and time.monotonic() < deadline:
                 time.sleep(0.2)
             time.sleep(1.5)
-        marked = srv.read_state(tmp_path / "state")
-        assert marked["v2_url"] is None and marked["v2_grpc_address"] is None
-        assert marked["v2_status"].startswith("stopped")
-        assert requests.post(info["inference_url"] + "/predictions/m", json={"inputs": [[[0.0] * 8] * 8]},
+        marked = ServerState.load(tmp_path / "state")
+        assert marked.v2_url is None and marked.v2_grpc_address is None
+        assert marked.v2_status.startswith("stopped")
+        assert requests.post(info.inference_url + "/predictions/m", json={"inputs": [[[0.0] * 8] * 8]},
                              headers=auth, timeout=30).status_code == 200
     finally:
         server.stop()

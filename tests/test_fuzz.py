@@ -50,8 +50,8 @@ def check_status(status: int, method: str, path: str, data: bytes):
 def api(served, cnn):
     """Route templates from TorchServe's published API description (OPTIONS /) on each port."""
     routes = {}
-    for kind, url, token in (("inference", served["inference_url"], served["token"]),
-                             ("management", served["management_url"], served["management_token"])):
+    for kind, url, token in (("inference", served.inference_url, served.token),
+                             ("management", served.management_url, served.management_token)):
         status, data = send(url, "OPTIONS", "/", {"Authorization": f"Bearer {token}"})
         assert status == 200
         paths = json.loads(data)["paths"]
@@ -137,9 +137,9 @@ def parity(api, x, data):
          model="cnn-torch", content_type="application/json", route="/v2/models/{m}/infer")
 def test_prediction_bodies(api, body, model, content_type, route):
     raw, x = body
-    hdr = {"Authorization": f"Bearer {api['info']['token']}", **({"Content-Type": content_type} if content_type else {})}
+    hdr = {"Authorization": f"Bearer {api['info'].token}", **({"Content-Type": content_type} if content_type else {})}
     front, path = route.startswith("v2:"), route.removeprefix("v2:").format(m=model)  # v2: the protocol's own port
-    status, data = send(api["info"]["v2_url" if front else "inference_url"], "POST", path, hdr, raw)
+    status, data = send(api["info"].v2_url if front else api["info"].inference_url, "POST", path, hdr, raw)
     check_status(status, "POST", path, data)
     if status == 200:
         assert x is not None, f"accepted a malformed body: {raw[:200]!r} -> {data[:200]!r}"
@@ -164,8 +164,8 @@ def test_any_route_method_and_header(api, data, method, auth, extra, query):
     if query:
         path += "?" + "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in query.items())
     info = api["info"]
-    token = {"inference": info["token"], "management": info["management_token"], "metrics": None,
-             "v2": info["token"]}[kind]
+    token = {"inference": info.token, "management": info.management_token, "metrics": None,
+             "v2": info.token}[kind]
     if kind == "management" and auth == "valid" and method not in ("GET", "OPTIONS", "HEAD"):
         auth = "wrong"  # a valid management token may legitimately scale workers: fuzz changes with bad tokens
     hdr = {k: v for k, v in extra.items() if k.lower() not in ("content-length", "transfer-encoding", "host",
@@ -174,7 +174,7 @@ def test_any_route_method_and_header(api, data, method, auth, extra, query):
         hdr["Authorization"] = {"valid": f"Bearer {token}", "wrong": "Bearer not-the-token",
                                 "garbage": data.draw(HEADER_TEXT)}[auth]
     raw, _ = data.draw(BODY) if method in ("POST", "PUT", "PATCH") else (None, None)
-    url = info[f"{kind}_url"]
+    url = getattr(info, f"{kind}_url")
     status, out = send(url, method, path, hdr, raw)
     check_status(status, method, path, out)
     if kind == "management" and auth != "valid" and status == 200:
@@ -189,12 +189,12 @@ def test_ping_and_answers_healthy_after_fuzzing(api):
     """Runs after the fuzzers (file order): the server still answers /ping and predicts correctly."""
     info = api["info"]
     assert TRIED["cases"] > 0
-    status, data = send(info["inference_url"], "GET", "/ping", {"Authorization": f"Bearer {info['token']}"})
+    status, data = send(info.inference_url, "GET", "/ping", {"Authorization": f"Bearer {info.token}"})
     assert status == 200 and json.loads(data)["status"] == "Healthy"
     x = np.random.default_rng(1).random((2, 1, 8, 8), dtype=np.float32)
     for m in MODELS:
-        status, data = send(info["inference_url"], "POST", f"/predictions/{m}", {
-            "Authorization": f"Bearer {info['token']}", "Content-Type": "application/json"},
+        status, data = send(info.inference_url, "POST", f"/predictions/{m}", {
+            "Authorization": f"Bearer {info.token}", "Content-Type": "application/json"},
             json.dumps({"inputs": x.tolist()}).encode())
         assert status == 200
         parity(api, x, data)

@@ -158,13 +158,13 @@ def test_archive_record_is_signed_with_the_key(tmp_path, cnn_onnx, monkeypatch):
 
 def test_handler_checks_the_archive_again_inside_torchserve(tmp_path, cnn_onnx, monkeypatch):
     """Past serve's own check, the worker refuses an edited model config and startup fails fast."""
-    import modelship.serving.server as srv
+    from modelship.serving import config, lifecycle
 
     store = tmp_path / "store"
     store.mkdir()
     mar = archive(cnn_onnx, tmp_path / "good", name="cnn")
     rewrite_mar(mar, store / "cnn.mar",
                 edit=lambda n, d: d.replace(b"maxBatchDelay: 5", b"maxBatchDelay: 6") if n == "model-config.yaml" else d)
-    monkeypatch.setattr(srv, "read_mar", lambda p: type("M", (), {"name": "cnn"})())
+    monkeypatch.setattr(lifecycle, "read_mar", lambda p: type("M", (), {"name": "cnn"})())
     with pytest.raises(ServeError, match="model-config.yaml"):
-        srv.start(store, tmp_path / "state", srv.ServeConfig(port=srv.free_port(), startup_timeout_s=60))
+        lifecycle.start(store, tmp_path / "state", config.ServeConfig(port=config.free_port(), startup_timeout_s=60))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from modelship.serving.server import PORTS, ServeConfig
+from modelship.serving.config import PORTS, ServeConfig
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "kubernetes"
 
@@ -266,7 +266,7 @@ def test_kserve_runtime_runs_modelship_serve_with_the_v2_front_on_its_port(kserv
     from dataclasses import replace
 
     from modelship.errors import ServeError
-    from modelship.serving.server import ServeConfig
+    from modelship.serving.config import ServeConfig
 
     front = ServeConfig(token_auth=not params["no_auth"], v2_host=params["v2_host"],
                         insecure_public=params["insecure_public"])

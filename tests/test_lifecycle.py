@@ -15,7 +15,8 @@ import psutil
 import pytest
 
 from conftest import files_holding
-from modelship.serving import server
+from modelship.serving import config, processes
+from modelship.serving.state import ServerState
 from modelship.serving.archive import archive
 
 pytestmark = pytest.mark.serve
@@ -103,7 +104,7 @@ class Command:
 
 
 def _ports_free(base: int) -> bool:
-    return all(server.port_free(p) for p in range(base, base + server.PORTS))
+    return all(config.port_free(p) for p in range(base, base + config.PORTS))
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +116,7 @@ def store(tmp_path_factory, cnn_onnx):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=["TERM", "HUP", "INT"])
 def test_a_signal_stops_a_foreground_serve_and_everything_it_started(tmp_path, store, sig):
-    state, port = tmp_path / "state", server.free_port()
+    state, port = tmp_path / "state", config.free_port()
     cmd = Command("serve", store, "--state", state, "--port", port, "--json", tmp_path / "serve-out.json", cwd=tmp_path)
     try:
         _wait(lambda: _state(state).get("status") == "ready", 180, "the server to be ready")
@@ -137,7 +138,7 @@ def test_a_signal_stops_a_foreground_serve_and_everything_it_started(tmp_path, s
 def test_sigterm_while_torchserve_is_still_starting(tmp_path, store):
     """The measured gap: SIGTERM during start-up left TorchServe running with no serve.json. Now serve.json exists
     from the first moment, the start-up is abandoned, and everything it started stops."""
-    state, port = tmp_path / "state", server.free_port()
+    state, port = tmp_path / "state", config.free_port()
     cmd = Command("serve", store, "--state", state, "--port", port, "--detach", cwd=tmp_path)
     try:
         _wait(lambda: _state(state).get("status") == "starting" and any("java" in _cmdline(p)
@@ -160,8 +161,8 @@ def test_sigterm_stops_a_load_test_and_its_locust_processes(served, work, tmp_pa
         code = cmd.signal_and_wait(signal.SIGTERM)
         assert code == 128 + signal.SIGTERM
         assert cmd.leftovers() == []
-        info = server.read_state(work / "state")  # the server it tested is not its to stop: still serving
-        assert server.alive(info["pid"])
+        info = ServerState.load(work / "state")  # the server it tested is not its to stop: still serving
+        assert processes.alive(info.pid)
     finally:
         cmd.close()
 
@@ -201,8 +202,9 @@ def test_stop_refuses_a_pid_that_is_not_its_torchserve(tmp_path):
     try:
         state = tmp_path / "state"
         state.mkdir()
-        server._write_state(state, {"status": "ready", "pid": stranger.pid, "pid_started": 1.0, "token": "t",
-                                    "management_token": "m", "models": [], "inference_url": "http://127.0.0.1:1"})
+        (state / "serve.json").write_text(json.dumps({"status": "ready", "pid": stranger.pid, "pid_started": 1.0,
+                                                      "token": "t", "management_token": "m", "models": [],
+                                                      "inference_url": "http://127.0.0.1:1"}))  # an older file's keys
         p = subprocess.run([MODELSHIP, "serve", "--stop", "--state", state], capture_output=True, text=True)
         assert p.returncode == 2 and "is not the TorchServe this state started" in p.stderr
         assert "nothing was signalled" in p.stderr and stranger.poll() is None  # still alive

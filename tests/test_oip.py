@@ -23,7 +23,7 @@ ATOL = 1e-5  # FP32 served against FP32 in-process: the same runner, the same nu
 
 
 def _token(info) -> dict:
-    return {"Authorization": f"Bearer {info['token']}"}
+    return {"Authorization": f"Bearer {info.token}"}
 
 
 def _in_process(art, body) -> np.ndarray:
@@ -46,7 +46,7 @@ def texts():
 def test_triton_http_client(served, cnn_onnx, text_onnx, images, texts):
     import tritonclient.http as triton
 
-    c = triton.InferenceServerClient(served["v2_url"].removeprefix("http://"))
+    c = triton.InferenceServerClient(served.v2_url.removeprefix("http://"))
     h = _token(served)  # the client adds its own headers to the dict it is given: a fresh copy per call
     assert c.is_server_live(headers=dict(h)) and c.is_server_ready(headers=dict(h))
     assert not c.is_server_live()  # no token: refused (401), which the client reports as not live
@@ -99,7 +99,7 @@ def test_triton_grpc_client(served, cnn_onnx, text_onnx, texts):
 
     x = np.random.default_rng(1).random((2, 1, 8, 8), dtype=np.float32)
     script = Path(__file__).with_name("oip_grpc_client.py")
-    p = subprocess.run([sys.executable, str(script), served["v2_grpc_address"], served["token"], json.dumps(texts),
+    p = subprocess.run([sys.executable, str(script), served.v2_grpc_address, served.token, json.dumps(texts),
                         json.dumps(x.tolist())], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     got = json.loads(p.stdout.strip().splitlines()[-1])
@@ -124,7 +124,7 @@ def test_triton_grpc_client(served, cnn_onnx, text_onnx, texts):
 def test_bodies_over_the_cap_are_refused_before_being_read(served):
     """v2 REST under --max-request-bytes (1 MiB here), as /predictions is: 413 in the protocol's error form, for a
     declared length and for a chunked body that never says its length; the front answers the next request."""
-    url = served["v2_url"] + "/v2/models/cnn-onnx/infer"
+    url = served.v2_url + "/v2/models/cnn-onnx/infer"
     big = json.dumps({"inputs": [{"name": "pixels", "shape": [5000, 1, 8, 8], "datatype": "FP32",
                                   "data": [0.0] * 320000}]}).encode()
     assert len(big) > 1 << 20
@@ -169,7 +169,7 @@ def test_kserve_rest_client(served, text_onnx, texts):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", KSERVE_CLIENT, served["v2_url"], served["token"], json.dumps(texts)],
+    out = subprocess.run([sys.executable, "-c", KSERVE_CLIENT, served.v2_url, served.token, json.dumps(texts)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
@@ -187,10 +187,10 @@ V2_PATHS = [("GET", "/v2"), ("GET", "/v2/health/live"), ("GET", "/v2/health/read
 def test_token_on_every_v2_path(served):
     body = json.dumps({"inputs": [{"name": "pixels", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}]})
     for method, path in V2_PATHS:
-        for headers in ({}, {"Authorization": "Bearer not-the-token"}, {"Authorization": served["token"]}):
-            r = requests.request(method, served["v2_url"] + path, headers=headers, data=body, timeout=10)
+        for headers in ({}, {"Authorization": "Bearer not-the-token"}, {"Authorization": served.token}):
+            r = requests.request(method, served.v2_url + path, headers=headers, data=body, timeout=10)
             assert r.status_code == 401 and "token" in r.json()["error"], (method, path, headers, r.text)
-    r = requests.post(served["v2_url"] + "/v2/models/cnn-onnx/infer", headers=_token(served), data=body, timeout=30)
+    r = requests.post(served.v2_url + "/v2/models/cnn-onnx/infer", headers=_token(served), data=body, timeout=30)
     assert r.status_code == 200 and r.json()["model_name"] == "cnn-onnx"
 
 
@@ -215,12 +215,12 @@ def test_token_on_every_v2_path(served):
 ])
 def test_bad_requests_get_the_protocols_error_form(served, path, body, code, message):
     send = body if body is None or isinstance(body, bytes) else json.dumps(body)
-    r = requests.request("GET" if body is None else "POST", served["v2_url"] + path, data=send,
+    r = requests.request("GET" if body is None else "POST", served.v2_url + path, data=send,
                          headers={**_token(served), "Content-Type": "application/json"}, timeout=30)
     assert r.status_code == code, r.text
     assert set(r.json()) == {"error"} and message in r.json()["error"], r.text
     ok = {"inputs": [{"name": "pixels", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}]}
-    assert requests.post(served["v2_url"] + "/v2/models/cnn-onnx/infer", data=json.dumps(ok), headers=_token(served),
+    assert requests.post(served.v2_url + "/v2/models/cnn-onnx/infer", data=json.dumps(ok), headers=_token(served),
                          timeout=30).status_code == 200  # and it keeps serving
 
 
@@ -228,7 +228,7 @@ def test_loadtest_drives_the_v2_path_and_judges_every_answer(served, tmp_path):
     import modelship as ms
 
     for model in ("text-onnx", "cnn-onnx"):  # raw texts; encoded images (as BYTES base64)
-        res = ms.loadtest(served["state"], model, users=1, duration="4s", warmup="1s", protocol="v2",
+        res = ms.loadtest(served.state, model, users=1, duration="4s", warmup="1s", protocol="v2",
                           out=tmp_path / model)
         r = res.record
         assert res.passed and r["protocol"] == "v2" and r["spec"]["path"] == f"/v2/models/{model}/infer", r
@@ -261,7 +261,7 @@ def test_metadata_of_a_tensor_model(cnn_onnx):
     """Without preprocessing a client sends the tensors: the metadata lists them (named dims as -1)."""
     from dataclasses import replace
 
-    from modelship.serving.oip import metadata
+    from modelship.serving.oip.models import metadata
 
     inputs, outputs = metadata(replace(cnn_onnx.manifest, preprocess=None))
     assert inputs == [{"name": "pixels", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
@@ -279,7 +279,7 @@ def test_readme_triton_block_runs_as_written(served, cnn_int8, capsys, monkeypat
     assert code.count("runs/x/state") == 2
     monkeypatch.chdir(tmp_path)
     scope = {}
-    exec(compile(code.replace("runs/x/state", served["state"]), "README.md", "exec"), scope)
+    exec(compile(code.replace("runs/x/state", served.state), "README.md", "exec"), scope)
     want = _in_process(cnn_int8, {"inputs": [{"name": "pixels", "shape": [2, 1, 8, 8], "datatype": "FP32",
                                                "data": [0.5] * 128}]})
     np.testing.assert_allclose(scope["answer"].as_numpy("logits"), want, atol=ATOL)
@@ -294,16 +294,17 @@ def test_a_front_that_cannot_start_fails_the_start_and_leaves_nothing_running(tm
     import psutil
 
     from modelship.errors import ServeError
-    from modelship.serving import server
+    from modelship.serving import config, lifecycle
     from modelship.serving.archive import archive
+    from modelship.serving.state import ServerState
 
     archive(cnn_onnx, tmp_path / "store", name="cnn")
-    wrong = server.front_args
-    monkeypatch.setattr(server, "front_args", lambda *a: wrong(*a) + ["--grpc-port", "not-a-port"])
-    config = server.ServeConfig(port=server.free_port(), startup_timeout_s=90)
+    wrong = config.front_args
+    monkeypatch.setattr(lifecycle, "front_args", lambda *a: wrong(*a) + ["--grpc-port", "not-a-port"])
+    cfg = config.ServeConfig(port=config.free_port(), startup_timeout_s=90)
     with pytest.raises(ServeError, match=r"the Open Inference Protocol front failed: .*--grpc-port: invalid int value"):
-        server.start(tmp_path / "store", tmp_path / "state", config)
-    info = server.read_state(tmp_path / "state", running=False)
-    assert info["status"] == "stopped" and not psutil.pid_exists(info["pid"]) or \
-        psutil.Process(info["pid"]).status() == psutil.STATUS_ZOMBIE
-    assert all(server.port_free(p) for p in range(config.port, config.port + server.PORTS))
+        lifecycle.start(tmp_path / "store", tmp_path / "state", cfg)
+    info = ServerState.load(tmp_path / "state", running=False)
+    assert info.status == "stopped" and not psutil.pid_exists(info.pid) or \
+        psutil.Process(info.pid).status() == psutil.STATUS_ZOMBIE
+    assert all(config.port_free(p) for p in range(cfg.port, cfg.port + config.PORTS))

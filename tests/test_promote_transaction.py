@@ -13,7 +13,7 @@ import pytest
 
 import modelship as ms
 from modelship.promotion import FAULT_ENV, LOCK, mar_version, versions
-from modelship.serving.server import free_port
+from modelship.serving.config import free_port
 
 pytestmark = pytest.mark.serve
 

@@ -189,8 +189,8 @@ def test_text_over_the_limit_refused_when_configured(text_onnx):
 # ---- through the real TorchServe -------------------------------------------------------------------------
 
 def _post(info, model, data, content_type):
-    return requests.post(f"{info['inference_url']}/predictions/{model}", data=data, timeout=30,
-                         headers={"Content-Type": content_type, "Authorization": f"Bearer {info['token']}"})
+    return requests.post(f"{info.inference_url}/predictions/{model}", data=data, timeout=30,
+                         headers={"Content-Type": content_type, "Authorization": f"Bearer {info.token}"})
 
 
 def test_served_png_and_text(served, cnn, text):

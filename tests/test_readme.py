@@ -15,7 +15,7 @@ import torch
 
 from modelship import data as datasets
 from modelship.models.checkpoints import open_source
-from modelship.serving import server
+from modelship.serving import config, lifecycle
 
 pytestmark = pytest.mark.serve
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -34,7 +34,7 @@ def run_block(script: str, cwd: Path, state: Path, timeout: int):
                               timeout=timeout)
     finally:
         if (state / "serve.json").is_file():
-            server.stop(state)
+            lifecycle.stop(state)
 
 
 def test_quick_start_block_runs_as_written(tmp_path, cnn):
@@ -54,7 +54,7 @@ def test_quick_start_block_runs_as_written(tmp_path, cnn):
     run = (script.replace("M=.venv/bin/modelship", f"M={Path(sys.executable).with_name('modelship')}")
            .replace("--duration 30s", "--duration 2s").replace("--slo-p95-ms 50", "--slo-p95-ms 2000")
            .replace("$M train cnn --out runs/x/cnn", "$M train cnn --out runs/x/cnn --epochs 8")
-           .replace("--state runs/x/state --detach", f"--state runs/x/state --detach --port {server.free_port()}"))
+           .replace("--state runs/x/state --detach", f"--state runs/x/state --detach --port {config.free_port()}"))
     assert "--epochs 8" in run and "--duration 2s" in run and "--slo-p95-ms 2000" in run
     p = run_block(run, tmp_path, tmp_path / "runs/x/state", timeout=900)
     assert p.returncode == 0, f"stdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}"
@@ -92,7 +92,7 @@ def test_parity_in_production_block_runs_as_written(tmp_path, cnn, cnn_onnx, cnn
                  if b.startswith("# parity in production"))
     for art in (cnn, cnn_onnx, cnn_int8):
         shutil.copytree(art.path, tmp_path / "runs/x" / art.path.name)
-    port = server.free_port()
+    port = config.free_port()
     run = (block.replace("M=.venv/bin/modelship", f"M={Path(sys.executable).with_name('modelship')}")
            .replace("--port 9080", f"--port {port}").replace("127.0.0.1:9085", f"127.0.0.1:{port + 5}")
            .replace("--slo-p95-ms 50", "--slo-p95-ms 2000"))

@@ -38,7 +38,7 @@ def reference(cnn):
 
 
 def _loadtest(info, tmp_path, *args):
-    p = cli("loadtest", "--state", info["state"], "--model", "cnn", "--out", tmp_path / "lt",
+    p = cli("loadtest", "--state", info.state, "--model", "cnn", "--out", tmp_path / "lt",
             "--json", tmp_path / "r.json", *args)
     return p, json.loads((tmp_path / "r.json").read_text())
 
@@ -90,8 +90,8 @@ def test_gates_judge_recovery_and_memory():
 
 def test_overload_gets_fast_503_then_normal_service(sturdy, reference):
     x, want = reference
-    hdr = {"Authorization": f"Bearer {sturdy['token']}", "Content-Type": "application/json"}
-    url = f"{sturdy['inference_url']}/predictions/cnn"
+    hdr = {"Authorization": f"Bearer {sturdy.token}", "Content-Type": "application/json"}
+    url = f"{sturdy.inference_url}/predictions/cnn"
     body = json.dumps({"inputs": x.tolist()})  # 64 samples per request: each holds the worker a little
 
     def one(_):
@@ -114,4 +114,4 @@ def test_overload_gets_fast_503_then_normal_service(sturdy, reference):
     after = [requests.post(url, data=json.dumps({"inputs": x[i].tolist()}), headers=hdr, timeout=30) for i in range(20)]
     assert [a.status_code for a in after] == [200] * 20
     assert [a.json()["index"] for a in after] == want[:20].argmax(1).tolist()
-    assert requests.get(f"{sturdy['inference_url']}/ping", headers=hdr, timeout=5).json()["status"] == "Healthy"
+    assert requests.get(f"{sturdy.inference_url}/ping", headers=hdr, timeout=5).json()["status"] == "Healthy"

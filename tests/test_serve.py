@@ -1,6 +1,7 @@
 """Real TorchServe on 127.0.0.1: served answers equal in-process ones, bad requests get clear 4xx,
 auth and management are locked down, and broken or tampered archives are refused at startup."""
 
+import dataclasses
 import json
 import os
 import re
@@ -15,7 +16,8 @@ from conftest import cli, rewrite_mar
 from modelship.errors import ArtifactError, MissingDependencyError, ServeError
 from modelship import data as datasets
 from modelship.runners import open_runner
-from modelship.serving import server
+from modelship.serving import config, lifecycle
+from modelship.serving.state import ServerState, bearer
 from modelship.serving.archive import archive
 from modelship.serving.codec import softmax
 
@@ -25,9 +27,9 @@ pytestmark = pytest.mark.serve
 def _post(info, model, body, token=True, raw=False):
     headers = {"Content-Type": "application/json"}
     if token:
-        headers["Authorization"] = f"Bearer {info['token'] if token is True else token}"
+        headers["Authorization"] = f"Bearer {info.token if token is True else token}"
     data = body if raw else json.dumps(body)
-    return requests.post(f"{info['inference_url']}/predictions/{model}", data=data, headers=headers, timeout=30)
+    return requests.post(f"{info.inference_url}/predictions/{model}", data=data, headers=headers, timeout=30)
 
 
 def _sample():
@@ -41,8 +43,8 @@ def test_served_answers_match_in_process_runner(served, request, model, artifact
     x = feed["pixels"]
     expected = softmax(open_runner(art).infer({"pixels": x})["logits"])
     with requests.Session() as s, ThreadPoolExecutor(8) as pool:  # concurrent: exercises dynamic batching
-        s.headers.update({"Authorization": f"Bearer {served['token']}", "Content-Type": "application/json"})
-        url = f"{served['inference_url']}/predictions/{model}"
+        s.headers.update({"Authorization": f"Bearer {served.token}", "Content-Type": "application/json"})
+        url = f"{served.inference_url}/predictions/{model}"
         replies = list(pool.map(lambda i: s.post(url, data=json.dumps({"inputs": x[i].tolist()}), timeout=30), range(len(x))))
     assert all(r.status_code == 200 for r in replies)
     for r in replies[:5]:  # where the handler's time went, in the W3C Server-Timing header
@@ -71,9 +73,9 @@ def _binary(info, path, head: dict, blobs: list[bytes]):
     """A request in the Open Inference Protocol's binary tensor extension, built by the spec: the JSON header, its
     length in Inference-Header-Content-Length, then each input's raw bytes."""
     h = json.dumps(head).encode()
-    return requests.post(f"{info['inference_url']}{path}", data=h + b"".join(blobs), timeout=30,
+    return requests.post(f"{info.inference_url}{path}", data=h + b"".join(blobs), timeout=30,
                          headers={"Inference-Header-Content-Length": str(len(h)),
-                                  "Authorization": f"Bearer {info['token']}"})
+                                  "Authorization": f"Bearer {info.token}"})
 
 
 def _split(r):
@@ -107,8 +109,8 @@ def test_open_inference_protocol_binary_tensors(served, cnn_onnx, text_onnx):
                  "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]}, [blob])
     assert r.status_code == 200, r.text
     head, rest = _split(r)
-    json_texts = requests.post(f"{served['inference_url']}/predictions/text-onnx", json={"inputs": texts}, timeout=30,
-                               headers={"Authorization": f"Bearer {served['token']}"}).json()["predictions"]
+    json_texts = requests.post(f"{served.inference_url}/predictions/text-onnx", json={"inputs": texts}, timeout=30,
+                               headers={"Authorization": f"Bearer {served.token}"}).json()["predictions"]
     got = np.frombuffer(rest, "<f4").reshape(2, -1)
     assert [int(g.argmax()) for g in got] == [p["index"] for p in json_texts]
     # malformed: a header length past the body, sizes that do not add up -> 400 saying what is wrong
@@ -118,9 +120,9 @@ def test_open_inference_protocol_binary_tensors(served, cnn_onnx, text_onnx):
     bad = _binary(served, "/v2/models/cnn-onnx/infer", {"inputs": [tensor]}, [x.tobytes() + b"xx"])
     assert bad.status_code == 400 and "belong to no input" in bad.json()["message"]
     h = json.dumps({"inputs": [tensor]}).encode()
-    bad = requests.post(f"{served['inference_url']}/v2/models/cnn-onnx/infer", data=h + x.tobytes(), timeout=30,
+    bad = requests.post(f"{served.inference_url}/v2/models/cnn-onnx/infer", data=h + x.tobytes(), timeout=30,
                         headers={"Inference-Header-Content-Length": str(len(h) + x.nbytes + 1),
-                                 "Authorization": f"Bearer {served['token']}"})
+                                 "Authorization": f"Bearer {served.token}"})
     assert bad.status_code == 400 and "Inference-Header-Content-Length" in bad.json()["message"]
 
 
@@ -141,7 +143,7 @@ def test_fault_in_one_request_of_a_batch_fails_only_that_request(served, text_on
     assert error_id, message  # the client learns an id, not the exception's type or text
     got = np.array([r.json()["probabilities"] for i, r in enumerate(replies) if i != 5])
     np.testing.assert_allclose(got, softmax(expected), atol=1e-5)
-    log = open(os.path.join(served["state"], "logs", "model_log.log")).read()
+    log = open(os.path.join(served.state, "logs", "model_log.log")).read()
     assert re.search(r"a batch of [2-8] requests failed", log)  # it really shared a batch, answered one by one
     logged = log[log.index(f"error id {error_id.group(1)}"):]
     assert "Traceback" in logged[:3000] and "Gather" in logged[:3000]  # the id leads to the traceback
@@ -178,7 +180,7 @@ def test_bad_requests_get_400_and_server_keeps_serving(served, case):
 
 
 def test_oversize_body_gets_413(served):
-    big = b'{"inputs": [' + b"0.5," * (served["max_request_bytes"] // 4 + 10) + b"0.5]}"
+    big = b'{"inputs": [' + b"0.5," * (served.max_request_bytes // 4 + 10) + b"0.5]}"
     r = _post(served, "cnn-onnx", big, raw=True)
     assert r.status_code == 413
     assert _post(served, "cnn-onnx", _sample()).status_code == 200
@@ -190,19 +192,19 @@ def _refused(r):
 
 def test_token_required(served):
     """Inference, /ping and management each refuse a missing and a wrong token (and the other API's token)."""
-    for token in (False, "wrong-token", served["management_token"]):
+    for token in (False, "wrong-token", served.management_token):
         r = _post(served, "cnn-onnx", _sample(), token=token)
         assert _refused(r) and "Token Authorization failed" in r.text
     for token in (None, "wrong-token"):
         hdr = {"Authorization": f"Bearer {token}"} if token else {}
-        assert _refused(requests.get(f"{served['inference_url']}/ping", headers=hdr, timeout=10))
-        assert _refused(requests.get(f"{served['management_url']}/models", headers=hdr, timeout=10))
-    assert _refused(requests.get(f"{served['management_url']}/models", timeout=10,
-                                 headers={"Authorization": f"Bearer {served['token']}"}))
-    assert requests.get(f"{served['inference_url']}/ping", timeout=10,
-                        headers={"Authorization": f"Bearer {served['token']}"}).status_code == 200
-    assert requests.get(f"{served['management_url']}/models", timeout=10,
-                        headers={"Authorization": f"Bearer {served['management_token']}"}).status_code == 200
+        assert _refused(requests.get(f"{served.inference_url}/ping", headers=hdr, timeout=10))
+        assert _refused(requests.get(f"{served.management_url}/models", headers=hdr, timeout=10))
+    assert _refused(requests.get(f"{served.management_url}/models", timeout=10,
+                                 headers={"Authorization": f"Bearer {served.token}"}))
+    assert requests.get(f"{served.inference_url}/ping", timeout=10,
+                        headers={"Authorization": f"Bearer {served.token}"}).status_code == 200
+    assert requests.get(f"{served.management_url}/models", timeout=10,
+                        headers={"Authorization": f"Bearer {served.management_token}"}).status_code == 200
     assert _post(served, "cnn-onnx", _sample()).status_code == 200
 
 
@@ -210,27 +212,27 @@ def test_state_folder_and_key_files_are_owner_only(served):
     import stat
 
     mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
-    assert mode(served["state"]) == 0o700
-    assert mode(os.path.join(served["state"], "serve.json")) == 0o600
-    assert mode(os.path.join(served["state"], "key_file.json")) == 0o600
+    assert mode(served.state) == 0o700
+    assert mode(os.path.join(served.state, "serve.json")) == 0o600
+    assert mode(os.path.join(served.state, "key_file.json")) == 0o600
 
 
 def test_rotate_token(served, work, tmp_path):
-    old = dict(served)
+    old = dataclasses.replace(served)
     cli("serve", "--rotate-token", "--token-type", "both", "--state", work / "state", "--json", tmp_path / "r.json",
         check=0)
-    new = server.read_state(work / "state")
-    served.update(new)  # the other tests read the shared fixture: hand them the new tokens
-    assert new["token"] != old["token"] and new["management_token"] != old["management_token"]
+    new = ServerState.load(work / "state")
+    served.token, served.management_token = new.token, new.management_token  # the other tests share the fixture
+    assert new.token != old.token and new.management_token != old.management_token
     assert "token" not in json.loads((tmp_path / "r.json").read_text())  # --json never holds a secret
     assert _refused(_post(old, "cnn-onnx", _sample()))  # clients holding the old token are refused ...
     assert _post(new, "cnn-onnx", _sample()).status_code == 200  # ... and re-read serve.json to carry on
-    live = f"{served['v2_url']}/v2/health/live"  # the Open Inference Protocol front follows the rotation
-    assert requests.get(live, headers=server.bearer(old["token"]), timeout=10).status_code == 401
-    assert requests.get(live, headers=server.bearer(new["token"]), timeout=10).status_code == 200
-    assert _refused(requests.get(f"{served['management_url']}/models", timeout=10,
-                                 headers={"Authorization": f"Bearer {old['management_token']}"}))
-    assert oct(os.stat(os.path.join(served["state"], "serve.json")).st_mode & 0o777) == "0o600"
+    live = f"{served.v2_url}/v2/health/live"  # the Open Inference Protocol front follows the rotation
+    assert requests.get(live, headers=bearer(old.token), timeout=10).status_code == 401
+    assert requests.get(live, headers=bearer(new.token), timeout=10).status_code == 200
+    assert _refused(requests.get(f"{served.management_url}/models", timeout=10,
+                                 headers={"Authorization": f"Bearer {old.management_token}"}))
+    assert oct(os.stat(os.path.join(served.state, "serve.json")).st_mode & 0o777) == "0o600"
 
 
 def test_state_inside_the_store_is_refused(tmp_path, cnn_onnx):
@@ -240,10 +242,10 @@ def test_state_inside_the_store_is_refused(tmp_path, cnn_onnx):
 
 
 def test_management_registration_refused(served):
-    hdr = {"Authorization": f"Bearer {served['management_token']}"}
-    r = requests.post(f"{served['management_url']}/models", params={"url": "cnn-onnx.mar"}, headers=hdr, timeout=10)
+    hdr = {"Authorization": f"Bearer {served.management_token}"}
+    r = requests.post(f"{served.management_url}/models", params={"url": "cnn-onnx.mar"}, headers=hdr, timeout=10)
     assert r.status_code == 405
-    r = requests.delete(f"{served['management_url']}/models/cnn-onnx", headers=hdr, timeout=10)
+    r = requests.delete(f"{served.management_url}/models/cnn-onnx", headers=hdr, timeout=10)
     assert r.status_code == 405
     assert _post(served, "cnn-onnx", _sample()).status_code == 200
 
@@ -252,19 +254,19 @@ def test_every_listening_socket_is_loopback_and_metrics_exported(served):
     """Read the real sockets of the server's process tree (frontend JVM and Python workers), not our own URLs."""
     import psutil
 
-    root = psutil.Process(served["pid"])
+    root = psutil.Process(served.pid)
     listening = [c for p in [root, *root.children(recursive=True)]
                  for c in getattr(p, "net_connections", p.connections)(kind="inet") if c.status == psutil.CONN_LISTEN]
     ports = {c.laddr.port for c in listening}
-    base = int(served["inference_url"].rsplit(":", 1)[1])
+    base = int(served.inference_url.rsplit(":", 1)[1])
     # inference, management, metrics, gRPC x2, modelship's metrics, Open Inference Protocol REST and gRPC: all found
-    assert set(range(base, base + server.PORTS)) <= ports
+    assert set(range(base, base + config.PORTS)) <= ports
     assert all(c.laddr.ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1") for c in listening), listening
     before = _requests_counted(served, "cnn-onnx")
     sent = 7
     assert all(_post(served, "cnn-onnx", _sample()).status_code == 200 for _ in range(sent))
     assert _requests_counted(served, "cnn-onnx") - before == sent  # TorchServe's own counter, request by request
-    cfg = (open(os.path.join(served["state"], "config.properties")).read())
+    cfg = (open(os.path.join(served.state, "config.properties")).read())
     assert "enable_model_api=false" in cfg and "disable_token_authorization=false" in cfg
 
 
@@ -272,7 +274,7 @@ def _requests_counted(info, model) -> float:
     """TorchServe's ts_inference_requests_total for ``model``, read from its Prometheus endpoint."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    text = requests.get(f"{info['metrics_url']}/metrics", timeout=10).text
+    text = requests.get(f"{info.metrics_url}/metrics", timeout=10).text
     samples = [s for f in text_string_to_metric_families(text) for s in f.samples
                if s.name == "ts_inference_requests_total" and s.labels.get("model_name") == model]
     assert samples, f"no ts_inference_requests_total for {model} in:\n{text[:2000]}"
@@ -301,19 +303,19 @@ def test_tampered_model_file_does_not_load(tmp_path, cnn_onnx):
     store.mkdir()
     _tampered_mar(mar, store / "cnn.mar")
     with pytest.raises(ArtifactError, match="sha256 does not match"):
-        server.start(store, tmp_path / "state", server.ServeConfig(port=server.free_port()))
+        lifecycle.start(store, tmp_path / "state", config.ServeConfig(port=config.free_port()))
 
 
 def test_handler_refuses_tampered_file_inside_torchserve(tmp_path, cnn_onnx, monkeypatch):
     """Even past the CLI's own check, the worker refuses to load it and startup fails fast."""
-    import modelship.serving.server as srv
+    from modelship.serving import config, lifecycle
 
     store = tmp_path / "store"
     store.mkdir()
     _tampered_mar(archive(cnn_onnx, tmp_path / "good", name="cnn"), store / "cnn.mar")
-    monkeypatch.setattr(srv, "read_mar", lambda p: type("M", (), {"name": "cnn"})())
+    monkeypatch.setattr(lifecycle, "read_mar", lambda p: type("M", (), {"name": "cnn"})())
     with pytest.raises(ServeError, match=r"refusing to load .*member 'model\.onnx' sha256 does not match"):
-        srv.start(store, tmp_path / "state", srv.ServeConfig(port=srv.free_port(), startup_timeout_s=60))
+        lifecycle.start(store, tmp_path / "state", config.ServeConfig(port=config.free_port(), startup_timeout_s=60))
 
 
 def test_broken_mar_and_empty_store(tmp_path):
@@ -330,7 +332,7 @@ def test_port_taken(tmp_path, cnn_onnx):
     import socket
 
     archive(cnn_onnx, tmp_path / "store", name="cnn")
-    port = server.free_port()
+    port = config.free_port()
     with socket.socket() as s:
         s.bind(("127.0.0.1", port + 1))
         s.listen()
@@ -341,12 +343,12 @@ def test_port_taken(tmp_path, cnn_onnx):
 def test_java_missing(tmp_path, monkeypatch, cnn_onnx):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(MissingDependencyError, match="Java not found"):
-        server.start(tmp_path, tmp_path / "s")
+        lifecycle.start(tmp_path, tmp_path / "s")
     java = tmp_path / "java"  # a Java 11, as the README says: TorchServe 0.12 needs 17
     java.write_text('#!/bin/sh\necho \'openjdk version "11.0.22" 2024-01-16\' >&2\n')
     java.chmod(0o755)
     with pytest.raises(MissingDependencyError, match="Java 11 found; TorchServe needs Java 17"):
-        server.start(tmp_path, tmp_path / "s")
+        lifecycle.start(tmp_path, tmp_path / "s")
 
 
 def test_archive_refuses_unpassed_parity(tmp_path, cnn_onnx):
@@ -363,22 +365,22 @@ def test_archive_refuses_unpassed_parity(tmp_path, cnn_onnx):
 
 def test_restart_after_a_failed_start(tmp_path, cnn_onnx, monkeypatch):
     """A failed start leaves its logs behind; the next start in the same state dir must not trip on them."""
-    import modelship.serving.server as srv
+    from modelship.serving import config, lifecycle
 
     store = tmp_path / "store"
     store.mkdir()
     _tampered_mar(archive(cnn_onnx, tmp_path / "good", name="cnn"), store / "cnn.mar")
     with monkeypatch.context() as m:  # get past the CLI's own check so the worker refuses the file
-        m.setattr(srv, "read_mar", lambda p: type("M", (), {"name": "cnn"})())
+        m.setattr(lifecycle, "read_mar", lambda p: type("M", (), {"name": "cnn"})())
         with pytest.raises(ServeError):
-            srv.start(store, tmp_path / "state", srv.ServeConfig(port=srv.free_port(), startup_timeout_s=60))
+            lifecycle.start(store, tmp_path / "state", config.ServeConfig(port=config.free_port(), startup_timeout_s=60))
     archive(cnn_onnx, store, name="cnn")  # a good archive in its place
-    info = srv.start(store, tmp_path / "state", srv.ServeConfig(port=srv.free_port()))
+    info = lifecycle.start(store, tmp_path / "state", config.ServeConfig(port=config.free_port()))
     try:
         assert _post(info, "cnn", _sample()).status_code == 200
         assert (tmp_path / "state" / "logs.prev").is_dir()
     finally:
-        srv.stop(tmp_path / "state")
+        lifecycle.stop(tmp_path / "state")
 
 
 def test_an_archive_from_another_modelship_version_is_refused_by_name(tmp_path, cnn_onnx):
@@ -392,6 +394,6 @@ def test_an_archive_from_another_modelship_version_is_refused_by_name(tmp_path, 
     rewrite_mar(good, old, edit=lambda n, d: d + b"\n# an older handler\n" if n == "handler.py" else d,
                 drop="modelship-integrity.json")
     seal_archive(old)  # intact as that version wrote it: only the handler differs from this version's
-    p = cli("serve", tmp_path / "store", "--state", tmp_path / "s", "--detach", "--port", server.free_port())
+    p = cli("serve", tmp_path / "store", "--state", tmp_path / "s", "--detach", "--port", config.free_port())
     assert p.returncode == 2 and "archived by another modelship version" in p.stderr
     assert "archive the artifact again" in p.stderr and not (tmp_path / "s").exists()

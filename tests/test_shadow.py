@@ -15,6 +15,7 @@ import requests
 import modelship as ms
 from conftest import cli, label_shifted
 from modelship.manifest import load_artifact, write_artifact
+from modelship.serving.state import ServerState
 from modelship.promotion import versions
 
 pytestmark = pytest.mark.serve
@@ -81,8 +82,8 @@ def settled(url, model, n, timeout_s=60):
 
 
 def post(info, path, x, token=None):
-    return requests.post(info["inference_url"] + path, json={"inputs": x.tolist()}, timeout=30,
-                         headers={"Authorization": f"Bearer {token or info['token']}"})
+    return requests.post(info.inference_url + path, json={"inputs": x.tolist()}, timeout=30,
+                         headers={"Authorization": f"Bearer {token or info.token}"})
 
 
 @pytest.fixture(scope="module")
@@ -106,15 +107,15 @@ def shadow_server(tmp_path_factory, cnn, cnn_onnx):
     ms.archive(misnamed, store, name="misnamed", workers=1, shadow_rate=1.0, force=True)
     p = cli("serve", store, "--state", work / "state", "--detach", "--allow-promote", "--port",
             str(ms_free_port()), check=0)
-    info = json.loads((work / "state" / "serve.json").read_text())
-    assert info["shadow_metrics_url"] in p.stdout
+    info = ServerState.load(work / "state")
+    assert info.shadow_metrics_url in p.stdout
     yield {"info": info, "work": work, "state": work / "state", "store": store, "wrong": wrong}
     cli("serve", "--stop", "--state", work / "state", check=0)
     assert not (work / "state" / "spool").exists()  # sampled users' requests do not outlive the server
 
 
 def ms_free_port():
-    from modelship.serving.server import free_port
+    from modelship.serving.config import free_port
 
     return free_port()
 
@@ -123,7 +124,7 @@ def test_every_sampled_request_is_checked_or_dropped(shadow_server):
     info = shadow_server["info"]
     x = digits(40)
     assert all(post(info, "/predictions/good", xi).status_code == 200 for xi in x)
-    m = settled(info["shadow_metrics_url"], "good", 40)
+    m = settled(info.shadow_metrics_url, "good", 40)
     assert value(m, "modelship_shadow_sampled_total", model="good", version="1.0") == 40
     assert value(m, "modelship_shadow_checked_total", model="good") + \
         value(m, "modelship_shadow_dropped_total", model="good") == 40
@@ -154,7 +155,7 @@ def test_every_sampled_request_is_checked_or_dropped(shadow_server):
     [t.start() for t in threads]
     [t.join() for t in threads]
     assert codes == [200] * 40
-    m = settled(info["shadow_metrics_url"], "tiny-queue", 40)
+    m = settled(info.shadow_metrics_url, "tiny-queue", 40)
     checked = value(m, "modelship_shadow_checked_total", model="tiny-queue")
     dropped = value(m, "modelship_shadow_dropped_total", model="tiny-queue", reason="queue_full")
     assert checked + dropped == 40 and checked >= 1
@@ -178,7 +179,7 @@ def test_a_wrong_variant_is_caught_request_by_request(shadow_server, cnn, cnn_on
         elif np.abs(np.array(got["probabilities"]) - want).max() > bound:
             tolerance += 1
     assert 0 < labels < 60  # the bias turns some answers, not all: the counter must count, not just fire
-    m = settled(info["shadow_metrics_url"], "wrong", 60)
+    m = settled(info.shadow_metrics_url, "wrong", 60)
     assert value(m, "modelship_shadow_mismatch_total", model="wrong", kind="label") == labels
     assert value(m, "modelship_shadow_mismatch_total", model="wrong", kind="tolerance") == tolerance
     assert value(m, "modelship_shadow_checked_total", model="wrong") == 60
@@ -200,15 +201,15 @@ def test_registration_needs_allow_promote(served, work, cnn_onnx, tmp_path):
     # the shared server runs without --allow-promote: modelship says how to start one, and TorchServe refuses too
     p = cli("promote", mar, "--state", work / "state", "--model", "cnn-onnx")
     assert p.returncode != 0 and "--allow-promote" in p.stderr
-    r = requests.post(served["management_url"] + "/models", params={"url": "cnn-onnx.mar", "model_name": "x"},
-                      headers={"Authorization": f"Bearer {served['management_token']}"}, timeout=30)
+    r = requests.post(served.management_url + "/models", params={"url": "cnn-onnx.mar", "model_name": "x"},
+                      headers={"Authorization": f"Bearer {served.management_token}"}, timeout=30)
     assert r.status_code != 200 and versions(served, "cnn-onnx")[0] == ["1.0"]
 
 
 def test_registration_needs_the_management_token(shadow_server):
     info = shadow_server["info"]  # started with --allow-promote: the inference token, or none, may not register
-    for token in (info["token"], "wrong", None):
-        r = requests.post(info["management_url"] + "/models", params={"url": "good.mar", "model_name": "good"},
+    for token in (info.token, "wrong", None):
+        r = requests.post(info.management_url + "/models", params={"url": "good.mar", "model_name": "good"},
                           headers={"Authorization": f"Bearer {token}"} if token else {}, timeout=30)
         assert r.status_code in (400, 401, 403), r.text
     assert versions(info, "good")[0] == ["1.0"]
@@ -301,7 +302,7 @@ def test_a_good_candidate_is_promoted_under_load_and_rolled_back(shadow_server, 
     # before, during and after the switch: every request answered, every answer right
     assert load.requests > 100 and load.failures == 0 and load.checked == load.requests and load.mismatches == 0
     assert versions(info, "good") == (["1.0", "2.0"], "2.0")
-    m = scrape(info["shadow_metrics_url"])
+    m = scrape(info.shadow_metrics_url)
     assert value(m, "modelship_shadow_sampled_total", model="good", version="2.0") > 60  # clients reached 2.0
     assert zipfile.ZipFile(store / "good.mar").read("MAR-INF/MANIFEST.json").count(b'"2.0"')  # a restart serves 2.0
 
@@ -343,15 +344,15 @@ def test_shadow_judges_the_request_as_sent_and_the_answer_as_received(shadow_ser
     both, so only a shadow that preprocesses the raw request the reference's way, and reads the answer the client
     got, sees them."""
     info = shadow_server["info"]
-    hdr = {"Authorization": f"Bearer {info['token']}", "Content-Type": "image/png"}
+    hdr = {"Authorization": f"Bearer {info.token}", "Content-Type": "image/png"}
     for png in pngs(30):
         for model in ("drift", "misnamed"):
-            assert requests.post(info["inference_url"] + f"/predictions/{model}", data=png, headers=hdr,
+            assert requests.post(info.inference_url + f"/predictions/{model}", data=png, headers=hdr,
                                  timeout=30).status_code == 200
-    m = settled(info["shadow_metrics_url"], "drift", 30)
+    m = settled(info.shadow_metrics_url, "drift", 30)
     assert value(m, "modelship_shadow_checked_total", model="drift") == 30
     assert value(m, "modelship_shadow_mismatch_total", model="drift") >= 10
-    m = settled(info["shadow_metrics_url"], "misnamed", 30)
+    m = settled(info.shadow_metrics_url, "misnamed", 30)
     assert value(m, "modelship_shadow_mismatch_total", model="misnamed", kind="label") == 30  # every shown name
     log = (shadow_server["state"] / "logs" / "model_log.log").read_text()
     assert "for index" in log and "which is" in log
@@ -367,7 +368,7 @@ def test_binary_and_grpc_requests_are_sampled_judged_and_spooled(shadow_server, 
     from modelship.serving.codec import BINARY_HEADER
 
     info = shadow_server["info"]
-    before = scrape(info["shadow_metrics_url"])
+    before = scrape(info.shadow_metrics_url)
     base = value(before, "modelship_shadow_checked_total", model="good", version="1.0")
     sampled = value(before, "modelship_shadow_sampled_total", model="good", version="1.0")
     x = digits(5, offset=300)
@@ -375,16 +376,16 @@ def test_binary_and_grpc_requests_are_sampled_judged_and_spooled(shadow_server, 
                                    "parameters": {"binary_data_size": 256}}],
                        "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]}).encode()
     for xi in x:  # the binary tensor extension over v2 REST, answered in it too
-        r = requests.post(info["v2_url"] + "/v2/models/good/infer", data=head + xi.astype("<f4").tobytes(),
-                          headers={"Authorization": f"Bearer {info['token']}", BINARY_HEADER: str(len(head))},
+        r = requests.post(info.v2_url + "/v2/models/good/infer", data=head + xi.astype("<f4").tobytes(),
+                          headers={"Authorization": f"Bearer {info.token}", BINARY_HEADER: str(len(head))},
                           timeout=30)
         assert r.status_code == 200 and r.headers.get(BINARY_HEADER), r.text[:300]
     bodies = tmp_path / "bodies.json"  # and v2 gRPC (raw PNGs as BYTES)
     bodies.write_text(json.dumps([base64.b64encode(p).decode() for p in pngs(4)]))
-    p = subprocess.run([sys.executable, str(Path(__file__).with_name("grpc_send_bytes.py")), info["v2_grpc_address"],
-                        info["token"], "good", "image", str(bodies)], capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, str(Path(__file__).with_name("grpc_send_bytes.py")), info.v2_grpc_address,
+                        info.token, "good", "image", str(bodies)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and json.loads(p.stdout.splitlines()[-1]) == [["OK", ""]] * 4, p.stderr[-2000:]
-    m = settled(info["shadow_metrics_url"], "good", base + value(before, "modelship_shadow_dropped_total",
+    m = settled(info.shadow_metrics_url, "good", base + value(before, "modelship_shadow_dropped_total",
                                                                  model="good") + 9)
     assert value(m, "modelship_shadow_sampled_total", model="good", version="1.0") == sampled + 9
     assert value(m, "modelship_shadow_checked_total", model="good", version="1.0") == base + 9
@@ -394,8 +395,8 @@ def test_binary_and_grpc_requests_are_sampled_judged_and_spooled(shadow_server, 
     binary = [(h, b) for h, b in newest if BINARY_HEADER in h]
     assert len(binary) == 9, [h for h, _ in newest]
     for h, body in binary:
-        r = requests.post(info["inference_url"] + "/predictions/good/1.0", data=body, timeout=30,
-                          headers={**h, "Authorization": f"Bearer {info['token']}"})
+        r = requests.post(info.inference_url + "/predictions/good/1.0", data=body, timeout=30,
+                          headers={**h, "Authorization": f"Bearer {info.token}"})
         assert r.status_code == 200
 
 
@@ -406,14 +407,14 @@ def test_a_rate_below_one_samples_its_share(shadow_server):
     x = digits(300)
     with requests.Session() as http:
         for xi in x:
-            assert http.post(info["inference_url"] + "/predictions/third", json={"inputs": xi.tolist()}, timeout=30,
-                             headers={"Authorization": f"Bearer {info['token']}"}).status_code == 200
+            assert http.post(info.inference_url + "/predictions/third", json={"inputs": xi.tolist()}, timeout=30,
+                             headers={"Authorization": f"Bearer {info.token}"}).status_code == 200
     time.sleep(1)
-    m = scrape(info["shadow_metrics_url"])
+    m = scrape(info.shadow_metrics_url)
     sampled = value(m, "modelship_shadow_sampled_total", model="third")
     n, p = 300, 0.3
     half = 3.89 * (n * p * (1 - p)) ** 0.5  # 99.99 %: a false failure once in 10,000 runs
     assert n * p - half <= sampled <= n * p + half, sampled
-    m = settled(info["shadow_metrics_url"], "third", sampled)
+    m = settled(info.shadow_metrics_url, "third", sampled)
     assert value(m, "modelship_shadow_checked_total", model="third") == sampled
     assert value(m, "modelship_shadow_mismatch_total", model="third") == 0

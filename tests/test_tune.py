@@ -17,7 +17,7 @@ TRIAL_KEYS = {"config", "rps", "p50_ms", "p95_ms", "p99_ms", "agreement", "max_a
 def test_tune_finds_a_configuration_inside_the_slo_and_its_winner_serves(tmp_path, cnn_onnx, cnn_int8):
     from modelship.loadtests.runner import loadtest
     from modelship.loadtests.summary import Gates
-    from modelship.serving import server
+    from modelship.serving import config, lifecycle
 
     out = tmp_path / "t"
     p = cli("tune", cnn_onnx.path, cnn_int8.path, "--slo-p95-ms", "200", "--out", out, "--budget-minutes", "1.5",
@@ -46,15 +46,15 @@ def test_tune_finds_a_configuration_inside_the_slo_and_its_winner_serves(tmp_pat
     assert (cfg["batchSize"], cfg["minWorkers"], cfg["handler"]["threads"]) == (c["batch_size"], c["workers"], c["threads"])
     mar = out / "model-store" / f"{c['variant']}.mar"
     assert mar.is_file()
-    info = server.start(out / "model-store", tmp_path / "state", server.ServeConfig(port=server.free_port()))
+    info = lifecycle.start(out / "model-store", tmp_path / "state", config.ServeConfig(port=config.free_port()))
     try:
-        assert info["models"] == [c["variant"]]
+        assert info.models == [c["variant"]]
         run = loadtest(tmp_path / "state", c["variant"], tmp_path / "lt", users=(best["users"],), duration_s=3,
                        gates=Gates(slo_p95_ms=200))
         assert run["passed"], run["gate_failures"]
         assert run["checked"] > 0 and run["failures"] == 0
     finally:
-        server.stop(tmp_path / "state")
+        lifecycle.stop(tmp_path / "state")
 
 
 def test_tune_rejects_wrong_answers_and_a_missed_slo_with_the_reason(tmp_path, cnn, cnn_onnx):

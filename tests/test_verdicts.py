@@ -1198,7 +1198,7 @@ def test_replayed_v2_bodies_name_no_version_and_ipv6_hosts_get_brackets():
     import json
 
     from modelship.promotion import _replayable
-    from modelship.serving.server import _client_host, is_loopback
+    from modelship.serving.config import client_host as _client_host, is_loopback
 
     body = json.dumps({"model_version": "1.0", "inputs": [1]}).encode()
     assert json.loads(_replayable(body, {"Content-Type": "application/json"})) == {"inputs": [1]}

@@ -20,7 +20,7 @@ from .. import data as datasets
 from ..comparison import Verdict, bad_rows, check, collect, golden_of, served_tolerance  # noqa: F401 — check: the one verdict
 from ..serving.archive import read_mar
 from ..serving.codec import DESCRIBE, SERVED_ON, V2_DTYPES
-from ..serving.server import read_state
+from ..serving.state import ServerState, bearer
 
 
 def prepare(state: str | Path, model: str, out_dir: Path, reference: str | Path | None = None,
@@ -37,15 +37,15 @@ def prepare(state: str | Path, model: str, out_dir: Path, reference: str | Path 
     from ..runners.torch_runner import TorchRunner
     from ..stages import reference_of
 
-    info = read_state(state)
-    if model not in info["models"]:
-        raise ServeError(f"model '{model}' is not served from {state}; served: {', '.join(info['models'])}")
+    info = ServerState.load(state)
+    if model not in info.models:
+        raise ServeError(f"model '{model}' is not served from {state}; served: {', '.join(info.models)}")
     if protocol not in PROTOCOLS:
         raise ServeError(f"protocol '{protocol}'; expected {' or '.join(PROTOCOLS)}")
-    if protocol == "v2" and not info.get("v2_url"):
+    if protocol == "v2" and not info.v2_url:
         raise ServeError(f"the server in {state} runs without the Open Inference Protocol (serve --no-oip); start it "
                          "without that flag, or load-test /predictions")
-    mar = mar or Path(info["store"]) / f"{model}.mar"
+    mar = mar or Path(info.store) / f"{model}.mar"
     served = read_mar(mar)
     source = (served.extra.get("archive") or {}).get("source")
     sealed = sealed_reference(reference_mar or mar, out_dir / "sealed-reference")
@@ -110,12 +110,12 @@ def prepare(state: str | Path, model: str, out_dir: Path, reference: str | Path 
     (out_dir / "bodies.json").write_text(json.dumps(bodies))
     tol = served_tolerance(served).adjusted(overrides, per_output)
     return {"model": model, "path": f"/v2/models/{model}/infer" if protocol == "v2" else f"/predictions/{model}",
-            "protocol": protocol, "token": info.get("token"), "task": served.task, "labels": ref_art.manifest.labels or served.labels,
+            "protocol": protocol, "token": info.token, "task": served.task, "labels": ref_art.manifest.labels or served.labels,
             "dtypes": {t.name: t.dtype for t in served.outputs},
             "precision": served.precision, "outputs": outputs, "tolerance": asdict(tol),
             "golden": str(out_dir / "golden.npz"), "bodies": str(out_dir / "bodies.json"),
             "report": str(out_dir / "parity_counts.json"),
-            "host": info["v2_url"] if protocol == "v2" else info["inference_url"],
+            "host": info.v2_url if protocol == "v2" else info.inference_url,
             "reference": str(ref_art.path), "data": datasets.describe(spec), "samples": n,
             "content_type": content_type, "binary": binary, "judged_on": (served.parity or {}).get("judged_on")}
 
@@ -149,13 +149,13 @@ def sealed_reference(mar: Path, dst: Path):
 def retarget(spec: dict, state: str | Path, model: str, out_dir: Path) -> dict:
     """``spec`` (from ``prepare``) for another served model of the same artifact: the same request bodies and
     golden outputs, sent to ``model`` (modelship tune serves one artifact under many configurations)."""
-    info = read_state(state)
-    if model not in info["models"]:
-        raise ServeError(f"model '{model}' is not served from {state}; served: {', '.join(info['models'])}")
+    info = ServerState.load(state)
+    if model not in info.models:
+        raise ServeError(f"model '{model}' is not served from {state}; served: {', '.join(info.models)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     v2 = spec.get("protocol") == "v2"
     return {**spec, "model": model, "path": f"/v2/models/{model}/infer" if v2 else f"/predictions/{model}",
-            "token": info.get("token"), "host": info["v2_url"] if v2 else info["inference_url"],
+            "token": info.token, "host": info.v2_url if v2 else info.inference_url,
             "report": str(out_dir / "parity_counts.json")}
 
 
@@ -189,7 +189,6 @@ TOKEN_ENV = "MODELSHIP_TOKEN"  # how Locust processes get the bearer token: neve
 def request_headers(spec: dict) -> dict:
     import os
 
-    from ..serving.server import bearer
 
     return {"Content-Type": spec.get("content_type", "application/json"),
             **bearer(spec.get("token") or os.environ.get(TOKEN_ENV))}

@@ -12,7 +12,7 @@ from .golden import probe
 
 
 class Monitor(threading.Thread):
-    def __init__(self, info: dict, spec: dict, kill_at_s: float | None = None, interval_s: float = 1.0):
+    def __init__(self, info, spec: dict, kill_at_s: float | None = None, interval_s: float = 1.0):
         super().__init__(daemon=True)
         self.info, self.spec, self.kill_at_s, self.interval_s = info, spec, kill_at_s, interval_s
         self.samples: list[tuple[float, float]] = []  # (seconds since start, worker RSS MiB)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from ..errors import ArtifactError, GateError
 from ..machine import differences
-from ..serving.server import free_port, read_state
+from ..serving.config import free_port
+from ..serving.state import ServerState
 from .golden import TOKEN_ENV, prepare, probe, retarget
 from .monitor import Monitor
 from .summary import Gates, kind_of, summarize
@@ -124,7 +125,7 @@ def loadtest(state, model, out_dir, users=(4,), spawn_rate=None, duration_s=30.0
     else:
         spec = prepare(state, model, out_dir, reference=reference, samples=samples, data=data, overrides=overrides,
                        per_output=per_output, protocol=protocol)
-    info = read_state(state)
+    info = ServerState.load(state)
     t0 = time.perf_counter()  # the first answer is not timed: a cold worker's first request can take seconds
     verdict, why = probe(spec, timeout_s=WARM_TIMEOUT_S)
     if verdict is None:

@@ -114,141 +114,164 @@ def until_parity(art: Artifact, mode: str, out: str | Path, opts: QuantizeOption
                  log=lambda msg: None) -> Artifact:
     """Build an INT8 variant of ``art`` that passes its parity gate (``judge``: parity_record's keyword
     arguments) with the fewest nodes kept in float; raises QuantizeError when none can."""
-    from ..stages import gate_parity, parity_record
-
     if MODES.get(mode) is None or MODES[mode].precision != "int8":
         raise QuantizeError(f"--until-parity searches INT8 builds; mode '{mode}' is not one (use dynamic or static)")
-    opts, judge, out = opts or QuantizeOptions(), judge or {}, Path(out)
-    attempts: list[dict] = []
-    t_start = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        n = iter(range(10_000))
+        return Search(art, mode, Path(tmp), data, judge or {}, log).run(opts or QuantizeOptions(), Path(out),
+                                                                          json_path)
 
-        def attempt(step: str, o: QuantizeOptions) -> tuple[Artifact | None, dict | None]:
-            folder = tmp / f"a{next(n)}"
-            try:
-                cand = make_variant(art, mode, folder, calibrated_once(o, tmp), data=data)
-            except QuantizeError as e:
-                attempts.append({"step": step, "error": str(e)})
-                log(f"{step}: build failed ({str(e)[:120]})")
-                return None, None
-            rec = parity_record(cand, **judge)
-            attempts.append({"step": step, "excluded": len(o.exclude_nodes), "passed": rec["passed"],
-                             "top1_agreement": rec["top1_agreement"], "max_abs_diff": rec["max_abs_diff"],
-                             "failures": rec["failures"][:2]})
-            agree = rec["top1_agreement"]
-            log(f"{step}: {'passed' if rec['passed'] else 'failed'} ("
-                + (f"agreement {agree:.4f}, " if agree is not None else "") + f"max |Δ| {rec['max_abs_diff']:.3g})")
-            return cand, rec
 
-        best, best_rec = attempt("as asked", opts)
-        best_opts = opts
+class Search:
+    """One --until-parity search: the artifact, mode, data and gate it builds and judges against, its scratch
+    folder, and every attempt it made (recorded in the result's manifest)."""
+
+    def __init__(self, art: Artifact, mode: str, tmp: Path, data: dict | None, judge: dict, log):
+        self.art, self.mode, self.tmp, self.data, self.judge, self.log = art, mode, tmp, data, judge, log
+        self.attempts: list[dict] = []
+
+    def build(self, o: QuantizeOptions, folder: Path) -> Artifact:
+        return make_variant(self.art, self.mode, folder, calibrated_once(o, self.tmp), data=self.data)
+
+    def attempt(self, step: str, o: QuantizeOptions) -> tuple[Artifact | None, dict | None]:
+        """A build with ``o``, judged by the real gate; (None, None) when it cannot be built."""
+        from ..stages import parity_record
+
+        try:
+            cand = self.build(o, self.tmp / f"a{len(self.attempts)}")
+        except QuantizeError as e:
+            self.attempts.append({"step": step, "error": str(e)})
+            self.log(f"{step}: build failed ({str(e)[:120]})")
+            return None, None
+        rec = parity_record(cand, **self.judge)
+        self.attempts.append({"step": step, "excluded": len(o.exclude_nodes), "passed": rec["passed"],
+                              "top1_agreement": rec["top1_agreement"], "max_abs_diff": rec["max_abs_diff"],
+                              "failures": rec["failures"][:2]})
+        agree = rec["top1_agreement"]
+        self.log(f"{step}: {'passed' if rec['passed'] else 'failed'} ("
+                 + (f"agreement {agree:.4f}, " if agree is not None else "") + f"max |Δ| {rec['max_abs_diff']:.3g})")
+        return cand, rec
+
+    def best_options(self, opts: QuantizeOptions) -> tuple[Artifact, dict, QuantizeOptions]:
+        """The requested build, then each recovery option until one passes: the best build, its record, options."""
+        best, best_rec = self.attempt("as asked", opts)
         if best is None:
-            raise QuantizeError(attempts[0]["error"])
+            raise QuantizeError(self.attempts[0]["error"])
         if best_rec["weak"] and not best_rec["allow_weak"]:  # about the reference and the data, not the build
-            raise QuantizeError(f"{art.path}: the INT8 gate cannot judge this model on this data ("
+            raise QuantizeError(f"{self.art.path}: the INT8 gate cannot judge this model on this data ("
                                 f"{'; '.join(best_rec['weak'])}); no choice of nodes changes that — supply data "
                                 "the model separates (--data), a tighter --max-abs-diff, or --allow-weak-parity")
+        best_opts = opts
         if not best_rec["passed"]:
-            for step, o in recovery_options(mode, opts, calibrated=_calibrated(art, opts, data)):
-                cand, rec = attempt(step, o)
+            for step, o in recovery_options(self.mode, opts, calibrated=_calibrated(self.art, opts, self.data)):
+                cand, rec = self.attempt(step, o)
                 if rec is not None and _score(rec) > _score(best_rec):
                     best, best_rec, best_opts = cand, rec, o
                 if best_rec["passed"]:
                     break
+        return best, best_rec, best_opts
+
+    def run(self, opts: QuantizeOptions, out: Path, json_path: Path | None) -> Artifact:
+        from ..stages import gate_parity
+
+        t_start = time.monotonic()
+        best, best_rec, best_opts = self.best_options(opts)
         chosen, excluded = best_opts, []
         if not best_rec["passed"]:
-            excluded = _exclude(art, mode, best, best_opts, data, judge, attempt, tmp, log, attempts)
+            excluded = self.exclude(best, best_opts)
             chosen = replace(best_opts, exclude_nodes=best_opts.exclude_nodes + [e["node"] for e in excluded])
-        full = best  # the build with every node the options quantize: the latency the exclusions are weighed against
-        final = make_variant(art, mode, out, calibrated_once(chosen, tmp), data=data)
-        cost = None
-        if excluded:
-            cost = {"p50_ms_batch1": {"float": round(_p50_ms(art), 4), "int8_all_nodes": round(_p50_ms(full), 4),
-                                      "int8_with_exclusions": round(_p50_ms(final), 4)}}
-            p = cost["p50_ms_batch1"]
-            cost["over_all_nodes"] = round(p["int8_with_exclusions"] / p["int8_all_nodes"], 4)
-    final.manifest.extra["until_parity"] = {
-        "options": {k: v for k, v in chosen.recorded().items() if k != "exclude_nodes"},
-        "kept_in_float": excluded, "attempts": attempts, "latency": cost,
-        "seconds": round(time.monotonic() - t_start, 1)}
-    write_artifact(final.path, final.manifest)
-    gate_parity(final, json_path=json_path, **judge)
-    return final
+        final = make_variant(self.art, self.mode, out, calibrated_once(chosen, self.tmp), data=self.data)
+        final.manifest.extra["until_parity"] = {
+            "options": {k: v for k, v in chosen.recorded().items() if k != "exclude_nodes"},
+            "kept_in_float": excluded, "attempts": self.attempts, "latency": self.cost(best, final) if excluded else
+            None, "seconds": round(time.monotonic() - t_start, 1)}
+        write_artifact(final.path, final.manifest)
+        gate_parity(final, json_path=json_path, **self.judge)
+        return final
 
+    def cost(self, full: Artifact, final: Artifact) -> dict:
+        """What keeping nodes in float costs: p50 at batch 1 of float, every node in INT8, the result."""
+        p = {"float": round(_p50_ms(self.art), 4), "int8_all_nodes": round(_p50_ms(full), 4),
+             "int8_with_exclusions": round(_p50_ms(final), 4)}
+        return {"p50_ms_batch1": p, "over_all_nodes": round(p["int8_with_exclusions"] / p["int8_all_nodes"], 4)}
 
-def _exclude(art, mode, full, opts, data, judge, attempt, tmp, log, attempts) -> list[dict]:
-    """The fewest most-sensitive nodes to keep in float so that the gate passes (see the module docstring)."""
-    from ..comparison import collect
-    from ..preprocess import preprocessed
-    from ..runners import open_runner
+    def sensitivity(self, full: Artifact, opts: QuantizeOptions, nodes: list) -> list[dict]:
+        """Each node quantized alone: its worst output difference (in units of that output's spread) and the labels
+        it flips against the float graph, most sensitive first."""
+        from ..comparison import collect
+        from ..preprocess import preprocessed
+        from ..runners import open_runner
 
-    nodes = [(name, op) for name, op in quantized_nodes(full.model_path) if name not in opts.exclude_nodes]
-    if len(nodes) < 2:
-        raise QuantizeError(f"no INT8 variant of {art.path} passes parity: the {mode} build quantizes "
-                            f"{len(nodes)} node(s), so nothing is left to keep in float "
-                            f"({'; '.join(attempts[-1].get('failures') or [])})")
-    # what the candidate is fed (raw samples through its recorded preprocessing); ranks nodes, the gate still
-    # judges all the data
-    feed = preprocessed(full, data or full.manifest.data, "test", SENSITIVITY_SAMPLES)
-    first = art.manifest.outputs[0].name
-    base = collect(open_runner(art), feed)
-    scale = {k: float(np.std(v)) or float(np.abs(v).mean()) or 1.0 for k, v in base.items()}
-    classifier = art.manifest.is_classifier
-    sens = []
-    for i, (name, op) in enumerate(nodes):
-        folder = tmp / f"s{i}"
-        one = make_variant(art, mode, folder, calibrated_once(replace(opts, op_types=[], exclude_op_types=[],
-                                                                      exclude_nodes=[], nodes_only=[name]), tmp),
-                           data=data)
-        got = collect(open_runner(one), feed)
-        # what the gate judges: the worst difference of any output (in units of that output's spread) and flips
-        worst, moved = max((float(np.abs(got[k] - v).max()) / scale[k], k) for k, v in base.items())
-        flips = float(np.mean(got[first].reshape(len(got[first]), -1).argmax(-1)
-                              != base[first].reshape(len(base[first]), -1).argmax(-1))) if classifier else 0.0
-        sens.append({"node": name, "int8_op": op, "sensitivity": round(worst, 6), "label_flips": round(flips, 4),
-                     "why": f"quantized alone it moves '{moved}' by up to {worst:.3g} of its spread (max |Δ| / std)"
-                            + (f" and changes {flips:.1%} of top-1 labels" if classifier else "")
-                            + ", against the float graph"})
-        shutil.rmtree(folder, ignore_errors=True)
-    sens.sort(key=lambda s: (s["label_flips"], s["sensitivity"]), reverse=True)
-    log(f"sensitivity of {len(sens)} quantized nodes measured; most sensitive: "
-        + ", ".join(f"{s['node']} ({s['sensitivity']:.3g})" for s in sens[:3]))
+        # what the candidate is fed (raw samples through its recorded preprocessing); ranks nodes, the gate still
+        # judges all the data
+        feed = preprocessed(full, self.data or full.manifest.data, "test", SENSITIVITY_SAMPLES)
+        first = self.art.manifest.outputs[0].name
+        base = collect(open_runner(self.art), feed)
+        scale = {k: float(np.std(v)) or float(np.abs(v).mean()) or 1.0 for k, v in base.items()}
+        classifier = self.art.manifest.is_classifier
+        sens = []
+        for i, (name, op) in enumerate(nodes):
+            folder = self.tmp / f"s{i}"
+            one = self.build(replace(opts, op_types=[], exclude_op_types=[], exclude_nodes=[], nodes_only=[name]),
+                             folder)
+            got = collect(open_runner(one), feed)
+            worst, moved = max((float(np.abs(got[k] - v).max()) / scale[k], k) for k, v in base.items())
+            flips = float(np.mean(got[first].reshape(len(got[first]), -1).argmax(-1)
+                                  != base[first].reshape(len(base[first]), -1).argmax(-1))) if classifier else 0.0
+            sens.append({"node": name, "int8_op": op, "sensitivity": round(worst, 6), "label_flips": round(flips, 4),
+                         "why": f"quantized alone it moves '{moved}' by up to {worst:.3g} of its spread (max |Δ| / "
+                                "std)" + (f" and changes {flips:.1%} of top-1 labels" if classifier else "")
+                                + ", against the float graph"})
+            shutil.rmtree(folder, ignore_errors=True)
+        sens.sort(key=lambda s: (s["label_flips"], s["sensitivity"]), reverse=True)
+        self.log(f"sensitivity of {len(sens)} quantized nodes measured; most sensitive: "
+                 + ", ".join(f"{s['node']} ({s['sensitivity']:.3g})" for s in sens[:3]))
+        return sens
 
-    def passes(k: int) -> bool:
-        return passes_with(sens[:k], f"{k} most sensitive node(s) in float")
+    def exclude(self, full: Artifact, opts: QuantizeOptions) -> list[dict]:
+        """The fewest most-sensitive nodes to keep in float so that the gate passes (see the module docstring)."""
+        nodes = [(name, op) for name, op in quantized_nodes(full.model_path) if name not in opts.exclude_nodes]
+        if len(nodes) < 2:
+            raise QuantizeError(f"no INT8 variant of {self.art.path} passes parity: the {self.mode} build quantizes "
+                                f"{len(nodes)} node(s), so nothing is left to keep in float "
+                                f"({'; '.join(self.attempts[-1].get('failures') or [])})")
+        sens = self.sensitivity(full, opts, nodes)
 
-    def passes_with(kept: list[dict], step: str) -> bool:
-        o = replace(opts, exclude_nodes=opts.exclude_nodes + [s["node"] for s in kept])
-        _, rec = attempt(step, o)
-        return bool(rec and rec["passed"])
+        def passes(kept: list[dict], step: str) -> bool:
+            o = replace(opts, exclude_nodes=opts.exclude_nodes + [s["node"] for s in kept])
+            return bool((self.attempt(step, o)[1] or {}).get("passed"))
 
-    most = len(sens) - 1
-    if not passes(most):
-        raise QuantizeError(f"no INT8 variant of {art.path} passes parity: even with {most} of its {len(sens)} "
-                            f"quantized nodes kept in float (only {sens[-1]['node']} in INT8) the gate fails "
-                            f"({'; '.join(attempts[-1].get('failures') or [])}); loosen the tolerance or keep "
-                            "the model in FP32/FP16")
-    lo, hi, k = 0, most, 1  # lo fails (the full build), hi passes
-    while k < hi:
-        if passes(k):
-            hi = k
-            break
-        lo, k = k, k * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if passes(mid):
-            hi = mid
-        else:
-            lo = mid
-    kept = sens[:hi]
-    for s in reversed(sens[:hi]):  # pruning, the least sensitive first (step 4 above)
-        if len(kept) == 1:
-            break  # the build with no node in float is the one that failed
-        fewer = [k for k in kept if k is not s]
-        if passes_with(fewer, f"{s['node']} back to INT8 ({len(fewer)} in float)"):
-            kept = fewer
-    if len(kept) < hi:
-        log(f"pruning returned {hi - len(kept)} of the {hi} node(s) to INT8: {len(kept)} stay in float")
-    return kept
+        most = len(sens) - 1
+        if not passes(sens[:most], f"{most} most sensitive node(s) in float"):
+            raise QuantizeError(f"no INT8 variant of {self.art.path} passes parity: even with {most} of its "
+                                f"{len(sens)} quantized nodes kept in float (only {sens[-1]['node']} in INT8) the "
+                                f"gate fails ({'; '.join(self.attempts[-1].get('failures') or [])}); loosen the "
+                                "tolerance or keep the model in FP32/FP16")
+        hi = self.fewest(lambda k: passes(sens[:k], f"{k} most sensitive node(s) in float"), most)
+        kept = sens[:hi]
+        for s in reversed(sens[:hi]):  # pruning, the least sensitive first (step 4 above)
+            if len(kept) == 1:
+                break  # the build with no node in float is the one that failed
+            fewer = [k for k in kept if k is not s]
+            if passes(fewer, f"{s['node']} back to INT8 ({len(fewer)} in float)"):
+                kept = fewer
+        if len(kept) < hi:
+            self.log(f"pruning returned {hi - len(kept)} of the {hi} node(s) to INT8: {len(kept)} stay in float")
+        return kept
+
+    @staticmethod
+    def fewest(passes, most: int) -> int:
+        """The smallest k in 1..most for which ``passes(k)`` holds (it holds at ``most``, not at 0): doubling, then a
+        bisection."""
+        lo, hi, k = 0, most, 1
+        while k < hi:
+            if passes(k):
+                hi = k
+                break
+            lo, k = k, k * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if passes(mid):
+                hi = mid
+            else:
+                lo = mid
+        return hi

@@ -9,32 +9,22 @@ import signal
 import time
 
 import psutil
-import requests
 
 from ..errors import ServeError
-from .server import bearer
+from .state import ServerState
+from .torchserve import TorchServe
 
 
-def describe(info: dict, model: str, timeout_s: float = 5.0) -> list[dict]:
+def describe(info: ServerState, model: str, timeout_s: float = 5.0) -> list[dict]:
     """The model's workers as the management API reports them (id, pid, status)."""
-    hdr = bearer(info.get("management_token"))
-    try:
-        r = requests.get(f"{info['management_url']}/models/{model}", headers=hdr, timeout=timeout_s)
-    except requests.RequestException as e:
-        raise ServeError(f"management API at {info['management_url']} did not answer: {e}") from None
-    if r.status_code != 200:
-        raise ServeError(f"management API: HTTP {r.status_code} for model '{model}': {r.text[:200]}")
-    try:
-        return r.json()[0].get("workers", [])
-    except (ValueError, IndexError, KeyError, AttributeError):
-        raise ServeError(f"management API: unexpected answer for model '{model}': {r.text[:200]}") from None
+    return TorchServe(info).describe(model, timeout_s)
 
 
-def pids(info: dict, model: str) -> list[int]:
+def pids(info: ServerState, model: str) -> list[int]:
     return [int(w["pid"]) for w in describe(info, model) if w.get("pid") and w.get("status") == "READY"]
 
 
-def rss_mb(info: dict, model: str) -> float:
+def rss_mb(info: ServerState, model: str) -> float:
     """Resident memory of the model's worker processes, summed, in MiB."""
     total = 0
     for pid in pids(info, model):
@@ -45,7 +35,7 @@ def rss_mb(info: dict, model: str) -> float:
     return total / 2**20
 
 
-def kill_one(info: dict, model: str, sig: int = signal.SIGKILL) -> int:
+def kill_one(info: ServerState, model: str, sig: int = signal.SIGKILL) -> int:
     """Kill one READY worker of ``model`` (the first the management API lists); returns its pid."""
     live = pids(info, model)
     if not live:
@@ -58,7 +48,7 @@ def kill_one(info: dict, model: str, sig: int = signal.SIGKILL) -> int:
     return victim
 
 
-def wait_replaced(info: dict, model: str, dead: int, expected: int, timeout_s: float = 60.0) -> float:
+def wait_replaced(info: ServerState, model: str, dead: int, expected: int, timeout_s: float = 60.0) -> float:
     """Seconds until ``model`` again has ``expected`` READY workers, none of them ``dead``."""
     start = time.monotonic()
     while time.monotonic() - start < timeout_s:
