@@ -73,5 +73,5 @@ def write_figures(path, figures: dict) -> None:
 
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in figures.items()},
+        Path(path).write_text(json.dumps({k: (float(f"{v:.4g}") if isinstance(v, float) else v) for k, v in figures.items()},
                                          indent=2) + "\n")

@@ -83,7 +83,7 @@ def parity(ref: Path = typer.Argument(..., help="Reference: a torch artifact, .p
     results = api.parity(list(candidates), ref, data=data, split=split, provider=provider, device=device, judge=judge)
     records = [r.record for r in results]
     write_json(json_path, records if len(records) > 1 else records[0])
-    console.print(parity_table(records))
+    console.print(parity_table(records), *tables.batch_lines(records), sep="\n")
     failed = [r for r in results if not r.passed]
     if failed:
         raise ParityError("; ".join(f"{Path(r.artifact).name}: {r.reason}" for r in failed),
@@ -116,6 +116,11 @@ def quantize(src: Path = typer.Argument(..., help="An ONNX artifact."),
              smooth: Optional[float] = O(None, "--smooth", help="dynamic/static: SmoothQuant first, with this alpha "
                                          "(0 < alpha < 1; larger moves more of the activations' outliers into the "
                                          "weights; uses the calibration data)."),
+             activations: str = O("per-tensor", "--activations", help="dynamic: per-tensor (one activation scale "
+                                  "per batch: fastest, but an answer moves with what it is batched with) or per-row "
+                                  "(each sample's activations scaled on their own: MatMulNBits, 8-bit weights)."),
+             block_size: int = O(64, "--block-size", help="dynamic, per-row: weights and activations scaled per "
+                                 "block of this many along the inner dimension (a power of two, 16 or more)."),
              reduce_range: bool = O(False, "--reduce-range", help="dynamic/static: 7-bit weights, so CPUs without "
                                     "VNNI (AVX2's u8s8 sums saturate at 16 bits) compute the same as those with it."),
              calibration_method: str = O("minmax", help="static: minmax | entropy | percentile"),
@@ -133,7 +138,8 @@ def quantize(src: Path = typer.Argument(..., help="An ONNX artifact."),
     """Make an INT8 / FP16 / optimized ONNX variant, then gate on parity with the original PyTorch model."""
     if activation_type not in ("int8", "uint8"):
         raise ModelshipError(f"unknown activation type '{activation_type}'; expected int8 or uint8")
-    options = dict(per_channel=per_channel, smooth=smooth, reduce_range=reduce_range,
+    options = dict(per_channel=per_channel, smooth=smooth, reduce_range=reduce_range, activations=activations,
+                   block_size=block_size,
                    calibration_method=calibration_method, calibration_samples=calibration_samples,
                    calibration_data=str(calibration_data) if calibration_data else None, activation_type=activation_type,
                    exclude_nodes=names(exclude_nodes), exclude_op_types=names(exclude_op_types),
@@ -145,7 +151,8 @@ def quantize(src: Path = typer.Argument(..., help="An ONNX artifact."),
     if until_parity:
         console.print(*tables.until_parity_lines(art.manifest.extra["until_parity"]), sep="\n")
     size = art.model_path.stat().st_size / api.load_artifact(src).model_path.stat().st_size
-    console.print(parity_table([art.manifest.parity], f"{mode} → {art.path} (file {size:.2f}× the source)"))
+    console.print(parity_table([art.manifest.parity], f"{mode} → {art.path} (file {size:.2f}× the source)"),
+                  *tables.batch_lines([art.manifest.parity]), sep="\n")
 
 
 @app.command()
@@ -488,6 +495,13 @@ def main() -> None:
         err.print(f"[red]error:[/] unexpected {type(e).__name__}: {escape(str(e).splitlines()[0]) if str(e) else ''} "
                   "(run with --debug for the traceback)", highlight=False, soft_wrap=True)
         sys.exit(3)
+
+
+def __getattr__(name: str):
+    """``modelship.cli.command``: the app as a click command, what the docs' CLI reference renders (mkdocs-click)."""
+    if name == "command":
+        return typer.main.get_command(app)
+    raise AttributeError(name)
 
 
 if __name__ == "__main__":

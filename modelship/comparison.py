@@ -162,13 +162,18 @@ def compare(reference: Runner, candidate: Runner, split: str = "test", tolerance
             data: dict | None = None) -> dict:
     """Run both on the evaluation data (``data`` or the candidate's) and return the parity record (not raising).
     A candidate that carries its preprocessing is fed raw samples through it, and the reference the same raw
-    samples preprocessed the original way (``modelship.preprocess``)."""
+    samples preprocessed the original way (``modelship.preprocess``). The record's ``batch`` is the batch gate's
+    (``modelship.batch_gate``): the candidate's answers alone vs inside batches of other samples."""
+    from . import batch_gate
+
     man = candidate.manifest
     spec = data or man.data
     ref_feed, cand_feed, labels = evaluation_feeds(reference.artifact, candidate.artifact, spec, split)
     ref = collect(reference, ref_feed, batch)
     cand = collect(candidate, cand_feed, batch)
-    return record(ref, cand, labels, candidate, tolerance or tolerance_of(man), reference_name, allow_weak, spec)
+    rec = record(ref, cand, labels, candidate, tolerance or tolerance_of(man), reference_name, allow_weak, spec)
+    rec["batch"] = batch_gate.judge(candidate, batch_gate.samples_for(candidate.artifact, spec, split, cand_feed))
+    return rec
 
 
 def bound(ref: np.ndarray, atol: float, rtol: float, cap: float | None = None) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""The pipeline report: report.json, report.md and a self-contained report.html with plots."""
+"""The pipeline report: report.json, report.md, a self-contained report.html with plots, and report.png (the
+report at a glance, one picture)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import base64
 import html
 import json
 import shutil
+import textwrap
 from dataclasses import asdict
 from pathlib import Path
 
@@ -33,6 +35,8 @@ def _rows(arts: dict, results: dict, benches: dict, name: str) -> list[dict]:
             "parity_passed": par.get("passed", "root" if man.format == "torch" and not man.reference else None),
             "reference": Path(par.get("reference") or lt.get("reference") or art.path).name,
             "weak": par.get("weak") or [],
+            # the batch gate: the same answers alone and inside batches (False: served with batch size 1)
+            "same_at_any_batch": (par.get("batch") or {}).get("passed"),
             "top1_agreement": par.get("top1_agreement"), "max_abs_diff": par.get("max_abs_diff"),
             "accuracy": acc, "reference_accuracy": par.get("reference_accuracy"),
             "served_p50_ms": lt.get("p50_ms"), "served_p95_ms": lt.get("p95_ms"), "served_p99_ms": lt.get("p99_ms"),
@@ -109,6 +113,7 @@ def fastest_within_budget(rows: list[dict], budget: float) -> dict | None:
 
 COLS = [("variant", "variant", None), ("precision", "precision", None), ("size_mb", "size MB", ".3f"),
         ("reference", "judged against", None), ("parity_passed", "parity", None),
+        ("same_at_any_batch", "any batch", None),
         ("top1_agreement", "agreement", ".4f"), ("max_abs_diff", "max |Δ|", ".2g"), ("accuracy", "accuracy", ".4f"),
         ("served_p50_ms", "p50 ms", ".2f"), ("served_p95_ms", "p95 ms", ".2f"), ("served_p99_ms", "p99 ms", ".2f"),
         ("rps", "req/s", ".1f"), ("served_agreement", "served agreement", ".4f"),
@@ -153,7 +158,47 @@ def build(out: Path, name: str, cfg, steps, arts, results, benches, tuned: dict 
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (out / "report.md").write_text(_markdown(report, rows, plots))
     (out / "report.html").write_text(_html(report, rows, plots))
+    _snapshot(out / "report.png", report, rows, plots)
     return report
+
+
+SNAPSHOT_COLS = ("variant", "precision", "parity_passed", "same_at_any_batch", "top1_agreement", "served_p50_ms",
+                 "served_agreement", "size_mb")
+
+
+def _snapshot(path: Path, report: dict, rows: list[dict], plots: dict) -> None:
+    """report.png: the report at a glance, as one picture (for a README, a pull request, a chat): its verdict, the
+    variants' gates and served figures, and the latency-vs-accuracy plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.image as mpimg
+    import matplotlib.pyplot as plt
+
+    spec = {k: (h, f) for k, h, f in COLS}
+    plot = plots.get("latency_vs_accuracy")
+    fig = plt.figure(figsize=(11, 3.2 + 0.28 * len(rows) + (4.6 if plot else 0)))
+    fig.suptitle(f"modelship report — {report['model']}", x=0.02, ha="left", fontsize=14, fontweight="bold")
+    fig.text(0.02, 1 - 0.55 / fig.get_figheight(), textwrap.fill(verdict(report), 150), fontsize=8.5, va="top")
+    share = (0.28 * len(rows) + 1.2) / fig.get_figheight()
+    ax = fig.add_axes((0.02, 1 - share - 1.0 / fig.get_figheight(), 0.96, share))
+    ax.axis("off")
+    cells = [[cell(r[k], spec[k][1]) for k in SNAPSHOT_COLS] for r in rows]
+    table = ax.table(cellText=cells, colLabels=[spec[k][0] for k in SNAPSHOT_COLS], loc="upper left", cellLoc="right")
+    table.auto_set_font_size(False)
+    table.set_fontsize(8.5)
+    for (i, _), c in table.get_celld().items():
+        c.set_edgecolor("#cccccc")
+        if i == 0:
+            c.set_facecolor("#f3f3f3")
+        elif c.get_text().get_text() == "FAIL":
+            c.set_facecolor("#fde8e8")
+    if plot:
+        img = fig.add_axes((0.2, 0.02, 0.6, 4.4 / fig.get_figheight()))
+        img.imshow(mpimg.imread(plot))
+        img.axis("off")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def verdict(report) -> str:

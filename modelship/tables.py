@@ -26,14 +26,27 @@ def _yes(ok) -> str:
     return "[green]yes[/]" if ok else "[red]NO[/]"
 
 
+def _batch(rec: dict | None) -> str:
+    """The batch gate's verdict: the same answers alone and inside batches (NO: serve with batch size 1)."""
+    if not rec or rec.get("passed") is None:
+        return "—"
+    return "[green]yes[/]" if rec["passed"] else "[yellow]NO: batch 1[/]"
+
+
+def batch_lines(records: list[dict]) -> list[str]:
+    """The batch gate's failures, one line each: what moved, by how much, in which batch."""
+    return [f"[yellow]{Path(r['artifact']).name}: {r['batch']['message']}[/]" for r in records
+            if (r.get("batch") or {}).get("passed") is False]
+
+
 def parity_table(records: list[dict], title: str = "parity") -> Table:
     cols = ("artifact", "backend", "precision", "reference", "samples", "max_abs_diff", "top1_agreement", "accuracy",
-            "reference_accuracy", "weak", "passed")
+            "reference_accuracy", "weak", "any batch", "passed")
     return table(title, cols, [(Path(r["artifact"]).name, r["backend"], r["precision"],
                                 Path(r.get("reference") or "—").name, str(r["samples"]), _fmt(r["max_abs_diff"]),
                                 _fmt(r["top1_agreement"]), _fmt(r["accuracy"]), _fmt(r["reference_accuracy"]),
                                 f"{len(r['weak'])}{' (accepted)' if r.get('allow_weak') else ''}" if r.get("weak") else "—",
-                                _yes(r["passed"])) for r in records], left=("artifact", "reference"))
+                                _batch(r.get("batch")), _yes(r["passed"])) for r in records], left=("artifact", "reference"))
 
 
 def bench_table(rows: list[dict]) -> Table:

@@ -229,6 +229,10 @@ class Tuner:
             if not up:
                 continue
             nxt = Config(**{**cfg, knob: up[0]})
+            batch = (self.arts[nxt.variant].manifest.parity or {}).get("batch") or {}
+            if knob == "batch_size" and batch.get("passed") is False:
+                self.skip(nxt, "batch gate", batch["message"])  # archive refuses it: answers would move
+                continue
             if nxt.workers * nxt.threads > cores():
                 self.skip(nxt, "oversubscribed", f"{nxt.workers} workers × {nxt.threads} threads > {cores()} cores")
                 continue

@@ -39,6 +39,9 @@ def test_parity_refuses_every_wrong_candidate(kind, cnn, cnn_onnx, wrong, tmp_pa
     assert p.returncode == 1 and rec["kind"] == "parity" and not rec["passed"], p.stdout + p.stderr
     assert any(PARITY_SAYS[kind] in f for f in rec["failures"]), rec["failures"]
     assert rec["max_abs_diff"] is not None and not np.isnan(rec["max_abs_diff"])
+    if kind == "batch1_only":  # the batch gate sees it too: right alone, moved inside a batch
+        assert rec["batch"]["passed"] is False and "answers depend on what they are batched with" in \
+            rec["batch"]["message"]
 
 
 def test_the_good_candidate_passes_parity(cnn, cnn_onnx, tmp_path):

@@ -3,7 +3,9 @@
 Per-tensor INT8 activation scales are set by a few outlier channels (transformers' LayerNorm and GELU outputs have
 them), so every other channel keeps few levels. For each MatMul (or Gemm) with a constant weight W [in, out], per
 input channel j: s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) (X's maxima over calibration data); X is divided by s
-(one ``Mul`` inserted after the tensor, shared by all its MatMuls) and W's row j multiplied by s_j. The float graph
+(folded into the parameters that make X where they can absorb it: a LayerNorm's scale and bias, or the weight
+columns and bias of the MatMul that makes X; else one ``Mul`` inserted after the tensor, shared by all its MatMuls)
+and W's row j multiplied by s_j. The float graph
 computes the same function; its activations are flatter, so INT8 loses less. alpha near 1 moves more of the range
 into the weights, which per-channel weight scales absorb.
 
@@ -94,7 +96,7 @@ def smooth(src: Path, dst: Path, feed: dict, alpha: float, batch: int = 16, maxi
     # measured for every candidate, so later builds that quantize other nodes read them from the cache too
     maxima = _cached_maxima(model, list(every), feed, batch, maxima_cache)
     consts = {i.name: i for i in graph.initializer}
-    muls, matmuls, nodes = [], 0, list(graph.node)
+    muls, folded, matmuls, nodes = [], [], 0, list(graph.node)
     uses: dict[str, int] = {}
     for n in nodes:
         for i in n.input:
@@ -113,6 +115,15 @@ def smooth(src: Path, dst: Path, feed: dict, alpha: float, batch: int = 16, maxi
         for wname, (w, t) in weights.items():
             consts[wname].CopyFrom(numpy_helper.from_array((w * (s[None, :] if t else s[:, None])).astype(w.dtype),
                                                            wname))
+        matmuls += len(users)
+        absorber = _absorber(graph, nodes, name, users, consts, uses)
+        if absorber is not None:  # X / s folded into the parameters that make X: the graph gains no node
+            for pname, axis in absorber:
+                p = numpy_helper.to_array(consts[pname])
+                by = s[:, None] if axis == 0 and p.ndim == 2 else s
+                consts[pname].CopyFrom(numpy_helper.from_array((p / by).astype(p.dtype), pname))
+            folded.append(name)
+            continue
         scaled, inv = f"{name}_smoothed", f"{name}_smooth_scale"
         graph.initializer.append(numpy_helper.from_array((1.0 / s).astype(np.float32), inv))
         for u in users:
@@ -121,8 +132,55 @@ def smooth(src: Path, dst: Path, feed: dict, alpha: float, batch: int = 16, maxi
         producer = next((i for i, n in enumerate(nodes) if name in n.output), -1)
         nodes.insert(producer + 1, mul)
         muls.append(mul.name)
-        matmuls += len(users)
     del graph.node[:]
     graph.node.extend(nodes)
     onnx.save(model, str(dst))
-    return {"alpha": alpha, "smoothed_tensors": len(muls), "smoothed_matmuls": matmuls, "mul_nodes": muls}
+    return {"alpha": alpha, "smoothed_tensors": len(muls) + len(folded), "smoothed_matmuls": matmuls,
+            "folded": len(folded), "mul_nodes": muls}
+
+
+def _absorber(graph, nodes: list, name: str, users: list, consts: dict, uses: dict) -> list | None:
+    """(constant, axis) pairs whose ``axis`` can absorb a per-channel ``1/s`` of tensor ``name`` (so no ``Mul`` is
+    needed), or None: the scale and bias of the LayerNormalization that makes it, or the weight columns and bias of
+    the MatMul (+ Add) or Gemm that makes it, also through a Relu (relu(x/s) = relu(x)/s for s > 0). Only where
+    ``name`` feeds nothing but the smoothed MatMuls (a residual ``Add`` reading a LayerNorm's output, as in post-LN
+    encoders, would see the scaled values) and those constants feed nothing else."""
+    readers = [n for n in nodes if name in n.input]
+    if name in {o.name for o in graph.output} or any(r not in users for r in readers):
+        return None
+    return _makers(graph, nodes, name, consts, uses)
+
+
+def _makers(graph, nodes: list, name: str, consts: dict, uses: dict) -> list | None:
+    producer = next((n for n in nodes if name in n.output), None)
+    if producer is None or list(producer.output).index(name) != 0:
+        return None
+
+    def own(names: list[str], rank: int) -> bool:
+        return all(n in consts and uses.get(n, 0) == 1 and len(consts[n].dims) == rank for n in names)
+
+    def alone(tensor: str) -> bool:  # read by one node only, and not a graph output
+        return sum(tensor in n.input for n in nodes) == 1 and tensor not in {o.name for o in graph.output}
+
+    op, ins = producer.op_type, list(producer.input)
+    if op == "LayerNormalization":
+        axis = next((a.i for a in producer.attribute if a.name == "axis"), -1)
+        params = [i for i in ins[1:3] if i]
+        return [(p, -1) for p in params] if axis == -1 and own(params, 1) else None
+    if op == "Relu":
+        return _makers(graph, nodes, ins[0], consts, uses) if alone(ins[0]) else None
+    if op == "MatMul" and own(ins[1:2], 2):
+        return [(ins[1], -1)]
+    if op == "Gemm" and own(ins[1:2], 2) and (len(ins) < 3 or not ins[2] or own(ins[2:3], 1)):
+        attrs = {a.name: a.i for a in producer.attribute}
+        if attrs.get("transA", 0):
+            return None
+        return [(ins[1], 0 if attrs.get("transB", 0) else -1)] + ([(ins[2], -1)] if len(ins) > 2 and ins[2] else [])
+    if op == "Add":
+        bias = [i for i in ins if i in consts]
+        other = [i for i in ins if i not in consts]
+        mm = next((n for n in nodes if other and other[0] in n.output and n.op_type == "MatMul"), None)
+        if len(bias) == 1 and len(other) == 1 and mm is not None and own(bias, 1) and own([mm.input[1]], 2) and \
+                alone(other[0]):
+            return [(bias[0], -1), (mm.input[1], -1)]
+    return None

@@ -1,9 +1,10 @@
 """Accuracy-aware INT8 (``quantize --until-parity``): when the INT8 gate fails, try the options that usually
 recover accuracy, then keep the fewest, most sensitive nodes in float until the gate passes.
 
-1. The requested build, then each recovery option (per-channel weights; SmoothQuant at alpha 0.5 and 0.9; for
-   static: the other calibration methods and symmetric activations), each judged by the real parity gate; the best
-   is kept.
+1. The requested build, then each recovery option (per-channel weights; for dynamic: per-row activations;
+   SmoothQuant at alpha 0.5 and 0.9; for static: the other calibration methods and symmetric activations), each
+   judged by the real parity gate and the batch gate; the first that passes both ends it, else the best is kept
+   (a build that passes parity with answers that move with their batch is served with batch size 1).
 2. Sensitivity: each node the best build quantized is quantized alone, and its output error against the
    float graph on the evaluation data is its cost: the worst difference of any output (in units of that
    output's spread), after the labels it flips.
@@ -41,6 +42,8 @@ def recovery_options(mode: str, opts: QuantizeOptions, calibrated: bool = True) 
     """The options worth trying after ``opts`` failed, each a one-step change from it (SmoothQuant with per-channel
     weights, which absorb the ranges it moves; only where there is calibration data to measure them on)."""
     tries = [] if opts.per_channel else [("per-channel weights", replace(opts, per_channel=True))]
+    if mode == "dynamic" and opts.activations == "per-tensor":  # each sample's activations scaled on their own
+        tries.append(("per-row activations", replace(opts, activations="per-row", per_channel=False)))
     if opts.smooth is None and calibrated:
         tries += [(f"SmoothQuant {a}, per-channel weights", replace(opts, per_channel=True, smooth=a))
                   for a in SMOOTH_ALPHAS]
@@ -73,6 +76,8 @@ def quantized_nodes(quantized: Path) -> list[tuple[str, str]]:
             continue
         if n.name.endswith("_quant"):
             out.append((n.name[: -len("_quant")], n.op_type))
+        elif n.op_type == "MatMulNBits" and n.name.endswith("_Q8"):  # a per-row build's MatMul X is X_Q8
+            out.append((n.name[: -len("_Q8")], "MatMul"))
         elif n.name in computes_quantized:
             out.append((n.name, n.op_type))
         elif any(i in dq_inputs and dq_inputs[i] not in producer or
@@ -95,9 +100,19 @@ def _calibrated(art: Artifact, opts: QuantizeOptions, data: dict | None) -> bool
     return bool(opts.calibration_data) or not datasets.is_generated(data or art.manifest.data)
 
 
+def _same_at_any_batch(rec: dict) -> bool:
+    return (rec.get("batch") or {}).get("passed") is not False
+
+
+def _ok(rec: dict) -> bool:
+    """What the search looks for: parity passed, and answers that do not move with their batch."""
+    return bool(rec["passed"]) and _same_at_any_batch(rec)
+
+
 def _score(rec: dict) -> tuple:
-    """Higher is better: passed, then agreement, then the smaller worst difference."""
-    return (bool(rec["passed"]), rec.get("top1_agreement") or 0.0, -(rec.get("max_abs_diff") or 0.0))
+    """Higher is better: passed, then the batch gate, then agreement, then the smaller worst difference."""
+    return (bool(rec["passed"]), _same_at_any_batch(rec), rec.get("top1_agreement") or 0.0,
+            -(rec.get("max_abs_diff") or 0.0))
 
 
 def _p50_ms(art: Artifact, seconds: float = 0.5) -> float:
@@ -145,10 +160,11 @@ class Search:
         rec = parity_record(cand, **self.judge)
         self.attempts.append({"step": step, "excluded": len(o.exclude_nodes), "passed": rec["passed"],
                               "top1_agreement": rec["top1_agreement"], "max_abs_diff": rec["max_abs_diff"],
-                              "failures": rec["failures"][:2]})
+                              "same_at_any_batch": _same_at_any_batch(rec), "failures": rec["failures"][:2]})
         agree = rec["top1_agreement"]
         self.log(f"{step}: {'passed' if rec['passed'] else 'failed'} ("
-                 + (f"agreement {agree:.4f}, " if agree is not None else "") + f"max |Δ| {rec['max_abs_diff']:.3g})")
+                 + (f"agreement {agree:.4f}, " if agree is not None else "") + f"max |Δ| {rec['max_abs_diff']:.3g}"
+                 + ("" if _same_at_any_batch(rec) else "; answers move with their batch") + ")")
         return cand, rec
 
     def best_options(self, opts: QuantizeOptions) -> tuple[Artifact, dict, QuantizeOptions]:
@@ -161,12 +177,12 @@ class Search:
                                 f"{'; '.join(best_rec['weak'])}); no choice of nodes changes that — supply data "
                                 "the model separates (--data), a tighter --max-abs-diff, or --allow-weak-parity")
         best_opts = opts
-        if not best_rec["passed"]:
+        if not _ok(best_rec):  # failed, or passed with answers that move with their batch: try the others
             for step, o in recovery_options(self.mode, opts, calibrated=_calibrated(self.art, opts, self.data)):
                 cand, rec = self.attempt(step, o)
                 if rec is not None and _score(rec) > _score(best_rec):
                     best, best_rec, best_opts = cand, rec, o
-                if best_rec["passed"]:
+                if _ok(best_rec):
                     break
         return best, best_rec, best_opts
 

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from ..errors import ArtifactError, QuantizeError
 from ..lineage import inherited_extra, lineage
 from ..manifest import Artifact, write_artifact
@@ -39,6 +41,11 @@ class QuantizeOptions:
     keep_io_types: bool = True  # fp16: keep float32 inputs/outputs
     reduce_range: bool = False
     smooth: float | None = None  # SmoothQuant's alpha (smooth.py): activation outliers moved into the weights first
+    # dynamic: per-tensor (onnxruntime's quantize_dynamic: one scale for a whole batch's activations, so an answer
+    # depends on what it is batched with) or per-row (MatMulNBits with 8-bit weights in blocks of block_size, its
+    # activations quantized per row and block: each sample on its own)
+    activations: str = "per-tensor"
+    block_size: int = 64
     # static: a file of calibrated ranges, computed on the first build and reused by later ones with the same
     # method, activation type and op types (accuracy-aware INT8 builds dozens); --smooth keeps its activation maxima
     # beside it; not recorded in the manifest
@@ -123,15 +130,73 @@ def _smoothed(art: Artifact, src: Path, opts: QuantizeOptions, tmp: Path, feed: 
             [*opts.exclude_nodes, *muls])
 
 
+ACTIVATIONS = ("per-tensor", "per-row")
+
+
 def _dynamic(art: Artifact, out: Path, opts: QuantizeOptions, tmp: Path) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    if opts.activations not in ACTIVATIONS:
+        raise QuantizeError(f"--activations {opts.activations}: expected one of {', '.join(ACTIVATIONS)}")
     src, facts, keep = _smoothed(art, _preprocess(art.model_path, tmp / "pre.onnx"), opts, tmp)
+    if opts.activations == "per-row":
+        return {**facts, **_per_row(src, out, opts, keep)}
     quantize_dynamic(str(src), str(out), weight_type=QuantType.QInt8, per_channel=opts.per_channel,
                      reduce_range=opts.reduce_range, nodes_to_exclude=keep or None,
                      nodes_to_quantize=opts.nodes_only or None, op_types_to_quantize=_op_types(src, opts),
                      extra_options={"MatMulConstBOnly": True})
     return facts
+
+
+def _per_row(src: Path, out: Path, opts: QuantizeOptions, keep: list) -> dict:
+    """INT8 with activations quantized per row (and block): onnxruntime's MatMulNBits with 8-bit symmetric weights
+    in blocks of ``block_size`` along K, computed with int8 activations (accuracy level 4), one scale per row and
+    block; MatMuls and Gemms with constant weights (the others, and Conv, stay float)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    if opts.block_size < 16 or opts.block_size & (opts.block_size - 1):
+        raise QuantizeError(f"--block-size {opts.block_size}: expected a power of two, 16 or more (e.g. 64)")
+    model = onnx.load(str(src))
+    _gemms_as_matmuls(model)
+    include = [n.name for n in model.graph.node if n.op_type == "MatMul" and (not opts.nodes_only or
+                                                                               n.name in opts.nodes_only)]
+    q = MatMulNBitsQuantizer(model, bits=8, block_size=opts.block_size, is_symmetric=True, accuracy_level=4,
+                             nodes_to_exclude=list(keep), nodes_to_include=include or None)
+    q.process()
+    q.model.save_model_to_file(str(out), use_external_data_format=False)
+    quantized = sum(n.op_type == "MatMulNBits" for n in onnx.load(str(out), load_external_data=False).graph.node)
+    if not quantized:
+        raise QuantizeError(f"{src.name}: no MatMul or Gemm with constant weights to quantize per row (Conv stays "
+                            "float); use --activations per-tensor")
+    return {"activations": "per-row", "block_size": opts.block_size, "matmulnbits_nodes": quantized}
+
+
+def _gemms_as_matmuls(model) -> None:
+    """Each Gemm with a constant weight (no transA, alpha = beta = 1) as a MatMul named NAME_MatMul (+ an Add of
+    its bias), as onnxruntime's dynamic quantizer names it: MatMulNBits takes MatMuls only."""
+    from onnx import helper, numpy_helper
+
+    consts = {i.name: i for i in model.graph.initializer}
+    nodes = []
+    for n in model.graph.node:
+        attrs = {a.name: (a.i if a.type == a.INT else a.f) for a in n.attribute}
+        if n.op_type != "Gemm" or n.input[1] not in consts or attrs.get("transA", 0) or \
+                attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            nodes.append(n)
+            continue
+        w = numpy_helper.to_array(consts[n.input[1]])
+        wname = n.input[1]
+        if attrs.get("transB", 0):
+            wname = f"{n.input[1]}_T"
+            model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), wname))
+        bias = n.input[2] if len(n.input) > 2 and n.input[2] else None
+        mm_out = f"{n.output[0]}_MatMul" if bias else n.output[0]
+        nodes.append(helper.make_node("MatMul", [n.input[0], wname], [mm_out], name=f"{n.name}_MatMul"))
+        if bias:
+            nodes.append(helper.make_node("Add", [mm_out, bias], [n.output[0]], name=f"{n.name}_Add"))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
 
 
 def _static(art: Artifact, out: Path, opts: QuantizeOptions, tmp: Path) -> dict:

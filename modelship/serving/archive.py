@@ -94,9 +94,11 @@ def fits_in_memory(art: Artifact) -> int:
     return int(psutil.virtual_memory().available / 2 // per_worker)
 
 
-def check_gates(art: Artifact) -> None:
+def check_gates(art: Artifact, batch_size: int = 1) -> None:
     """Refuse an artifact whose manifest records a failed gate (any format: a student that failed its
-    distillation gate too), or a derived artifact with no parity record at all."""
+    distillation gate too), or a derived artifact with no parity record at all; with ``batch_size`` above 1, one
+    whose answers depend on what they are batched with (the parity record's batch gate; batch size 1 is always
+    allowed)."""
     from ..stages import is_root
 
     rec = art.manifest.parity
@@ -106,6 +108,10 @@ def check_gates(art: Artifact) -> None:
         why = "; ".join((rec or {}).get("failures", [])[:2]) or "no parity record"
         raise ArtifactError(f"{art.path}: {'failed' if rec else 'no'} passed parity record ({why}); only artifacts "
                             "that passed parity are archived (run modelship parity, or pass --force)")
+    batch = (rec or {}).get("batch") or {}
+    if batch_size > 1 and batch.get("passed") is False:
+        raise ArtifactError(f"{art.path}: batch size {batch_size} refused: {batch['message']} (archive it with "
+                            "--batch-size 1, which is always allowed, or pass --force)")
 
 
 def archiver() -> str:
@@ -167,7 +173,7 @@ def archive(art: Artifact, store: str | Path, name: str | None = None, config: M
     ref = shadow_reference(art, shadow_reference_of) if config.shadow_rate else None
     man = art.manifest
     if not force:
-        check_gates(art)
+        check_gates(art, config.batch_size)
     if man.format == "tensorrt":  # one request must fit the engine's profile; bigger served batches are split
         from ..exporters.tensorrt import max_batch
 
