@@ -136,6 +136,13 @@ def collect(runner: Runner, feed: dict, batch: int = 64) -> dict[str, np.ndarray
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
+def with_model_labels(spec: dict, art) -> dict:
+    """A user's text or image data whose labels may be the model's label names: the spec with those names."""
+    if spec.get("name") in ("text", "images") and not spec.get("labels") and art.manifest.labels:
+        return {**spec, "labels": art.manifest.labels}
+    return spec
+
+
 def evaluation_feeds(ref_art, cand_art, spec: dict | None, split: str):
     """(reference feed, candidate feed, labels): the same tensors for both, or, for a candidate with its own
     preprocessing and raw data, raw samples preprocessed two ways: the original way for the reference, the
@@ -147,9 +154,7 @@ def evaluation_feeds(ref_art, cand_art, spec: dict | None, split: str):
     if prep is None or not datasets.has_raw(spec):
         feed, labels = datasets.load(spec, split, cand_art.manifest.inputs)
         return feed, feed, labels
-    if spec.get("name") in ("text", "images") and not spec.get("labels") and cand_art.manifest.labels:
-        spec = {**spec, "labels": cand_art.manifest.labels}  # labels in the user's file may be the model's names
-    raw, labels = datasets.load_raw(spec, split)
+    raw, labels = datasets.load_raw(with_model_labels(spec, cand_art), split)
     original = reference_preprocessor(ref_art)
     if original is None:
         raise ArtifactError(f"{ref_art.path}: the reference records no preprocessing, but {cand_art.path} does; "

@@ -278,7 +278,9 @@ class ModelRun:
                     self.served[variant] = f"not served: {built[variant]['reason'] or 'no artifact'}"
                     continue
                 names[variant] = f"{self.name}-{variant}"
-                ms.archive(art, store, name=names[variant], workers=1, threads=1, force=True)
+                batch = (art.manifest.parity or {}).get("batch") or {}  # answers that move with their batch: alone
+                ms.archive(art, store, name=names[variant], workers=1, threads=1, force=True,
+                           batch_size=1 if batch.get("passed") is False else 8)
             self.server = ms.serve(store)  # one server for the model's variants, stopped with the session
             for variant, model in names.items():
                 ref = source if variant in self.cfg.get("candidates", {}) else None

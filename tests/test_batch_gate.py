@@ -40,7 +40,7 @@ def test_float_and_static_int8_pass(cnn_onnx, cnn_int8):
     for art in (cnn_onnx, cnn_int8):
         b = art.manifest.parity["batch"]
         assert b["passed"] is True and b["max_abs_diff"] <= b["bound"], b
-        assert b["sizes"] == [4, 16] and b["samples"] == 16 and "scaled 8 times" in b["outlier"]
+        assert b["sizes"] == [3, 4, 16, 64] and b["samples"] == 16 and "scaled 8 times" in b["outlier"]
 
 
 def test_dynamic_int8_fails_and_is_archived_at_batch_size_1_only(tmp_path, cnn_onnx, int8_kernels):
@@ -104,3 +104,69 @@ def test_until_parity_looks_for_a_build_that_keeps_its_answers(tmp_path, tuned_t
     steps = [a["step"] for a in out.manifest.extra["until_parity"]["attempts"]]
     assert rec["passed"] and rec["batch"]["passed"], (rec["failures"], rec["batch"])
     assert "per-row activations" in steps and out.manifest.extra["options"]["activations"] == "per-row"
+
+
+class _Fake:
+    """A runner of the digits CNN's signature whose answers ``answer(x)`` (numpy, [n, 1, 8, 8] -> [n, 10])."""
+
+    def __init__(self, art, answer):
+        self.artifact, self.manifest, self.inputs, self.answer = art, art.manifest, art.manifest.inputs, answer
+
+    def infer(self, feed):
+        return {"logits": self.answer(next(iter(feed.values())))}
+
+
+def _feed(art):
+    from modelship import data as datasets
+
+    return datasets.load(art.manifest.data, "test", art.manifest.inputs)[0]
+
+
+W = np.random.default_rng(0).normal(size=(64, 10))
+
+
+@pytest.mark.parametrize("case", ["odd_sizes", "past_16", "last_row", "one_row_only", "outlier_fails_alone", "huge"])
+def test_the_gate_catches_what_a_broken_runner_does_and_records_instead_of_raising(cnn_onnx, case):
+    """Answers right alone but wrong in batches of an odd size, past 16 rows, on the last row; an output of one
+    row for a whole batch; an outlier the model refuses alone (dropped, not blamed); answers of 1e6 with a tiny
+    spread (the bound is never below float32's own steps)."""
+    top = float(np.abs(next(iter(_feed(cnn_onnx).values()))).max())  # no real sample goes beyond it
+
+    def linear(x):
+        return x.reshape(len(x), -1) @ W
+
+    answer = {
+        "odd_sizes": lambda x: linear(x) + (len(x) % 2) * (len(x) > 1),
+        "past_16": lambda x: linear(x) + (np.arange(len(x)) >= 16)[:, None],
+        "last_row": lambda x: linear(x) + ((np.arange(len(x)) == len(x) - 1) & (len(x) > 1))[:, None],
+        "one_row_only": lambda x: linear(x)[:1],
+        "outlier_fails_alone": lambda x: (_ for _ in ()).throw(ValueError("index out of range")) if
+        np.abs(x).max() > 2 * top else linear(x),
+        "huge": lambda x: 1e6 + 1e-3 * linear(x),
+    }[case]
+    rec = batch_gate.judge(_Fake(cnn_onnx, answer), batch_gate.from_tensors(_feed(cnn_onnx)))
+    if case in ("outlier_fails_alone", "huge"):
+        assert rec["passed"] is True, rec
+        assert case != "outlier_fails_alone" or rec["outlier"].startswith("none: ")
+    else:
+        assert rec["passed"] is False and rec["message"].startswith("answers depend on what they are batched with")
+
+
+def test_per_row_takes_node_lists_and_gemm_names(tmp_path, cnn_onnx):
+    """The digits CNN's classifier Gemms quantized per row: --exclude-nodes with a Gemm's own name keeps it float,
+    --op-types Conv alone is refused, --reduce-range is refused."""
+    import onnx
+
+    from modelship.errors import QuantizeError
+
+    gemms = [n.name for n in onnx.load(str(cnn_onnx.model_path)).graph.node if n.op_type == "Gemm"]
+    full = make_variant(cnn_onnx, "dynamic", tmp_path / "all", QuantizeOptions(activations="per-row"))
+    assert full.manifest.extra["matmulnbits_nodes"] == len(gemms) >= 1
+    if len(gemms) > 1:
+        some = make_variant(cnn_onnx, "dynamic", tmp_path / "some",
+                            QuantizeOptions(activations="per-row", exclude_nodes=gemms[:1]))
+        assert some.manifest.extra["matmulnbits_nodes"] == len(gemms) - 1
+    for opts, says in ((QuantizeOptions(activations="per-row", op_types=["Conv"]), "MatMul and Gemm only"),
+                       (QuantizeOptions(activations="per-row", reduce_range=True), "--reduce-range")):
+        with pytest.raises(QuantizeError, match=says):
+            make_variant(cnn_onnx, "dynamic", tmp_path / "bad", opts)

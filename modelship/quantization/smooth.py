@@ -146,8 +146,8 @@ def _absorber(graph, nodes: list, name: str, users: list, consts: dict, uses: di
     ``name`` feeds nothing but the smoothed MatMuls (a residual ``Add`` reading a LayerNorm's output, as in post-LN
     encoders, would see the scaled values) and those constants feed nothing else."""
     readers = [n for n in nodes if name in n.input]
-    if name in {o.name for o in graph.output} or any(r not in users for r in readers):
-        return None
+    if name in {o.name for o in graph.output} or any(r not in users for r in readers) or _has_subgraphs(nodes):
+        return None  # (a subgraph of If/Loop/Scan may read any tensor of the graph by name)
     return _makers(graph, nodes, name, consts, uses)
 
 
@@ -184,3 +184,9 @@ def _makers(graph, nodes: list, name: str, consts: dict, uses: dict) -> list | N
                 alone(other[0]):
             return [(bias[0], -1), (mm.input[1], -1)]
     return None
+
+
+def _has_subgraphs(nodes: list) -> bool:
+    import onnx
+
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in nodes for a in n.attribute)

@@ -193,7 +193,7 @@ class Search:
         best, best_rec, best_opts = self.best_options(opts)
         chosen, excluded = best_opts, []
         if not best_rec["passed"]:
-            excluded = self.exclude(best, best_opts)
+            excluded = self.exclude(best, best_opts, batch=_same_at_any_batch(best_rec))
             chosen = replace(best_opts, exclude_nodes=best_opts.exclude_nodes + [e["node"] for e in excluded])
         final = make_variant(self.art, self.mode, out, calibrated_once(chosen, self.tmp), data=self.data)
         final.manifest.extra["until_parity"] = {
@@ -243,8 +243,10 @@ class Search:
                  + ", ".join(f"{s['node']} ({s['sensitivity']:.3g})" for s in sens[:3]))
         return sens
 
-    def exclude(self, full: Artifact, opts: QuantizeOptions) -> list[dict]:
-        """The fewest most-sensitive nodes to keep in float so that the gate passes (see the module docstring)."""
+    def exclude(self, full: Artifact, opts: QuantizeOptions, batch: bool = False) -> list[dict]:
+        """The fewest most-sensitive nodes to keep in float so that the gate passes (see the module docstring); with
+        ``batch``, the batch gate too (a per-row build keeps its answers at any batch with any node in float; a
+        per-tensor build never does, so it is judged on parity alone and served with batch size 1)."""
         nodes = [(name, op) for name, op in quantized_nodes(full.model_path) if name not in opts.exclude_nodes]
         if len(nodes) < 2:
             raise QuantizeError(f"no INT8 variant of {self.art.path} passes parity: the {self.mode} build quantizes "
@@ -254,7 +256,8 @@ class Search:
 
         def passes(kept: list[dict], step: str) -> bool:
             o = replace(opts, exclude_nodes=opts.exclude_nodes + [s["node"] for s in kept])
-            return bool((self.attempt(step, o)[1] or {}).get("passed"))
+            rec = self.attempt(step, o)[1]  # parity, and the batch gate where the full build passed it
+            return rec is not None and bool(rec["passed"]) and (_same_at_any_batch(rec) or not batch)
 
         most = len(sens) - 1
         if not passes(sens[:most], f"{most} most sensitive node(s) in float"):

@@ -151,18 +151,31 @@ def _dynamic(art: Artifact, out: Path, opts: QuantizeOptions, tmp: Path) -> dict
 def _per_row(src: Path, out: Path, opts: QuantizeOptions, keep: list) -> dict:
     """INT8 with activations quantized per row (and block): onnxruntime's MatMulNBits with 8-bit symmetric weights
     in blocks of ``block_size`` along K, computed with int8 activations (accuracy level 4), one scale per row and
-    block; MatMuls and Gemms with constant weights (the others, and Conv, stay float)."""
+    block; MatMuls and Gemms with constant weights (the others, and Conv, stay float). Node lists name a Gemm G as
+    it is or as G_MatMul (what it becomes); ``op_types`` / ``exclude_op_types`` take MatMul and Gemm."""
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     if opts.block_size < 16 or opts.block_size & (opts.block_size - 1):
         raise QuantizeError(f"--block-size {opts.block_size}: expected a power of two, 16 or more (e.g. 64)")
+    if opts.reduce_range:
+        raise QuantizeError("--reduce-range is for per-tensor INT8 (u8s8 kernels); per-row activations use "
+                            "8-bit symmetric weights in blocks: leave it out")
+    if opts.op_types and not {"MatMul", "Gemm"} & set(opts.op_types):
+        raise QuantizeError(f"--op-types {','.join(opts.op_types)}: per-row activations quantize MatMul and Gemm "
+                            "only; name one of them, or use --activations per-tensor")
     model = onnx.load(str(src))
-    _gemms_as_matmuls(model)
-    include = [n.name for n in model.graph.node if n.op_type == "MatMul" and (not opts.nodes_only or
-                                                                               n.name in opts.nodes_only)]
+    origin = _gemms_as_matmuls(model)  # MatMul name -> the op type it came from (its own name for a Gemm)
+    types = set(opts.op_types or ("MatMul", "Gemm")) - set(opts.exclude_op_types)
+
+    def named(name: str, names) -> bool:
+        return name in names or origin[name][1] in names
+
+    include = [m for m in origin if origin[m][0] in types and not named(m, keep)
+               and (not opts.nodes_only or named(m, opts.nodes_only))]
+    # onnxruntime quantizes every MatMul of its op types or of its include list: the rest is excluded by name
     q = MatMulNBitsQuantizer(model, bits=8, block_size=opts.block_size, is_symmetric=True, accuracy_level=4,
-                             nodes_to_exclude=list(keep), nodes_to_include=include or None)
+                             nodes_to_exclude=[m for m in origin if m not in include])
     q.process()
     q.model.save_model_to_file(str(out), use_external_data_format=False)
     quantized = sum(n.op_type == "MatMulNBits" for n in onnx.load(str(out), load_external_data=False).graph.node)
@@ -172,31 +185,43 @@ def _per_row(src: Path, out: Path, opts: QuantizeOptions, keep: list) -> dict:
     return {"activations": "per-row", "block_size": opts.block_size, "matmulnbits_nodes": quantized}
 
 
-def _gemms_as_matmuls(model) -> None:
+def _gemms_as_matmuls(model) -> dict[str, tuple[str, str]]:
     """Each Gemm with a constant weight (no transA, alpha = beta = 1) as a MatMul named NAME_MatMul (+ an Add of
-    its bias), as onnxruntime's dynamic quantizer names it: MatMulNBits takes MatMuls only."""
+    its bias), as onnxruntime's dynamic quantizer names it: MatMulNBits takes MatMuls only. Returns every MatMul
+    (by name) with the op type and name it came from; unnamed nodes are named first (gemm_3, matmul_7)."""
     from onnx import helper, numpy_helper
 
     consts = {i.name: i for i in model.graph.initializer}
-    nodes = []
-    for n in model.graph.node:
+    taken = {n.name for n in model.graph.node}
+    origin, nodes, transposed = {}, [], {}
+    for i, n in enumerate(model.graph.node):
+        if not n.name:
+            n.name = next(c for c in (f"{n.op_type.lower()}_{i}", f"{n.op_type.lower()}_{i}_{len(taken)}")
+                          if c not in taken)
+            taken.add(n.name)
         attrs = {a.name: (a.i if a.type == a.INT else a.f) for a in n.attribute}
         if n.op_type != "Gemm" or n.input[1] not in consts or attrs.get("transA", 0) or \
-                attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+                attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0 or f"{n.name}_MatMul" in taken:
             nodes.append(n)
+            if n.op_type == "MatMul":
+                origin[n.name] = ("MatMul", n.name)
             continue
-        w = numpy_helper.to_array(consts[n.input[1]])
         wname = n.input[1]
         if attrs.get("transB", 0):
-            wname = f"{n.input[1]}_T"
-            model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), wname))
+            if wname not in transposed:  # one transposed copy per weight, however many Gemms share it
+                transposed[wname] = f"{wname}_T"
+                w = numpy_helper.to_array(consts[wname])
+                model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.T), transposed[wname]))
+            wname = transposed[wname]
         bias = n.input[2] if len(n.input) > 2 and n.input[2] else None
         mm_out = f"{n.output[0]}_MatMul" if bias else n.output[0]
         nodes.append(helper.make_node("MatMul", [n.input[0], wname], [mm_out], name=f"{n.name}_MatMul"))
+        origin[f"{n.name}_MatMul"] = ("Gemm", n.name)
         if bias:
             nodes.append(helper.make_node("Add", [mm_out, bias], [n.output[0]], name=f"{n.name}_Add"))
     del model.graph.node[:]
     model.graph.node.extend(nodes)
+    return origin
 
 
 def _static(art: Artifact, out: Path, opts: QuantizeOptions, tmp: Path) -> dict:
