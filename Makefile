@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup demo test java text-model clean mutants
+.PHONY: setup demo test java text-model clean mutants docs docs-serve
 
 setup: $(VENV)/.installed java text-model
 
@@ -41,6 +41,14 @@ demo: setup
 test: setup
 	$(BIN)/pytest -ra -n 3 --dist loadgroup   # three workers; the tests sharing one TorchServe run on one
 
+# The documentation site (docs/, mkdocs.yml) into site/, in strict mode: a broken link or reference fails it (the
+# tests build it too: tests/test_docs.py); docs-serve serves it for reading on http://127.0.0.1:8000.
+docs: setup
+	$(BIN)/mkdocs build --strict --site-dir site
+
+docs-serve: setup
+	$(BIN)/mkdocs serve --strict --dev-addr 127.0.0.1:8000
+
 # Mutation testing of the verdict code (pyproject's [tool.mutmut]): every mutant killed by the fast verdict tests or
 # explained as equivalent (tests/equivalent_mutants.toml); about 7 minutes on 2 cores. Not part of `make test`.
 mutants: setup
@@ -50,4 +58,4 @@ mutants: setup
 	$(BIN)/python tests/mutation_report.py
 
 clean:
-	rm -rf runs .pytest_cache mutants
+	rm -rf runs .pytest_cache mutants site

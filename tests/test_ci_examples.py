@@ -1,6 +1,6 @@
 """modelship in a user's own CI, tried as a user would: modelship built as a wheel (`pip wheel`) and installed into a
 new virtual environment outside this repository; a small user project (a .pt2 model, its pyproject with
-[tool.modelship] and a test file using the plugin's fixture and helpers, both taken from the README as written);
+[tool.modelship] and a test file using the plugin's fixture and helpers, both taken from the docs (docs/how-to/ci.md) as written);
 then the steps of examples/ci/github-actions.yml and the commands of examples/ci/gitlab-ci.yml run in order in a
 fresh folder, and the JUnit file checked case by case. A label-shifted variant makes the job fail with that gate's
 message in exactly its JUnit cases.
@@ -27,12 +27,12 @@ import yaml
 # `pytest -m slow` (about 5 minutes on their own), as the long soak does
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
-README = ROOT / "README.md"
+README = ROOT / "docs" / "how-to" / "ci.md"  # the page holding the user project's files
 GATES = ("parity", "served agreement", "failures", "p95 SLO")
 
 
 def readme_block(first_line: str) -> str:
-    """The README code block whose first line is ``first_line`` (a file name comment)."""
+    """The docs code block whose first line is ``first_line`` (a file name comment)."""
     blocks = re.findall(r"```\w*\n(.*?)```", README.read_text(), re.S)
     return next(b for b in blocks if b.startswith(first_line))
 
@@ -89,7 +89,7 @@ def user_model(tmp_path_factory):
 
 
 def make_project(folder: Path, model: Path, extra_toml: str = "") -> Path:
-    """The user project of the README: model.pt2, its pyproject.toml and its tests, as written there."""
+    """The user project of the docs: model.pt2, its pyproject.toml and its tests, as written there."""
     (folder / "tests").mkdir(parents=True)
     (folder / "model.pt2").write_bytes(model.read_bytes())
     (folder / "pyproject.toml").write_text(readme_block("# pyproject.toml") + extra_toml)
@@ -147,7 +147,7 @@ def test_github_actions_example_runs_and_a_rerun_reuses_the_conversions(tmp_path
     gates = gate_cases(found)
     assert set(gates) == {(v, g) for v in ("onnx", "int8-dynamic", "fp16") for g in GATES}  # one case per gate
     assert all(m is None for m in gates.values()), gates
-    own = {n for (c, n) in found if n.startswith("test_")}  # the README's test file ran in the same session
+    own = {n for (c, n) in found if n.startswith("test_")}  # the docs' test file ran in the same session
     assert own == {"test_the_onnx_export_keeps_its_answers", "test_served_answers_are_right_and_fast"}
     assert "modelship gates: 12 passed, 0 failed" in summary.read_text()
     assert (project / "modelship-gates" / "model" / "int8-dynamic" / "locust_u1.html").is_file()

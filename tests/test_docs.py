@@ -1,8 +1,12 @@
-"""The README's quick start runs as written (on CPU): every command of its first `$M ...` block, in order, in a
-fresh folder, with the files it names made here first. Four things are changed for CI and said so: load-test
-durations (30s -> 2s), the teacher's training (8 epochs instead of the recipe's 25), the load test's p95 SLO
-(50 ms -> 2000 ms: other test workers share the two cores, so a latency target says nothing here) and the
-server's port (a free one instead of 8080)."""
+"""The README and the docs are tested like code.
+
+Every shell and Python block of README.md and docs/ is preceded by ``<!-- run: NAME -->`` (a test here, or the
+test named in RUN_BY, runs it as written) or ``<!-- not run: REASON -->``; the site builds in strict mode (a broken
+link, anchor or reference fails), with its CLI and Python API references generated from the code; the README
+fits two screens and every link in it resolves. The blocks run in a fresh folder, with the files they name made
+here first. Four things are changed for CI and said so: load-test durations (30s -> 2s), the teacher's training
+(8 epochs instead of the recipe's 25), the load test's p95 SLO (50 ms -> 2000 ms: other test workers share the
+two cores, so a latency target says nothing here) and the server's port (a free one instead of 8080)."""
 
 import re
 import subprocess
@@ -17,13 +21,34 @@ from modelship import data as datasets
 from modelship.models.checkpoints import open_source
 from modelship.serving import config, lifecycle
 
-pytestmark = pytest.mark.serve
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+# the blocks run by tests outside this file
+RUN_BY = {"triton-client": "tests/test_oip.py::test_docs_triton_block_runs_as_written",
+          "ci-example": "tests/test_ci_examples.py (slow) and tests/test_plugin.py"}
+FENCE = re.compile(r"(?:^<!-- (run|not run): ([^>]*?) -->\n)?^```(\w*)[^\n]*\n(.*?)^```", re.S | re.M)
+RUNNABLE = {"sh", "bash", "shell", "console", "python", "py"}
+
+
+def pages() -> list[Path]:
+    return [README, *sorted(DOCS.rglob("*.md"))]
+
+
+def blocks(page: Path) -> list[tuple[str | None, str, str, str]]:
+    """(``run`` / ``not run`` / None, its name or reason, language, code) of every fenced block of a page."""
+    return [(m[0] or None, m[1], m[2], m[3]) for m in FENCE.findall(page.read_text())]
+
+
+def marked_block(name: str) -> str:
+    """The block marked ``<!-- run: NAME -->`` (the same in every page that shows it)."""
+    found = {code for page in pages() for how, what, _, code in blocks(page) if how == "run" and what == name}
+    assert len(found) == 1, f"<!-- run: {name} -->: {len(found)} different blocks"
+    return found.pop()
 
 
 def quick_start() -> str:
-    blocks = re.findall(r"```sh\n(.*?)```", README.read_text(), re.S)
-    return next(b for b in blocks if b.startswith("M=.venv/bin/modelship"))
+    return marked_block("quick-start")
 
 
 def run_block(script: str, cwd: Path, state: Path, timeout: int):
@@ -37,6 +62,7 @@ def run_block(script: str, cwd: Path, state: Path, timeout: int):
             lifecycle.stop(state)
 
 
+@pytest.mark.serve
 def test_quick_start_block_runs_as_written(tmp_path, cnn):
     script = quick_start()
     assert script.count("\n$M ") >= 14  # every stage: train ... serve --stop
@@ -62,34 +88,36 @@ def test_quick_start_block_runs_as_written(tmp_path, cnn):
     assert '"label"' in p.stdout and "loadtest cnn-int8" in p.stdout and "stopped" in p.stdout
 
 
+@pytest.mark.serve
 def test_python_api_example_runs_as_written(tmp_path, monkeypatch):
-    """The README's Python API block, in a folder holding a small fine-tuned BERT (`my-hf-bert`) and 48 labelled
+    """The Python API block (README.md, docs/python-api.md), in a folder holding a small fine-tuned BERT (`my-hf-bert`) and 48 labelled
     reviews (`reviews.csv`). Two things change for CI, as in the quick start: the load test runs 3 s instead of 20 s,
     and its p95 SLO is 2000 ms instead of 50 ms (other test workers share the cores)."""
     import hf_models
 
-    block = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    code = next(b for b in block if b.startswith("import modelship as ms"))
+    code = marked_block("python-api")  # README.md and docs/python-api.md show the same block
+    assert code.startswith("import modelship as ms")
     hf_models.fine_tune(hf_models.text_classifier(tmp_path / "my-hf-bert", "bert"))
     hf_models.write_reviews_csv(tmp_path / "reviews.csv")
     run = code.replace('duration="20s"', 'duration="3s"').replace("slo_p95_ms=50", "slo_p95_ms=2000")
     assert 'duration="3s"' in run and "slo_p95_ms=2000" in run
     monkeypatch.chdir(tmp_path)
     scope = {}
-    exec(compile(run, "README.md", "exec"), scope)
+    exec(compile(run, "docs/python-api.md", "exec"), scope)
     assert scope["res"].passed and scope["res"].checked == scope["res"].requests > 0
     assert scope["int8"].manifest.precision == "int8" and all(r.passed for r in scope["results"])
     assert scope["server"].stopped and not (tmp_path / "runs/x/store").joinpath("serve.json").exists()
 
 
+@pytest.mark.serve
 def test_parity_in_production_block_runs_as_written(tmp_path, cnn, cnn_onnx, cnn_int8):
-    """The README's shadow-and-promote block, on the quick start's models (copied to runs/x/ under their names).
+    """The docs' shadow-and-promote block (docs/how-to/production.md), on the quick start's models (copied to runs/x/ under their names).
     For CI: a free port instead of 9080 (and its metrics port instead of 9085), and a p95 SLO of 2000 ms instead
     of 50 ms (other test workers share the cores)."""
     import shutil
 
-    block = next(b for b in re.findall(r"```sh\n(.*?)```", README.read_text(), re.S)
-                 if b.startswith("# parity in production"))
+    block = marked_block("production")
+    assert block.startswith("# parity in production")
     for art in (cnn, cnn_onnx, cnn_int8):
         shutil.copytree(art.path, tmp_path / "runs/x" / art.path.name)
     port = config.free_port()
@@ -102,3 +130,77 @@ def test_parity_in_production_block_runs_as_written(tmp_path, cnn, cnn_onnx, cnn
     assert "version 2.0 PROMOTED" in p.stdout and "version 2.0 is the default (was 1.0)" in p.stdout
     assert 'modelship_shadow_checked_total{model="digits",version="2.0"}' in p.stdout  # each version counts
     assert "version 1.0 is the default (was 2.0)" in p.stdout and "stopped" in p.stdout
+
+
+def _pt2_and_npz(folder: Path, cnn) -> None:
+    """model.pt2 (the digits CNN as a torch.export program) and mine.npz (120 held-out digits with labels)."""
+    _, module = open_source(cnn.path)
+    ep = torch.export.export(module, (torch.randn(4, 1, 8, 8),),
+                             dynamic_shapes={"pixels": {0: torch.export.Dim("batch", min=1)}})
+    torch.export.save(ep, folder / "model.pt2")
+    feed, y = datasets.load({"name": "digits"}, "test", cnn.manifest.inputs)
+    np.savez(folder / "mine.npz", pixels=feed["pixels"][:120], labels=y[:120])
+
+
+@pytest.mark.serve
+def test_readme_quick_start_runs_as_written(tmp_path, cnn):
+    """The README's own quick start: a .pt2 and an .npz exported, quantized, archived, served, load-tested, stopped.
+    For CI: a 2 s load test, a 2000 ms SLO and a free port."""
+    script = marked_block("readme-quick-start")
+    _pt2_and_npz(tmp_path, cnn)
+    run = (script.replace("M=.venv/bin/modelship", f"M={Path(sys.executable).with_name('modelship')}")
+           .replace("--duration 30s", "--duration 2s").replace("--slo-p95-ms 50", "--slo-p95-ms 2000")
+           .replace("--state runs/q/state --detach", f"--state runs/q/state --detach --port {config.free_port()}"))
+    assert "--duration 2s" in run and "--slo-p95-ms 2000" in run and "--port" in run
+    p = run_block(run, tmp_path, tmp_path / "runs/q/state", timeout=600)
+    assert p.returncode == 0, f"stdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}"
+    assert (tmp_path / "runs/q/store/int8.mar").is_file() and "loadtest int8" in p.stdout and "stopped" in p.stdout
+
+
+def test_every_block_runs_or_says_why():
+    """Each shell or Python block of the README and the docs is run by a test (its name is one this file or
+    RUN_BY knows) or carries the reason it cannot run here; output and diagrams are ``text`` blocks."""
+    here = Path(__file__).read_text()
+    unmarked, unknown = [], []
+    for page in pages():
+        for how, what, lang, code in blocks(page):
+            if lang not in RUNNABLE:
+                continue
+            where = f"{page.relative_to(ROOT)}: {code.splitlines()[0][:60] if code.strip() else '(empty)'}"
+            if how is None or not what.strip():
+                unmarked.append(where)
+            elif how == "run" and what not in RUN_BY and f'marked_block("{what}")' not in here:
+                unknown.append(f"{where} (run: {what})")
+    assert not unmarked, "blocks neither run nor saying why not:\n" + "\n".join(unmarked)
+    assert not unknown, "blocks marked run that no test runs:\n" + "\n".join(unknown)
+
+
+def test_readme_fits_two_screens_and_its_links_resolve():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 250
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    assert links and all((ROOT / link).exists() for link in links if "://" not in link), \
+        [link for link in links if not (ROOT / link).exists()]
+    assert "make demo" in text and "make test" in text
+
+
+def test_the_site_builds_in_strict_mode_with_its_references(tmp_path):
+    """mkdocs build --strict: a broken link or anchor, a page left out of the nav, a figure missing from the
+    benchmarks' output files or an unresolved API reference fails it. The CLI reference holds every command and
+    option of the typer app, the API reference every public function's docstring."""
+    from modelship import api
+    from modelship.cli import app
+
+    p = subprocess.run([Path(sys.executable).with_name("mkdocs"), "build", "--strict", "--site-dir", tmp_path / "site"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
+    cli_page = (tmp_path / "site" / "reference" / "cli" / "index.html").read_text()
+    for cmd in app.registered_commands:
+        name = cmd.name or cmd.callback.__name__.replace("_", "-")
+        assert f"modelship {name}" in cli_page, name
+    assert "--activations" in cli_page and "--until-parity" in cli_page
+    api_page = (tmp_path / "site" / "reference" / "api" / "index.html").read_text()
+    for name in api.__all__ if hasattr(api, "__all__") else ("export", "quantize", "parity", "archive", "serve"):
+        assert f"modelship.api.{name}" in api_page or f'id="{name}"' in api_page, name
+    bench = (tmp_path / "site" / "benchmarks" / "index.html").read_text()
+    assert "[[" not in bench  # every figure placeholder replaced from benchmarks/results

@@ -287,3 +287,92 @@ def test_kserve_runtime_runs_modelship_serve_with_the_v2_front_on_its_port(kserv
     claim = model["storageUri"].removeprefix("pvc://").split("/")[0]
     assert ("PersistentVolumeClaim", claim) in k8s["docs"]  # the same store the plain Deployment serves
     assert container["securityContext"]["runAsNonRoot"] is True
+
+
+# ---- the Grafana dashboard: deploy/kubernetes/monitoring/dashboard.json -------------------------------------------
+
+DASHBOARD = DEPLOY / "monitoring" / "dashboard.json"
+
+
+def _selectors(expr) -> list[tuple[str, set]]:
+    """(metric name, label names it matches or groups by) of every series selector in a parsed PromQL expression."""
+    import promql_parser as pp
+
+    found, grouping = [], set()
+
+    def walk(e, by: set):
+        if isinstance(e, pp.VectorSelector):
+            found.append((e.name, {m.name for m in e.matchers.matchers} | by))
+        elif isinstance(e, pp.MatrixSelector):
+            walk(e.vector_selector, by)
+        elif isinstance(e, pp.AggregateExpr):
+            labels = set(e.modifier.labels) if e.modifier is not None else set()
+            walk(e.expr, by | labels)
+        elif isinstance(e, pp.BinaryExpr):
+            walk(e.lhs, by)
+            walk(e.rhs, by)
+        elif isinstance(e, pp.Call):
+            for a in e.args:
+                walk(a, by)
+        elif isinstance(e, (pp.ParenExpr, pp.UnaryExpr)):
+            walk(e.expr, by)
+        elif isinstance(e, pp.SubqueryExpr):
+            walk(e.expr, by)
+    walk(expr, set())
+    return found
+
+
+def _queries(dash: dict) -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every target, Grafana's variables replaced by what they stand for."""
+    return [(p["title"], t["expr"].replace("$__rate_interval", "5m").replace("$model", ".*"))
+            for p in dash["panels"] for t in p["targets"]]
+
+
+def test_dashboard_is_provisioned_by_the_monitoring_overlay():
+    import json
+
+    kust = yaml.safe_load((DEPLOY / "monitoring" / "kustomization.yaml").read_text())
+    gen = next(g for g in kust["configMapGenerator"] if g["name"] == "modelship-grafana-dashboard")
+    assert gen["files"] == ["modelship.json=dashboard.json"] and gen["options"]["labels"] == {"grafana_dashboard": "1"}
+    dash = json.loads(DASHBOARD.read_text())
+    assert dash["uid"] == "modelship" and {v["name"] for v in dash["templating"]["list"]} == {"datasource", "model"}
+    titles = " ".join(p["title"] for p in dash["panels"]).lower()
+    for what in ("shadow checks", "by kind", "dropped", "absolute difference", "requests per second", "latency"):
+        assert what in titles, what
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_every_dashboard_query_names_metrics_and_labels_that_exist(served):
+    """Each query parses as PromQL (promql-parser); each metric it names is one modelship exports (the shadow
+    metrics' registry) or one a real TorchServe exported here (scraped from this suite's server after a request),
+    and each label it matches or groups by is one that metric carries."""
+    import json
+
+    import promql_parser as pp
+    import requests
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from modelship.serving.shadow import LABELS, metrics
+
+    r = requests.post(f"{served.inference_url}/predictions/cnn-onnx", json={"inputs": [[[0.5] * 8] * 8]},  # one 8x8 image
+                      headers={"Authorization": f"Bearer {served.token}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    labels: dict[str, set] = {}
+    for m in metrics().values():
+        extra = set(m._labelnames)
+        names = [m._name + "_total"] if m._type == "counter" else [m._name + s for s in ("_bucket", "_sum", "_count")]
+        for n in names:
+            labels[n] = extra | ({"le"} if n.endswith("_bucket") else set())
+    assert set(LABELS) <= labels["modelship_shadow_checked_total"]
+    text = requests.get(f"{served.metrics_url}/metrics", timeout=10).text
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            labels.setdefault(s.name, set()).update(s.labels)
+    queries = _queries(json.loads(DASHBOARD.read_text()))
+    assert len(queries) >= 10
+    for title, q in queries:
+        for name, used in _selectors(pp.parse(q)):
+            assert name in labels, f"{title}: {name} is exported by neither modelship nor TorchServe"
+            assert used <= labels[name], f"{title}: {name} has no label {used - labels[name]}"
+    assert {"ts_inference_requests_total", "ts_inference_latency_microseconds"} <= set(labels)

@@ -268,18 +268,16 @@ def test_metadata_of_a_tensor_model(cnn_onnx):
     assert outputs == [{"name": "logits", "datatype": "FP32", "shape": [-1, 10]}]
 
 
-def test_readme_triton_block_runs_as_written(served, cnn_int8, capsys, monkeypatch, tmp_path):
-    """The README's Triton client block, against this suite's server (its state folder in place of the quick
-    start's runs/x/state, which serves cnn-int8 too)."""
-    import re
-    from pathlib import Path
+def test_docs_triton_block_runs_as_written(served, cnn_int8, capsys, monkeypatch, tmp_path):
+    """The docs' Triton client block (docs/how-to/serving.md), against this suite's server (its state folder in
+    place of the quick start's runs/x/state, which serves cnn-int8 too)."""
+    from test_docs import marked_block
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    code = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if b.startswith("# Triton's client"))
-    assert code.count("runs/x/state") == 2
+    code = marked_block("triton-client")
+    assert code.startswith("# Triton's client") and code.count("runs/x/state") == 2
     monkeypatch.chdir(tmp_path)
     scope = {}
-    exec(compile(code.replace("runs/x/state", served.state), "README.md", "exec"), scope)
+    exec(compile(code.replace("runs/x/state", served.state), "docs/how-to/serving.md", "exec"), scope)
     want = _in_process(cnn_int8, {"inputs": [{"name": "pixels", "shape": [2, 1, 8, 8], "datatype": "FP32",
                                                "data": [0.5] * 128}]})
     np.testing.assert_allclose(scope["answer"].as_numpy("logits"), want, atol=ATOL)
