@@ -43,10 +43,10 @@ test: setup
 
 # The documentation site (docs/, mkdocs.yml) into site/, in strict mode: a broken link or reference fails it (the
 # tests build it too: tests/test_docs.py); docs-serve serves it for reading on http://127.0.0.1:8000.
-docs: setup
+docs: $(VENV)/.installed
 	$(BIN)/mkdocs build --strict --site-dir site
 
-docs-serve: setup
+docs-serve: $(VENV)/.installed
 	$(BIN)/mkdocs serve --strict --dev-addr 127.0.0.1:8000
 
 # Mutation testing of the verdict code (pyproject's [tool.mutmut]): every mutant killed by the fast verdict tests or

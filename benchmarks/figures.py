@@ -33,6 +33,8 @@ def figure(name: str, key: str, spec: str | None = None) -> str:
     if key not in figs:
         raise MissingFigure(f"benchmarks/results/{name}.json has no figure '{key}'")
     value = figs[key]
+    if value is None:
+        raise MissingFigure(f"benchmarks/results/{name}.json: figure '{key}' is null (the run measured nothing)")
     if isinstance(value, list):
         return ", ".join(map(str, value))
     return format(value, spec) if spec and isinstance(value, (int, float)) else str(value)
@@ -52,7 +54,12 @@ def recipe_table(name: str) -> str:
 
 def render(markdown: str) -> str:
     markdown = TABLE.sub(lambda m: recipe_table(m.group(1)), markdown)
-    return FIGURE.sub(lambda m: figure(m.group(1), m.group(2), m.group(3)), markdown)
+    markdown = FIGURE.sub(lambda m: figure(m.group(1), m.group(2), m.group(3)), markdown)
+    prose = re.sub(r"^(```|~~~).*?^\1", "", markdown, flags=re.S | re.M)  # code blocks may hold [[ as they are
+    left = re.findall(r"\[\[[^\]\n]*\]?\]?", prose)
+    if left:
+        raise MissingFigure(f"placeholder {left[0]!r} is not [[NAME.KEY]], [[NAME.KEY:FORMAT]] or [[table:NAME]]")
+    return markdown
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:  # the mkdocs hook

@@ -10,7 +10,8 @@ held-out accuracy over the teacher's. Digits: the distilled student / teacher p5
 
 Usage: python benchmarks/variants.py [--rounds 9] [--seconds 1] [--threads 1] [--json PATH]
 --json writes fp32_over_torch (best FP32 / torch), int8_over_fp32 (best INT8 / best FP32), int8_agreement,
-int8_recipe, int8_size_ratio, int8_batch_max_diff and int8_batch_bound (its batch gate), every recipe's ratio,
+int8_recipe, int8_size_ratio, int8_batch_max_diff and int8_batch_bound (its batch gate), int8_batch_max_diff_per_tensor (per-channel
+dynamic INT8 alone vs batched), every recipe's ratio,
 agreement and batch verdict, cpu_flags and int8_kernels (where it ran), threads and rounds,
 text_student_over_teacher, text_student_accuracy_ratio and student_over_teacher (digits, ONNX Runtime).
 """

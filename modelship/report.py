@@ -177,14 +177,16 @@ def _snapshot(path: Path, report: dict, rows: list[dict], plots: dict) -> None:
 
     spec = {k: (h, f) for k, h, f in COLS}
     plot = plots.get("latency_vs_accuracy")
-    fig = plt.figure(figsize=(11, 3.2 + 0.28 * len(rows) + (4.6 if plot else 0)))
+    table_h, plot_h = 0.25 * (len(rows) + 1), 4.6 if plot else 0.0
+    height = 1.1 + table_h + plot_h + 0.2
+    fig = plt.figure(figsize=(11, height))
     fig.suptitle(f"modelship report — {report['model']}", x=0.02, ha="left", fontsize=14, fontweight="bold")
-    fig.text(0.02, 1 - 0.55 / fig.get_figheight(), textwrap.fill(verdict(report), 150), fontsize=8.5, va="top")
-    share = (0.28 * len(rows) + 1.2) / fig.get_figheight()
-    ax = fig.add_axes((0.02, 1 - share - 1.0 / fig.get_figheight(), 0.96, share))
+    fig.text(0.02, 1 - 0.45 / height, textwrap.fill(verdict(report), 150), fontsize=8.5, va="top")
+    ax = fig.add_axes((0.02, (plot_h + 0.2) / height, 0.96, table_h / height))
     ax.axis("off")
     cells = [[cell(r[k], spec[k][1]) for k in SNAPSHOT_COLS] for r in rows]
-    table = ax.table(cellText=cells, colLabels=[spec[k][0] for k in SNAPSHOT_COLS], loc="upper left", cellLoc="right")
+    table = ax.table(cellText=cells, colLabels=[spec[k][0] for k in SNAPSHOT_COLS], bbox=(0, 0, 1, 1),
+                     cellLoc="right")
     table.auto_set_font_size(False)
     table.set_fontsize(8.5)
     for (i, _), c in table.get_celld().items():
@@ -194,7 +196,7 @@ def _snapshot(path: Path, report: dict, rows: list[dict], plots: dict) -> None:
         elif c.get_text().get_text() == "FAIL":
             c.set_facecolor("#fde8e8")
     if plot:
-        img = fig.add_axes((0.2, 0.02, 0.6, 4.4 / fig.get_figheight()))
+        img = fig.add_axes((0.2, 0.1 / height, 0.6, 4.4 / height))
         img.imshow(mpimg.imread(plot))
         img.axis("off")
     fig.savefig(path, dpi=100)

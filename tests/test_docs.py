@@ -8,6 +8,7 @@ here first. Four things are changed for CI and said so: load-test durations (30s
 (8 epochs instead of the recipe's 25), the load test's p95 SLO (50 ms -> 2000 ms: other test workers share the
 two cores, so a latency target says nothing here) and the server's port (a free one instead of 8080)."""
 
+import json
 import re
 import subprocess
 import sys
@@ -24,11 +25,11 @@ from modelship.serving import config, lifecycle
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
-# the blocks run by tests outside this file
-RUN_BY = {"triton-client": "tests/test_oip.py::test_docs_triton_block_runs_as_written",
-          "ci-example": "tests/test_ci_examples.py (slow) and tests/test_plugin.py"}
-FENCE = re.compile(r"(?:^<!-- (run|not run): ([^>]*?) -->\n)?^```(\w*)[^\n]*\n(.*?)^```", re.S | re.M)
-RUNNABLE = {"sh", "bash", "shell", "console", "python", "py"}
+# the blocks run by tests outside this file: each of those files must select its block with marked_block(NAME)
+RUN_BY = {"triton-client": "tests/test_oip.py", "ci-example": "tests/test_plugin.py"}
+MARKER = re.compile(r"^\s*<!-- (run|not run): (.*?) -->\s*$")
+OPEN = re.compile(r"^(\s*)(`{3,}|~{3,})\s*\{?\s*\.?([\w+-]*)")
+QUIET = {"text", "toml", "yaml", "yml", "json", "ini", "promql", "csv", "diff"}  # data and output: no marker needed
 
 
 def pages() -> list[Path]:
@@ -36,8 +37,24 @@ def pages() -> list[Path]:
 
 
 def blocks(page: Path) -> list[tuple[str | None, str, str, str]]:
-    """(``run`` / ``not run`` / None, its name or reason, language, code) of every fenced block of a page."""
-    return [(m[0] or None, m[1], m[2], m[3]) for m in FENCE.findall(page.read_text())]
+    """(``run`` / ``not run`` / None, its name or reason, language, code) of every fenced block of a page: fences of
+    backticks or tildes, indented (in lists and admonitions) or not, the marker on the line right above."""
+    out, lines, i = [], page.read_text().splitlines(), 0
+    while i < len(lines):
+        m = OPEN.match(lines[i])
+        if not m:
+            i += 1
+            continue
+        indent, fence, lang = m.group(1), m.group(2), m.group(3).lower()
+        mark = MARKER.match(lines[i - 1]) if i else None
+        body, i = [], i + 1
+        while i < len(lines) and not (lines[i].strip().startswith(fence) and lines[i].strip().strip(fence[0]) == ""):
+            body.append(lines[i][len(indent):] if lines[i].startswith(indent) else lines[i].lstrip())
+            i += 1
+        i += 1
+        out.append((mark.group(1) if mark else None, mark.group(2) if mark else "", lang,
+                    "\n".join(body) + ("\n" if body else "")))
+    return out
 
 
 def marked_block(name: str) -> str:
@@ -158,21 +175,34 @@ def test_readme_quick_start_runs_as_written(tmp_path, cnn):
 
 
 def test_every_block_runs_or_says_why():
-    """Each shell or Python block of the README and the docs is run by a test (its name is one this file or
-    RUN_BY knows) or carries the reason it cannot run here; output and diagrams are ``text`` blocks."""
+    """Each block of the README and the docs that is not data or output (``text``, ``toml``, ``yaml``, ...) is run
+    by a test (one here, or the file RUN_BY names, selecting it with marked_block) or carries the reason it cannot
+    run here; a block without a language must say what it is."""
     here = Path(__file__).read_text()
     unmarked, unknown = [], []
     for page in pages():
         for how, what, lang, code in blocks(page):
-            if lang not in RUNNABLE:
+            if lang in QUIET:
                 continue
-            where = f"{page.relative_to(ROOT)}: {code.splitlines()[0][:60] if code.strip() else '(empty)'}"
+            where = f"{page.relative_to(ROOT)}: ```{lang} {code.splitlines()[0][:60] if code.strip() else '(empty)'}"
             if how is None or not what.strip():
                 unmarked.append(where)
-            elif how == "run" and what not in RUN_BY and f'marked_block("{what}")' not in here:
-                unknown.append(f"{where} (run: {what})")
+            elif how == "run":
+                runner = here if what not in RUN_BY else (ROOT / RUN_BY[what]).read_text()
+                if f'marked_block("{what}")' not in runner:
+                    unknown.append(f"{where} (run: {what})")
     assert not unmarked, "blocks neither run nor saying why not:\n" + "\n".join(unmarked)
-    assert not unknown, "blocks marked run that no test runs:\n" + "\n".join(unknown)
+    assert not unknown, "blocks marked run that no test selects:\n" + "\n".join(unknown)
+
+
+def test_block_parser_sees_every_fence(tmp_path):
+    """Indented fences, tildes, braces and upper case are blocks too; a marker must sit on the line above."""
+    page = tmp_path / "p.md"
+    page.write_text("- item\n\n    ```Shell\n    ls\n    ```\n\n~~~ {.python}\nx = 1\n~~~\n<!-- not run: why -->\n```\n"
+                    "echo\n```\n")
+    found = blocks(page)
+    assert [(b[0], b[2], b[3]) for b in found] == [(None, "shell", "ls\n"), (None, "python", "x = 1\n"),
+                                                    ("not run", "", "echo\n")]
 
 
 def test_readme_fits_two_screens_and_its_links_resolve():
@@ -182,6 +212,19 @@ def test_readme_fits_two_screens_and_its_links_resolve():
     assert links and all((ROOT / link).exists() for link in links if "://" not in link), \
         [link for link in links if not (ROOT / link).exists()]
     assert "make demo" in text and "make test" in text
+    assert (DOCS / "img" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the report, as make demo drew it
+
+
+def test_every_figure_the_docs_quote_comes_from_a_tracked_benchmark_output():
+    """The files the docs' figures are read from are in the repository (a fresh clone builds the same site), each
+    named for the benchmark script that writes it with --json (the build fails on a figure missing from it)."""
+    names = {m.group(1) for page in pages() for m in re.finditer(r"\[\[(?:table:)?([a-z_]+)[.\]]", page.read_text())}
+    tracked = subprocess.run(["git", "ls-files", "benchmarks/results"], cwd=ROOT, capture_output=True,
+                             text=True).stdout.split()
+    assert names and all(f"benchmarks/results/{n}.json" in tracked for n in names), (names, tracked)
+    for n in names:  # written by a script of that name, which takes --json
+        assert "--json" in (ROOT / "benchmarks" / f"{n}.py").read_text(), n
+        assert json.loads((ROOT / "benchmarks" / "results" / f"{n}.json").read_text())
 
 
 def test_the_site_builds_in_strict_mode_with_its_references(tmp_path):

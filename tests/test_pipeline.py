@@ -47,6 +47,7 @@ def test_pipeline_report(tmp_path):
     md = (tmp_path / "demo" / "report.md").read_text()
     assert "| variant |" in md and "latency_vs_accuracy.png" in md and "served max \\|Δ\\|" in md
     assert (tmp_path / "demo" / "latency_histograms.png").stat().st_size > 10_000
+    assert (tmp_path / "demo" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the report at a glance
 
 
 @pytest.mark.slow  # the built-in text model (cached weights), its ONNX, INT8 and student, load-tested: minutes more

@@ -64,3 +64,21 @@ def test_assert_served_passes_and_fails(served):
             assert_served(server, "cnn-onnx", users=1, duration="2s", slo_p95_ms=0.001)
     finally:
         server.detach()  # the shared server: left running
+
+
+def test_the_docs_ci_example_runs_as_written(pytester, cnn_onnx):
+    """The test file of docs/how-to/ci.md, as written, in a project holding what it names: artifacts/onnx and a
+    store serving it as 'onnx' (the modelship_server fixture serves the ini's modelship_store)."""
+    import shutil
+
+    from test_docs import marked_block
+
+    code = marked_block("ci-example")
+    assert code.startswith("# tests/test_my_model.py")
+    shutil.copytree(cnn_onnx.path, pytester.path / "artifacts" / "onnx")
+    ms.archive(cnn_onnx, pytester.path / "store", name="onnx", workers=1, threads=1)
+    pytester.makefile(".toml", pyproject='[tool.pytest.ini_options]\nmodelship_store = "store"\n')
+    (pytester.path / "tests").mkdir()
+    (pytester.path / "tests" / "test_my_model.py").write_text(code)
+    result = pytester.runpytest_subprocess("tests", "-p", "no:cacheprovider", "-p", "no:xdist", timeout=600)
+    result.assert_outcomes(passed=2)
