@@ -278,7 +278,8 @@ class ModelRun:
                     self.served[variant] = f"not served: {built[variant]['reason'] or 'no artifact'}"
                     continue
                 names[variant] = f"{self.name}-{variant}"
-                batch = (art.manifest.parity or {}).get("batch") or {}  # answers that move with their batch: alone
+                man = art.manifest if hasattr(art, "manifest") else ms.load_artifact(art).manifest
+                batch = (man.parity or {}).get("batch") or {}  # answers that move with their batch: alone
                 ms.archive(art, store, name=names[variant], workers=1, threads=1, force=True,
                            batch_size=1 if batch.get("passed") is False else 8)
             self.server = ms.serve(store)  # one server for the model's variants, stopped with the session

@@ -66,9 +66,10 @@ def test_assert_served_passes_and_fails(served):
         server.detach()  # the shared server: left running
 
 
-def test_the_docs_ci_example_runs_as_written(pytester, cnn_onnx):
-    """The test file of docs/how-to/ci.md, as written, in a project holding what it names: artifacts/onnx and a
-    store serving it as 'onnx' (the modelship_server fixture serves the ini's modelship_store)."""
+def test_the_docs_ci_example_runs_as_written(pytester, cnn, cnn_onnx):
+    """The test file of docs/how-to/ci.md, as written, in a project holding what it names: artifacts/onnx (with the
+    PyTorch model it was exported from beside it, its reference) and a store serving it as 'onnx' (the
+    modelship_server fixture serves the ini's modelship_store)."""
     import shutil
 
     from test_docs import marked_block
@@ -76,6 +77,7 @@ def test_the_docs_ci_example_runs_as_written(pytester, cnn_onnx):
     code = marked_block("ci-example")
     assert code.startswith("# tests/test_my_model.py")
     shutil.copytree(cnn_onnx.path, pytester.path / "artifacts" / "onnx")
+    shutil.copytree(cnn.path, pytester.path / "artifacts" / cnn.path.name)
     ms.archive(cnn_onnx, pytester.path / "store", name="onnx", workers=1, threads=1)
     pytester.makefile(".toml", pyproject='[tool.pytest.ini_options]\nmodelship_store = "store"\n')
     (pytester.path / "tests").mkdir()

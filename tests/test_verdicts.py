@@ -3,6 +3,7 @@ load test's gates, promote's comparison of two answers and shadow's mismatch kin
 makes its gate fail and shows that it does: NaN, inf, another label, a difference just past the bound, an output
 missing or extra. These tests are also what ``make mutants`` runs against the verdict modules."""
 
+import re
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -1230,3 +1231,154 @@ def test_images_other_than_png_and_jpeg_are_refused():
     buf = io.BytesIO()
     Image.new("L", (4, 4)).save(buf, format="PNG")
     assert decode_image(buf.getvalue(), 1000).size == (4, 4)
+
+
+# ---- the batch gate (modelship.batch_gate) -------------------------------------------------------------------------
+
+from modelship import batch_gate  # noqa: E402
+
+W = np.random.default_rng(1).normal(size=(3, 4))
+X = np.random.default_rng(2).normal(size=(40, 3)).astype(np.float32)
+
+
+class BatchRunner:
+    """A runner of ``manifest()``'s signature answering ``answer(x)`` for a batch x of [n, 3]."""
+
+    def __init__(self, answer, precision="fp32", first_dim="batch", max_batch=None):
+        self.manifest = manifest(precision=precision)
+        self.manifest.inputs[0].shape[0] = first_dim
+        self.inputs, self.answer, self.max_batch, self.calls = self.manifest.inputs, answer, max_batch, []
+
+    def infer(self, feed):
+        self.calls.append(len(feed["x"]))
+        return {"logits": self.answer(feed["x"])}
+
+
+def linear(x):
+    return x.astype(np.float64) @ W
+
+
+def gate(answer, **kw):
+    return batch_gate.judge(BatchRunner(answer, **kw), batch_gate.from_tensors({"x": X}))
+
+
+def test_batch_gate_passes_answers_that_do_not_move_and_records_how_it_judged():
+    r = BatchRunner(linear)
+    rec = batch_gate.judge(r, batch_gate.from_tensors({"x": X}))
+    assert rec["passed"] is True and rec["message"] is None and rec["max_abs_diff"] < 1e-12  # float64 sums
+    assert rec["sizes"] == [3, 4, 16, 64] and rec["samples"] == 16 and rec["rel_bound"] == 1e-4
+    assert rec["bound"] == pytest.approx(1e-4 * np.std(linear(X[:16])), rel=1e-6)
+    assert rec["outlier"].startswith("sample ") and rec["outlier"].endswith("scaled 8 times")
+    # 16 alone, the outlier alone, 5+4+1+1 batches of 3/4/16/64 (a last group of one is no batch) and one of 64
+    # beside the outlier
+    assert r.calls[:17] == [1] * 17 and sorted(r.calls[17:]) == [3] * 5 + [4] * 4 + [16, 64, 64]
+
+
+def test_batch_gate_fails_just_past_its_bound_and_passes_just_inside():
+    bound = gate(linear)["bound"]
+    inside = gate(lambda x: linear(x) + 0.9 * bound * (len(x) > 1))
+    past = gate(lambda x: linear(x) + 1.1 * bound * (len(x) > 1))
+    assert inside["passed"] is True and past["passed"] is False
+    assert re.match(r"answers depend on what they are batched with: sample \d+'s output 'logits' moved by ",
+                    past["message"])
+    assert f"inside a batch of {past['worst']['size']}" in past["message"] and "of the output's spread" in \
+        past["message"] and past["worst"]["size"] == 3 and "--activations per-row" in past["message"]
+
+
+def test_batch_gate_bound_follows_the_precision_and_never_goes_below_float32_steps():
+    assert gate(linear, precision="fp16")["rel_bound"] == 2e-3
+    assert gate(linear, precision="int8")["rel_bound"] == 1e-4
+    assert batch_gate._bound(np.array([1e6, 1e6 + 1e-3]), 1e-4) == 16 * float(np.spacing(np.float32(1e6 + 1e-3)))
+    assert batch_gate._bound(np.array([0.0, 2.0]), 1e-4) == pytest.approx(1e-4)
+    assert batch_gate._bound(np.array([NAN, INF]), 1e-4) == 0.0
+    assert batch_gate._bound(np.array([NAN, 0.0, 2.0]), 1e-4) == pytest.approx(1e-4)
+
+
+def test_batch_gate_sees_one_scale_per_batch_beside_an_outlier():
+    """Per-tensor INT8 in miniature: each batch rounded on a grid set by its largest value."""
+    def per_tensor(x):
+        s = np.abs(x).max() / 127
+        return linear(np.round(x / s) * s)
+
+    rec = gate(per_tensor)
+    assert rec["passed"] is False and rec["worst"]["with_outlier"] is True and "beside an outlier" in rec["message"]
+
+
+@pytest.mark.parametrize("case", ["sizes", "rows_past_16", "last_row", "nan_in_batch"])
+def test_batch_gate_fails_each_way_an_answer_can_move(case):
+    answer = {"sizes": lambda x: linear(x) + (len(x) == 3),
+              "rows_past_16": lambda x: linear(x) + (np.arange(len(x)) >= 16)[:, None],
+              "last_row": lambda x: linear(x) + ((np.arange(len(x)) == len(x) - 1) & (len(x) > 1))[:, None],
+              "nan_in_batch": lambda x: linear(x) * (np.nan if len(x) > 1 else 1.0)}[case]
+    rec = gate(answer)
+    assert rec["passed"] is False and rec["max_abs_diff"] > rec["bound"]
+
+
+def test_batch_gate_records_a_model_that_fails_instead_of_raising():
+    def boom_batched(x):
+        if len(x) > 1:
+            raise RuntimeError("shape mismatch")
+        return linear(x)
+
+    rec = gate(boom_batched)
+    assert rec["passed"] is False and rec["message"].startswith("the model fails on a batch of 3 (shape mismatch)")
+    rec = gate(lambda x: (_ for _ in ()).throw(RuntimeError("nope")))
+    assert rec["passed"] is False and rec["message"].startswith("the model fails on one sample alone (nope)")
+    rec = gate(lambda x: linear(x)[:1])
+    assert rec["passed"] is False and "does not hold one answer per sample (shape [1, 4])" in rec["message"]
+    rec = gate(lambda x: linear(x)[0])
+    assert rec["passed"] is False and "does not hold one answer per sample" in rec["message"]
+
+
+def test_batch_gate_leaves_out_an_outlier_the_model_refuses_alone():
+    top = float(np.abs(X[:16]).max())
+    rec = gate(lambda x: (_ for _ in ()).throw(ValueError("out of range")) if np.abs(x).max() > 2 * top else linear(x))
+    assert rec["passed"] is True and rec["outlier"].startswith("none: sample ") and "out of range" in rec["outlier"]
+    assert rec["worst"]["with_outlier"] is False
+
+
+def test_batch_gate_skips_what_it_cannot_judge_and_caps_its_sizes():
+    rec = gate(linear, first_dim=1)
+    assert rec["passed"] is None and rec["skipped"] == "the model takes batches of 1 only" and rec["message"] is None
+    assert gate(linear, first_dim=4)["sizes"] == [3, 4]
+    assert gate(linear, max_batch=8)["sizes"] == [3, 4, 8]
+    one = batch_gate.judge(BatchRunner(linear), batch_gate.from_tensors({"x": X[:1]}))
+    assert one["passed"] is None and one["skipped"] == "fewer than 2 samples"
+    assert batch_gate.from_tensors({"x": X[:0]}).count == 0 and batch_gate.from_tensors({}).count == 0
+
+
+def test_batch_gate_batches_and_samples():
+    assert list(batch_gate._batches(5, [3, 8], True)) == [
+        (3, [0, 1, 2]), (3, [3, 4]), (8, [0, 1, 2, 3, 4, 0, 1, 2]), (8, [0, 1, 2, 3, 4, 0, 1, 5])]
+    assert list(batch_gate._batches(4, [4], False)) == [(4, [0, 1, 2, 3])]
+    s = batch_gate.from_tensors({"x": X, "ids": np.arange(40)[:, None]})
+    big = int(np.argmax(np.abs(X[:16]).sum(-1) + np.arange(16)))
+    assert s.count == 16 and s.outlier == f"sample {big} scaled 8 times"
+    feed = s.feed([0, 16])
+    assert np.array_equal(feed["x"][1], X[big] * 8) and feed["ids"][1, 0] == big and np.array_equal(feed["x"][0], X[0])
+    ints = batch_gate.from_tensors({"ids": np.arange(40)[:, None]})
+    assert ints.outlier == "sample 15 (the largest)" and ints.feed([16])["ids"][0, 0] == 15
+
+
+def test_batch_gate_text_samples_spread_over_lengths_with_a_long_outlier():
+    class Prep:
+        spec = SimpleNamespace(max_chars=60, truncation="truncate")
+
+        def __call__(self, texts):
+            return {"x": np.array([[len(t), 0, 0] for t in texts], np.float32)}, [{} for _ in texts]
+
+    texts = [f"w{'x' * i}" for i in range(30)] + ["", "  ", 7]
+    s = batch_gate.from_texts(texts, Prep())
+    lengths = [int(v[0]) for v in s.feed(list(range(s.count)))["x"]]
+    assert s.count == 16 and lengths == sorted(lengths) and lengths[0] == 1 and lengths[-1] == 30
+    outlier = int(s.feed([s.count])["x"][0, 0])
+    assert outlier == 60 and s.outlier == "the judged texts in one"
+    Prep.spec = SimpleNamespace(max_chars=60, truncation="refuse")
+    assert int(batch_gate.from_texts(texts, Prep()).feed([16])["x"][0, 0]) == 30  # the longest, as it is
+
+
+def test_batch_gate_fixed_batch_reads_the_first_dim():
+    man = manifest()
+    assert batch_gate.fixed_batch(man) is None
+    man.inputs[0].shape[0] = 2
+    assert batch_gate.fixed_batch(man) == 2
