@@ -134,7 +134,7 @@ def judge(runner, samples: Samples, sizes=SIZES) -> dict:
         outlier, rec["outlier"] = False, f"none: {samples.outlier} fails alone ({str(e)[:120]})"
     names = list(alone[0])
     bound = {k: _bound(np.concatenate([a[k] for a in alone]), rel) for k in names}
-    worst = {"diff": 0.0, "excess": -np.inf, "size": None, "sample": None, "output": names[0], "with_outlier": False}
+    worst = None  # the sample, batch and output furthest past (or nearest to) its bound
     for size, idx in _batches(samples.count, sizes, outlier):
         try:
             got = _infer(runner, samples.feed(idx))
@@ -150,7 +150,7 @@ def judge(runner, samples: Samples, sizes=SIZES) -> dict:
                 continue  # the outlier itself is not judged: only what it does to the others
             for k in names:
                 d = float(abs_diff(alone[i][k], got[k][pos:pos + 1])[0].max())
-                if d - bound[k] > worst["excess"]:
+                if worst is None or d - bound[k] > worst["excess"]:
                     worst = {"diff": d, "excess": d - bound[k], "size": size, "sample": i, "output": k,
                              "with_outlier": samples.count in idx}
     passed = bool(worst["excess"] <= 0)

@@ -1242,7 +1242,8 @@ X = np.random.default_rng(2).normal(size=(40, 3)).astype(np.float32)
 
 
 class BatchRunner:
-    """A runner of ``manifest()``'s signature answering ``answer(x)`` for a batch x of [n, 3]."""
+    """A runner of ``manifest()``'s signature answering ``answer(x)`` for a batch x of [n, 3] (float32, as its
+    manifest says: the gate casts what it feeds)."""
 
     def __init__(self, answer, precision="fp32", first_dim="batch", max_batch=None):
         self.manifest = manifest(precision=precision)
@@ -1250,8 +1251,10 @@ class BatchRunner:
         self.inputs, self.answer, self.max_batch, self.calls = self.manifest.inputs, answer, max_batch, []
 
     def infer(self, feed):
-        self.calls.append(len(feed["x"]))
-        return {"logits": self.answer(feed["x"])}
+        x = feed["x"]
+        assert x.dtype == np.float32 and x.ndim == 2, (x.dtype, x.shape)
+        self.calls.append(len(x))
+        return {"logits": self.answer(x)}
 
 
 def linear(x):
@@ -1382,3 +1385,147 @@ def test_batch_gate_fixed_batch_reads_the_first_dim():
     assert batch_gate.fixed_batch(man) is None
     man.inputs[0].shape[0] = 2
     assert batch_gate.fixed_batch(man) == 2
+
+
+def test_batch_gate_casts_what_it_feeds_and_judges_outputs_in_float64():
+    class Typed(BatchRunner):
+        def __init__(self, answer):
+            super().__init__(answer)
+            self.manifest.inputs.append(TensorSpec("ids", "int64", ["batch", 1]))
+            self.inputs = self.manifest.inputs
+            del self.max_batch  # a runner without the attribute (TensorRT's has it)
+
+        def infer(self, feed):
+            assert feed["ids"].dtype == np.int64
+            return super().infer(feed)
+
+    x64 = {"x": X.astype(np.float64), "ids": np.arange(40, dtype=np.int64)[:, None]}
+    rec = batch_gate.judge(Typed(lambda x: linear(x).astype(np.float16)), batch_gate.from_tensors(x64))
+    alone = linear(X[:16].astype(np.float32)).astype(np.float16).astype(np.float64)
+    assert rec["passed"] is True and rec["bound"] == pytest.approx(1e-4 * float(np.std(alone)), rel=1e-12)
+    assert rec["bounds"] == {"logits": rec["bound"]} and rec["worst"]["output"] == "logits"
+
+
+def test_batch_gate_records_every_field_of_a_failure_and_cuts_long_errors():
+    long = "x" * 500
+
+    def boom_batched(x):
+        if len(x) > 1:
+            raise RuntimeError(long)
+        return linear(x)
+
+    rec = gate(boom_batched)
+    assert rec["message"] == f"the model fails on a batch of 3 ({'x' * 300}) where each sample alone runs; serve it " \
+        "with batch size 1"
+    assert rec["max_abs_diff"] is None and rec["bound"] is None and rec["passed"] is False
+    rec = gate(lambda x: (_ for _ in ()).throw(RuntimeError(long)))
+    assert rec["message"] == f"the model fails on one sample alone ({'x' * 300}); a batch of one must run"
+    top = float(np.abs(X[:16]).max())
+    rec = gate(lambda x: (_ for _ in ()).throw(ValueError(long)) if np.abs(x).max() > 2 * top else linear(x))
+    assert rec["outlier"] == f"none: {batch_gate.from_tensors({'x': X}).outlier} fails alone ({'x' * 120})"
+    rec = gate(lambda x: {"other": 1}[0] if len(x) > 1 else linear(x))
+    assert rec["passed"] is False and rec["message"].startswith("the model fails on a batch of 3")
+
+
+def test_batch_gate_failure_message_in_full():
+    past = gate(lambda x: linear(x) + 1.0 * (len(x) == 3))
+    w = past["worst"]
+    assert w == {"size": 3, "sample": w["sample"], "output": "logits", "with_outlier": False}
+    assert past["message"] == (
+        f"answers depend on what they are batched with: sample {w['sample']}'s output 'logits' moved by "
+        f"{past['max_abs_diff']:.3g} inside a batch of 3 (bound {past['bound']:.3g}: 0.0001 of the output's "
+        "spread); serve it with batch size 1, or quantize activations per row (modelship quantize --activations "
+        "per-row)")
+
+    def per_tensor(x):
+        s = np.abs(x).max() / 127
+        return linear(np.round(x / s) * s)
+
+    out = gate(per_tensor)
+    assert out["worst"]["with_outlier"] is True and f"inside a batch of 64 beside an outlier ({out['outlier']}) (bound" \
+        in out["message"]
+
+
+def test_batch_gate_edges():
+    """Outputs missing from a batch or answering no rows fail; outputs of one value per sample are fine; NaN alone
+    and NaN batched is no move; two samples are enough to judge; a runner of batches of 2 is judged at 2."""
+    missing = batch_gate.judge(BatchRunner(linear), batch_gate.from_tensors({"x": X}))
+    assert missing["passed"] is True
+
+    class Renamed(BatchRunner):
+        def infer(self, feed):
+            out = super().infer(feed)
+            return out if len(feed["x"]) == 1 else {"other": out["logits"]}
+
+    rec = batch_gate.judge(Renamed(linear), batch_gate.from_tensors({"x": X}))
+    assert rec["passed"] is False and "output 'logits' of a batch of 3 does not hold one answer per sample (shape [])" \
+        in rec["message"]
+    assert gate(lambda x: linear(x)[:, 0])["passed"] is True  # one value per sample: [n]
+    nan = gate(lambda x: linear(x) * np.nan)
+    assert nan["passed"] is True and nan["bound"] == 0.0 and nan["max_abs_diff"] == 0.0
+    two = batch_gate.judge(BatchRunner(lambda x: linear(x) + (len(x) > 1)), batch_gate.from_tensors({"x": X[:2]}))
+    assert two["passed"] is False and two["samples"] == 2
+    assert gate(linear, max_batch=2)["sizes"] == [2]
+    rec = gate(linear, first_dim=1)
+    assert rec["max_abs_diff"] is None and rec["bound"] is None and rec["message"] is None
+    assert list(batch_gate._batches(5, [3, 8, 16], False)) == [
+        (3, [0, 1, 2]), (3, [3, 4]), (8, [0, 1, 2, 3, 4, 0, 1, 2]), (16, [i % 5 for i in range(16)])]
+    empty = batch_gate.from_tensors({})
+    assert empty.outlier == "none" and empty.feed([]) == {}
+    s = batch_gate.from_tensors({"x": X, "ids": np.arange(40)[:, None]})
+    assert s.feed([16])["x"].dtype == X.dtype
+    with pytest.raises(IndexError):
+        s.feed([17])  # one outlier row, no more
+
+
+def test_batch_gate_text_samples_in_detail():
+    class Prep:
+        spec = SimpleNamespace()  # no max_chars, no truncation: the defaults
+
+        def __init__(self):
+            self.seen = []
+
+        def __call__(self, texts):
+            self.seen.append(list(texts))
+            return {"x": np.array([[len(t), 0, 0] for t in texts], np.float32)}, [{} for _ in texts]
+
+    ties = [f"t{i:02d}" for i in range(40)]  # every text of one length: picked in their order
+    prep = Prep()
+    s = batch_gate.from_texts(ties, prep)
+    s.feed(list(range(s.count)))
+    want = [ties[i] for i in np.linspace(0, 39, 16).astype(int)]
+    assert prep.seen[-1] == want
+    s.feed([16])
+    assert prep.seen[-1] == [" ".join(reversed(want))]
+    long = ["a" * 9_000, "b" * 9_000, "z"]
+    s = batch_gate.from_texts(long, prep)
+    s.feed([s.count])
+    assert len(prep.seen[-1][0]) == 10_000  # cut where a model without max_chars would not take more
+    prep.spec = SimpleNamespace(truncation="refuse", max_chars=100)
+    s = batch_gate.from_texts(["zz", "aaaa", "b"], prep)
+    s.feed([s.count])
+    assert prep.seen[-1] == ["aaaa"]  # the longest (not the last in order), as it is
+    assert batch_gate.from_texts([], prep).count == 0
+
+
+def test_batch_gate_outlier_is_one_row_and_integers_pass_as_they_are():
+    ids = np.arange(40)[:, None]
+    ids[3] = 1000  # the largest, not the last judged sample
+    for feed in ({"x": X}, {"ids": ids}):
+        s = batch_gate.from_tensors(feed)
+        assert s.feed([16])[next(iter(feed))].shape[0] == 1
+        with pytest.raises(IndexError):
+            s.feed([17])  # one outlier row, no more
+
+    class Ints(BatchRunner):
+        def __init__(self):
+            super().__init__(linear)
+            self.manifest.inputs.append(TensorSpec("ids", "int64", ["batch", 1]))
+            self.inputs = self.manifest.inputs
+
+        def infer(self, feed):
+            assert feed["ids"].dtype == np.int32  # integers as they come, as parity's collect passes them
+            return super().infer(feed)
+
+    rec = batch_gate.judge(Ints(), batch_gate.from_tensors({"x": X, "ids": ids.astype(np.int32)}))
+    assert rec["passed"] is True
