@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from .comparison import abs_diff
+from .comparison import abs_diff, as_inputs
 
 SIZES = (3, 4, 16, 64)  # batch sizes tried (capped by what the runner takes); above SAMPLES, samples repeat
 SAMPLES = 16  # samples judged
@@ -78,9 +78,14 @@ def fixed_batch(man) -> int | None:
 
 
 def _infer(runner, feed: dict) -> dict[str, np.ndarray]:
-    dtypes = {t.name: np.dtype(t.dtype) for t in runner.inputs}
-    feed = {k: v.astype(dtypes[k], copy=False) if v.dtype.kind == "f" else v for k, v in feed.items()}
-    return {k: np.asarray(v, dtype=np.float64) for k, v in runner.infer(feed).items()}
+    return {k: np.asarray(v, dtype=np.float64) for k, v in runner.infer(as_inputs(runner, feed)).items()}
+
+
+def failed(record: dict | None) -> dict | None:
+    """The batch verdict of a parity record when it failed (answers that move with their batch), else None: what
+    archive, the pipeline, tune, the pytest plugin and --until-parity ask of a record."""
+    batch = (record or {}).get("batch") or {}
+    return batch if batch.get("passed") is False else None
 
 
 def _batches(count: int, sizes: list[int], outlier: bool):

@@ -124,14 +124,18 @@ def parse_output_tolerance(text: str) -> tuple[str, dict]:
     return name.strip(), {"atol": parts[0], **({"rtol": parts[1]} if len(parts) == 2 else {})}
 
 
+def as_inputs(runner: Runner, feed: dict) -> dict:
+    """``feed`` with its float arrays cast to the runner's input dtypes; integers (token ids) pass as they are."""
+    dtypes = {t.name: np.dtype(t.dtype) for t in runner.inputs}
+    return {k: v.astype(dtypes[k], copy=False) if v.dtype.kind == "f" else v for k, v in feed.items()}
+
+
 def collect(runner: Runner, feed: dict, batch: int = 64) -> dict[str, np.ndarray]:
     """Run ``feed`` through ``runner`` in batches (cast to the runner's input dtypes), outputs concatenated."""
     batch = min(batch, getattr(runner, "max_batch", None) or batch)
-    dtypes = {t.name: np.dtype(t.dtype) for t in runner.inputs}
     parts: dict[str, list] = {}
     for b in datasets.batches(feed, batch):
-        b = {k: v.astype(dtypes[k], copy=False) if v.dtype.kind == "f" else v for k, v in b.items()}
-        for k, v in runner.infer(b).items():
+        for k, v in runner.infer(as_inputs(runner, b)).items():
             parts.setdefault(k, []).append(np.asarray(v, dtype=np.float32))
     return {k: np.concatenate(v) for k, v in parts.items()}
 

@@ -182,14 +182,14 @@ OPTIONAL = ("int8-dynamic", "int8-static", "fp16", "student")  # --variants: the
 def _archive(run: Run):
     """Every served variant into one store, with dynamic batching; one whose answers depend on what they are
     batched with (its batch gate failed) with batch size 1, so each request is answered on its own."""
+    from .batch_gate import failed
     from .serving.archive import ModelConfig, archive
 
     store = run.out / "model-store"
     alone = []
     for key in SERVED:
         if key in run.arts:
-            batch = (run.arts[key].manifest.parity or {}).get("batch") or {}
-            config = ModelConfig(batch_size=1) if batch.get("passed") is False else None
+            config = ModelConfig(batch_size=1) if failed(run.arts[key].manifest.parity) else None
             archive(run.arts[key], store, name=run.served_name(key), config=config)
             run.served[key] = run.served_name(key)
             alone += [run.served_name(key)] if config else []

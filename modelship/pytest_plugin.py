@@ -264,6 +264,7 @@ class ModelRun:
         import tempfile
 
         import modelship as ms
+        from modelship.batch_gate import failed
 
         built, self.served = self.build(), {}
         source = self.path(self.cfg["source"])
@@ -279,9 +280,9 @@ class ModelRun:
                     continue
                 names[variant] = f"{self.name}-{variant}"
                 man = art.manifest if hasattr(art, "manifest") else ms.load_artifact(art).manifest
-                batch = (man.parity or {}).get("batch") or {}  # answers that move with their batch: alone
+                alone = failed(man.parity)  # answers that move with their batch: one request at a time
                 ms.archive(art, store, name=names[variant], workers=1, threads=1, force=True,
-                           batch_size=1 if batch.get("passed") is False else 8)
+                           batch_size=1 if alone else 8)
             self.server = ms.serve(store)  # one server for the model's variants, stopped with the session
             for variant, model in names.items():
                 ref = source if variant in self.cfg.get("candidates", {}) else None

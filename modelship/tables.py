@@ -35,8 +35,9 @@ def _batch(rec: dict | None) -> str:
 
 def batch_lines(records: list[dict]) -> list[str]:
     """The batch gate's failures, one line each: what moved, by how much, in which batch."""
-    return [f"[yellow]{Path(r['artifact']).name}: {r['batch']['message']}[/]" for r in records
-            if (r.get("batch") or {}).get("passed") is False]
+    from .batch_gate import failed
+
+    return [f"[yellow]{Path(r['artifact']).name}: {failed(r)['message']}[/]" for r in records if failed(r)]
 
 
 def parity_table(records: list[dict], title: str = "parity") -> Table:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .errors import ArtifactError, GateError, ModelshipError, ServeError
 from .machine import cores
+from .batch_gate import failed
 from .manifest import MANIFEST, Artifact, load_artifact, size_mb
 from .loadtests.summary import kind_of
 from .paths import check_out, data_path
@@ -229,8 +230,8 @@ class Tuner:
             if not up:
                 continue
             nxt = Config(**{**cfg, knob: up[0]})
-            batch = (self.arts[nxt.variant].manifest.parity or {}).get("batch") or {}
-            if knob == "batch_size" and batch.get("passed") is False:
+            batch = failed(self.arts[nxt.variant].manifest.parity)
+            if knob == "batch_size" and batch:
                 self.skip(nxt, "batch gate", batch["message"])  # archive refuses it: answers would move
                 continue
             if nxt.workers * nxt.threads > cores():

@@ -99,6 +99,18 @@ def _v2_text_binary(b: bytes) -> tuple[bytes, dict]:
 
 
 @pytest.mark.serve
+def _over_grpc(served, model: str, kind: str, cases: list, tmp_path) -> list:
+    """Each (what, body) of ``cases`` sent to ``model`` over v2 gRPC as one BYTES input (tests/grpc_send_bytes.py,
+    a process of its own): the status each got."""
+    bodies = tmp_path / f"bodies-{kind}.json"
+    bodies.write_text(json.dumps([base64.b64encode(b).decode() for _, b in cases]))
+    p = subprocess.run([sys.executable, str(Path(__file__).with_name("grpc_send_bytes.py")),
+                        served.v2_grpc_address, served.token, model, kind, str(bodies)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 def test_damaged_images_and_texts_get_400s_on_every_path_and_the_server_keeps_answering(served, cnn, tmp_path):
     from modelship import data as datasets
 
@@ -120,13 +132,7 @@ def test_damaged_images_and_texts_get_400s_on_every_path_and_the_server_keeps_an
                 if r.status_code == 400:
                     assert "image" in r.text, r.text
     assert all(v.get(400) for v in seen.values()), seen
-    bodies = tmp_path / "bodies.json"
-    bodies.write_text(json.dumps([base64.b64encode(b).decode() for _, b in cases]))
-    p = subprocess.run([sys.executable, str(Path(__file__).with_name("grpc_send_bytes.py")),
-                        served.v2_grpc_address, served.token, "cnn-onnx", "image", str(bodies)],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    statuses = json.loads(p.stdout.strip().splitlines()[-1])
+    statuses = _over_grpc(served, "cnn-onnx", "image", cases, tmp_path)
     bad = [(what, s) for (what, _), s in zip(cases, statuses) if s[0] not in ("OK", "INVALID_ARGUMENT")]
     assert not bad and any(s[0] == "INVALID_ARGUMENT" for s in statuses), bad[:5]
     # texts, damaged the same ways, to the text model: raw bodies, the v2 binary extension, gRPC
@@ -140,12 +146,7 @@ def test_damaged_images_and_texts_get_400s_on_every_path_and_the_server_keeps_an
                 body, headers = form(b)
                 r = http.post(url, data=body, headers={**auth, **headers}, timeout=30)
                 assert r.status_code in (200, 400), f"text {route}, {what}: {r.status_code} {r.text[:300]}"
-    bodies.write_text(json.dumps([base64.b64encode(b).decode() for _, b in texts]))
-    p = subprocess.run([sys.executable, str(Path(__file__).with_name("grpc_send_bytes.py")),
-                        served.v2_grpc_address, served.token, "text-onnx", "text", str(bodies)],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    statuses = json.loads(p.stdout.strip().splitlines()[-1])
+    statuses = _over_grpc(served, "text-onnx", "text", texts, tmp_path)
     assert all(s[0] in ("OK", "INVALID_ARGUMENT") for s in statuses), statuses
     assert {s[0] for s in statuses} == {"OK", "INVALID_ARGUMENT"}  # cut inside a character: refused; else answered
     # still serving, and still right

@@ -83,12 +83,7 @@ def run_block(script: str, cwd: Path, state: Path, timeout: int):
 def test_quick_start_block_runs_as_written(tmp_path, cnn):
     script = quick_start()
     assert script.count("\n$M ") >= 14  # every stage: train ... serve --stop
-    _, module = open_source(cnn.path)  # the files the block names
-    ep = torch.export.export(module, (torch.randn(4, 1, 8, 8),),
-                             dynamic_shapes={"pixels": {0: torch.export.Dim("batch", min=1)}})
-    torch.export.save(ep, tmp_path / "model.pt2")
-    feed, y = datasets.load({"name": "digits"}, "test", cnn.manifest.inputs)
-    np.savez(tmp_path / "mine.npz", pixels=feed["pixels"][:120], labels=y[:120])
+    feed = _pt2_and_npz(tmp_path, cnn)  # the files the block names
     np.save(tmp_path / "sample.npy", feed["pixels"][0])
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -149,14 +144,16 @@ def test_parity_in_production_block_runs_as_written(tmp_path, cnn, cnn_onnx, cnn
     assert "version 1.0 is the default (was 2.0)" in p.stdout and "stopped" in p.stdout
 
 
-def _pt2_and_npz(folder: Path, cnn) -> None:
-    """model.pt2 (the digits CNN as a torch.export program) and mine.npz (120 held-out digits with labels)."""
+def _pt2_and_npz(folder: Path, cnn) -> dict:
+    """model.pt2 (the digits CNN as a torch.export program) and mine.npz (120 held-out digits with labels); the
+    held-out feed."""
     _, module = open_source(cnn.path)
     ep = torch.export.export(module, (torch.randn(4, 1, 8, 8),),
                              dynamic_shapes={"pixels": {0: torch.export.Dim("batch", min=1)}})
     torch.export.save(ep, folder / "model.pt2")
     feed, y = datasets.load({"name": "digits"}, "test", cnn.manifest.inputs)
     np.savez(folder / "mine.npz", pixels=feed["pixels"][:120], labels=y[:120])
+    return feed
 
 
 @pytest.mark.serve

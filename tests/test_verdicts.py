@@ -1529,3 +1529,10 @@ def test_batch_gate_outlier_is_one_row_and_integers_pass_as_they_are():
 
     rec = batch_gate.judge(Ints(), batch_gate.from_tensors({"x": X, "ids": ids.astype(np.int32)}))
     assert rec["passed"] is True
+
+
+def test_batch_gate_failed_names_only_a_failed_verdict():
+    bad = {"passed": False, "message": "answers depend on what they are batched with: ..."}
+    assert batch_gate.failed({"passed": True, "batch": bad}) is bad  # parity passed: the batch verdict still counts
+    for rec in (None, {}, {"batch": None}, {"batch": {"passed": True}}, {"batch": {"passed": None, "skipped": "x"}}):
+        assert batch_gate.failed(rec) is None, rec

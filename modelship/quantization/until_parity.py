@@ -29,6 +29,7 @@ import numpy as np
 
 from ..errors import QuantizeError
 from ..manifest import Artifact, write_artifact
+from ..batch_gate import failed
 from .variants import MODES, QuantizeOptions, make_variant
 
 
@@ -101,7 +102,7 @@ def _calibrated(art: Artifact, opts: QuantizeOptions, data: dict | None) -> bool
 
 
 def _same_at_any_batch(rec: dict) -> bool:
-    return (rec.get("batch") or {}).get("passed") is not False
+    return not failed(rec)
 
 
 def _ok(rec: dict) -> bool:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from .. import batch_gate
 from ..errors import ArtifactError, ServeError
 from ..machine import cores
 from ..integrity import check_seal, seal, seal_archive, verify_archive
@@ -108,8 +109,8 @@ def check_gates(art: Artifact, batch_size: int = 1) -> None:
         why = "; ".join((rec or {}).get("failures", [])[:2]) or "no parity record"
         raise ArtifactError(f"{art.path}: {'failed' if rec else 'no'} passed parity record ({why}); only artifacts "
                             "that passed parity are archived (run modelship parity, or pass --force)")
-    batch = (rec or {}).get("batch") or {}
-    if batch_size > 1 and batch.get("passed") is False:
+    batch = batch_gate.failed(rec)
+    if batch_size > 1 and batch:
         raise ArtifactError(f"{art.path}: batch size {batch_size} refused: {batch['message']} (archive it with "
                             "--batch-size 1, which is always allowed, or pass --force)")
 
