@@ -268,24 +268,29 @@ class Server:
 
     def detach(self) -> None:
         """Leave it running after this process ends (``modelship serve --stop --state DIR`` stops it then)."""
-        self.stopped = True
-        self._signals.close()
-        atexit.unregister(self.stop)
+        from .signals import deferred
+
+        with deferred():  # a signal before this returns stops the server; after, it leaves it running
+            self._signals.close()
+            self.stopped = True
+            atexit.unregister(self.stop)
 
     def stop(self) -> None:
         """Stop TorchServe and its workers; remove the state folder if ``serve`` made it. Safe to call twice."""
         if self.stopped:
             return
         from .serving import lifecycle
+        from .signals import deferred
 
-        self.stopped = True
-        try:
-            lifecycle.stop(self.state)
-        finally:
-            if self._temporary is not None:
-                shutil.rmtree(self._temporary, ignore_errors=True)
-            self._signals.close()
-            atexit.unregister(self.stop)
+        with deferred():  # a signal meanwhile waits until TorchServe is stopped and serve.json says so
+            self.stopped = True
+            try:
+                lifecycle.stop(self.state)
+            finally:
+                if self._temporary is not None:
+                    shutil.rmtree(self._temporary, ignore_errors=True)
+                self._signals.close()
+                atexit.unregister(self.stop)
 
     def __enter__(self) -> "Server":
         return self
@@ -307,11 +312,12 @@ def serve(store, state=None, *, port: int | None = None, max_request_bytes: int 
     the token, or ``auth=False`` with ``insecure_public=True``)."""
     from .serving import lifecycle
     from .serving.config import ServeConfig, free_port
-    from .signals import stopping
+    from .signals import deferred, stopping
 
     signals = contextlib.ExitStack()
     signals.enter_context(stopping())  # from here until stop(), SIGTERM and SIGHUP stop it too
     temporary = Path(tempfile.mkdtemp(prefix="modelship-state-")) if state is None else None
+    info = None
     try:
         info = lifecycle.start(store, state or temporary, before_launch=_finish_promotes, config=ServeConfig(
             port=port or free_port(), max_request_bytes=max_request_bytes, job_queue_size=job_queue_size,
@@ -319,12 +325,15 @@ def serve(store, state=None, *, port: int | None = None, max_request_bytes: int 
             model_api=model_api or allow_promote, oip=oip, v2_host=v2_host,
             v2_tls_cert=(v2_tls or (None, None))[0], v2_tls_key=(v2_tls or (None, None))[1],
             insecure_public=insecure_public))
-    except BaseException:
-        signals.close()
-        if temporary is not None:
-            shutil.rmtree(temporary, ignore_errors=True)
+        return Server(info, temporary, signals)
+    except BaseException:  # a failed start stopped itself; a signal once it had started stops the server here
+        with deferred():
+            if info is not None:
+                lifecycle.stop(info.state)
+            signals.close()
+            if temporary is not None:
+                shutil.rmtree(temporary, ignore_errors=True)
         raise
-    return Server(info, temporary, signals)
 
 
 def _finish_promotes(store: Path, state: Path) -> None:

@@ -273,24 +273,43 @@ def serve(store: Optional[Path] = typer.Argument(None, help="Model store with .m
         return write_json(json_path, info.public())
     if store is None:
         raise ModelshipError("serve needs a STORE folder of .mar files (or --stop)")
-    with err.status("starting TorchServe and waiting for models…"):
-        running = api.serve(store, state, port=port, max_request_bytes=max_request_bytes, job_queue_size=job_queue_size,
-                            token_expiration_min=token_expiration_min, auth=not no_auth, startup_timeout_s=startup_timeout_s,
-                            allow_promote=allow_promote, oip=oip, v2_host=v2_host,
-                            v2_tls=(str(v2_tls_cert), str(v2_tls_key)) if v2_tls_cert or v2_tls_key else None,
-                            insecure_public=insecure_public)
+    running = None
+    try:
+        with err.status("starting TorchServe and waiting for models…"):
+            running = api.serve(store, state, port=port, max_request_bytes=max_request_bytes,
+                                job_queue_size=job_queue_size, token_expiration_min=token_expiration_min,
+                                auth=not no_auth, startup_timeout_s=startup_timeout_s, allow_promote=allow_promote,
+                                oip=oip, v2_host=v2_host,
+                                v2_tls=(str(v2_tls_cert), str(v2_tls_key)) if v2_tls_cert or v2_tls_key else None,
+                                insecure_public=insecure_public)
+        if _announce(running, state, json_path, detach):
+            return
+    except BaseException as e:  # a signal once it was ready (before or in wait()) stops it too; anything else fails
+        if running is None:
+            raise
+        running.stop()  # nothing if it was stopped or detached already
+        if detach or not isinstance(e, KeyboardInterrupt):  # modelship.signals.Stopped is a KeyboardInterrupt
+            raise  # a --detach interrupted before it detached did not do what it was asked: exit 128 + signal
+    console.print("stopped")  # a foreground serve stopped by Ctrl-C, SIGTERM or SIGHUP: exit status 0
+
+
+def _announce(running, state: Optional[Path], json_path: Optional[Path], detach: bool) -> bool:
+    """Say where a started server answers, then leave it running (``detach``: True) or wait until it is stopped."""
+    from .serving.state import STATE_FILE
+
     info = running.info
     write_json(json_path, info.public())  # tokens stay in serve.json (0600) only
     console.print(f"serving {', '.join(info.models)} at {info.inference_url}/predictions/NAME "
-                  f"(token in {Path(state) / STATE_FILE}; metrics {info.metrics_url}/metrics and "
+                  f"(token in {Path(state or running.state) / STATE_FILE}; metrics {info.metrics_url}/metrics and "
                   f"{info.shadow_metrics_url}/metrics)")
     if info.v2_url:
         console.print(f"Open Inference Protocol v2: {info.v2_url}/v2/models/NAME (REST), {info.v2_grpc_address} "
                       "(gRPC); the same token")
     if detach:
-        return running.detach()  # it keeps running; `serve --stop` stops it
+        running.detach()  # it keeps running; `serve --stop` stops it
+        return True
     running.wait()  # until Ctrl-C, SIGTERM or SIGHUP: TorchServe and its workers stop with it
-    console.print("stopped")
+    return False
 
 
 def _body_from_file(path: Path) -> bytes:
@@ -489,6 +508,8 @@ def main() -> None:
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         sys.exit(1)
+    except KeyboardInterrupt as e:  # a signal after the command's own block closed: no traceback, 128 + signal
+        sys.exit(getattr(e, "exit_code", 130))
     except Exception as e:  # noqa: BLE001 — the CLI never shows a traceback unless --debug
         if STATE["debug"] or "--debug" in sys.argv:
             raise

@@ -3,8 +3,9 @@
 SIGTERM (``docker stop``, systemd, Kubernetes) and SIGHUP (a closed terminal) end a Python process without
 running its ``finally`` blocks; SIGINT raises KeyboardInterrupt, which does. Inside ``stopping()`` all three
 raise ``Stopped`` (a KeyboardInterrupt), so the code that started TorchServe or Locust stops it on the way out.
-The first signal starts the shutdown; later ones are ignored until it is done, so a second Ctrl-C cannot leave a
-server half stopped (SIGKILL still ends everything at once).
+The first signal starts the shutdown; later ones are ignored until the block that took it closes, and a server's
+shutdown runs ``deferred()`` (signals held back until it is done), so a second Ctrl-C cannot leave a server half
+stopped (SIGKILL still ends everything at once); one that comes after reaches the enclosing block, if any.
 """
 
 from __future__ import annotations
@@ -60,6 +61,20 @@ def stopping():
         yield received
     finally:
         _close(entry)
+
+
+@contextlib.contextmanager
+def deferred():
+    """SIGTERM, SIGHUP and SIGINT held back in this block (a shutdown that must not be cut in two) and delivered
+    when it ends; outside the main thread, or where signals cannot be blocked, it does nothing."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _close(entry: list) -> None:

@@ -154,6 +154,20 @@ def test_signal_handlers_come_back_whatever_order_blocks_close_in():
         assert signal.getsignal(signal.SIGTERM) is before, order
 
 
+def test_a_signal_in_a_deferred_block_comes_when_it_ends():
+    """Server.stop() runs deferred: a signal meanwhile (a second Ctrl-C, or a first one while a server is stopped by
+    its with block) cannot cut the shutdown in two; it arrives afterwards."""
+    from modelship.signals import Stopped, deferred, stopping
+
+    done = []
+    with stopping() as got:
+        with pytest.raises(Stopped):
+            with deferred():
+                signal.raise_signal(signal.SIGTERM)
+                done.append("the whole shutdown")
+        assert done == ["the whole shutdown"] and got.signum == signal.SIGTERM
+
+
 # ---- a real front: TLS, and a front that dies ----------------------------------------------------------------------
 
 def self_signed(folder):

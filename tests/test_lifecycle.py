@@ -61,9 +61,9 @@ def _cmdline(p: psutil.Process) -> str:
 class Command:
     """A modelship console script in its own session (so a signal reaches it alone), stopped hard if a test fails."""
 
-    def __init__(self, *args, cwd=None):
+    def __init__(self, *args, cwd=None, program=(MODELSHIP,)):
         self.log = open(Path(cwd or ".") / "command.log", "w") if cwd else subprocess.DEVNULL
-        self.proc = subprocess.Popen([MODELSHIP, *map(str, args)], stdout=self.log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen([*program, *map(str, args)], stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True, cwd=cwd)
         self.seen: set = set()
 
@@ -131,6 +131,47 @@ def test_a_signal_stops_a_foreground_serve_and_everything_it_started(tmp_path, s
         assert _ports_free(port)
         after = _state(state)
         assert after["status"] == "stopped" and after["token"] is None and after["management_token"] is None
+    finally:
+        cmd.close()
+
+
+SIGNAL_WHILE_ANNOUNCING = """
+import os, signal, sys
+from modelship import cli
+write = cli.write_json
+
+def write_json(path, data):  # the server is ready; SIGTERM comes before serve reaches its wait
+    os.kill(os.getpid(), signal.SIGTERM)
+    write(path, data)
+
+cli.write_json = write_json
+sys.argv = ["modelship", *sys.argv[1:]]
+cli.main()
+"""
+
+
+@pytest.mark.parametrize("detach", [False, True], ids=["foreground", "detach"])
+def test_a_signal_between_ready_and_waiting_stops_serve_and_everything_it_started(tmp_path, store, detach):
+    """The window CI once hit: SIGTERM after the server was ready, while serve still wrote --json and printed its
+    addresses (before it waited), ended with 143 instead of a clean stop. Sent there on purpose, in a real process:
+    a foreground serve stops and exits 0; a --detach that had not detached yet stops what it started and says it
+    was stopped (143), never leaving a server behind that its caller thinks failed."""
+    state = tmp_path / "state"
+    cmd = Command("serve", store, "--state", state, "--port", config.free_port(), "--json", tmp_path / "out.json",
+                  *(["--detach"] if detach else []), cwd=tmp_path, program=(sys.executable, "-c", SIGNAL_WHILE_ANNOUNCING))
+
+    def ended():
+        cmd.watch()  # remember what it started, to look for it afterwards
+        return cmd.proc.poll() is not None
+
+    try:
+        _wait(ended, 240, "serve to end")
+        code = cmd.proc.wait()
+        log = (tmp_path / "command.log").read_text()
+        assert code == (128 + signal.SIGTERM if detach else 0), log
+        assert ("stopped by SIGTERM" in log) == detach and "Traceback" not in log, log
+        assert cmd.seen and cmd.leftovers() == []  # TorchServe and its workers were started, and are gone
+        assert _state(state)["status"] == "stopped" and _state(state)["token"] is None
     finally:
         cmd.close()
 
