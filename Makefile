@@ -22,8 +22,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps --target $(VENV)/torchvision torchvision==0.28.0
 	touch $@
 
-# The built-in text model's fine-tuned weights and its distilled student's: about 5 + 5 minutes on 2 cores the first
-# time (from a fixed seed), then cached in ~/.cache/modelship (a second run only checks the cache).
+# The built-in text model's fine-tuned weights and its distilled student's: minutes on 2 cores the first time (from a
+# fixed seed; benchmarks/text_model.py and make_time.py measure them), then cached in ~/.cache/modelship (a second
+# run only checks the cache).
 text-model: $(VENV)/.installed
 	$(BIN)/python -c "from modelship.flow import prebuild_text; prebuild_text()"
 
@@ -50,7 +51,7 @@ docs-serve: $(VENV)/.installed
 	$(BIN)/mkdocs serve --strict --dev-addr 127.0.0.1:8000
 
 # Mutation testing of the verdict code (pyproject's [tool.mutmut]): every mutant killed by the fast verdict tests or
-# explained as equivalent (tests/equivalent_mutants.toml); about 7 minutes on 2 cores. Not part of `make test`.
+# explained as equivalent (tests/equivalent_mutants.toml); minutes on 2 cores. Not part of `make test`.
 mutants: setup
 	$(BIN)/pip install -q 'mutmut==3.8.1'
 	rm -rf mutants

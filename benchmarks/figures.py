@@ -1,7 +1,8 @@
 """The benchmarks' figures in the documentation, read from their output files (a mkdocs hook, mkdocs.yml).
 
 Each benchmark writes its figures with ``--json benchmarks/results/NAME.json``; a page quotes one as
-``[[NAME.KEY]]`` or ``[[NAME.KEY:FORMAT]]`` (a Python format spec, e.g. ``.3f``), and the whole INT8 recipe table of
+``[[NAME.KEY]]`` or ``[[NAME.KEY:FORMAT]]`` (a Python format spec, e.g. ``.3f``; KEY as the file has it, e.g.
+``int8_batch_max_diff[dynamic]``), and the whole INT8 recipe table of
 ``variants.py`` as ``[[table:variants]]``. A figure that is not in its file fails the build: no figure in the docs
 is typed by hand.
 """
@@ -13,7 +14,7 @@ import re
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FIGURE = re.compile(r"\[\[([a-z_]+)\.([A-Za-z0-9_]+)(?::([^\]]+))?\]\]")
+FIGURE = re.compile(r"\[\[([a-z_]+)\.([A-Za-z0-9_]+(?:\[[^\]\n]+\])?)(?::([^\]]+))?\]\]")  # KEY may be NAME[RECIPE]
 TABLE = re.compile(r"\[\[table:([a-z_]+)\]\]")
 
 

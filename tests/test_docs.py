@@ -27,7 +27,7 @@ README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 # the blocks run by tests outside this file: each of those files must select its block with marked_block(NAME)
 RUN_BY = {"triton-client": "tests/test_oip.py", "ci-example": "tests/test_plugin.py"}
-MARKER = re.compile(r"^\s*<!-- (run|not run): (.*?) -->\s*$")
+MARKER = re.compile(r"^\s*<!-- (run|not run|output of): (.*?) -->\s*$")  # output of: a run block's printed output
 OPEN = re.compile(r"^(\s*)(`{3,}|~{3,})\s*\{?\s*\.?([\w+-]*)")
 QUIET = {"text", "toml", "yaml", "yml", "json", "ini", "promql", "csv", "diff"}  # data and output: no marker needed
 
@@ -62,6 +62,54 @@ def marked_block(name: str) -> str:
     found = {code for page in pages() for how, what, _, code in blocks(page) if how == "run" and what == name}
     assert len(found) == 1, f"<!-- run: {name} -->: {len(found)} different blocks"
     return found.pop()
+
+
+def output_block(name: str) -> str:
+    """The block marked ``<!-- output of: NAME -->``: what the block ``run: NAME`` printed once, shown as is."""
+    found = [code for page in pages() for how, what, _, code in blocks(page) if how == "output of" and what == name]
+    assert len(found) == 1, f"<!-- output of: {name} -->: {len(found)} blocks"
+    return found[0]
+
+
+BOX = re.compile(r"[\u2500-\u257f]")  # a table's borders; its vertical ones (│┃║) separate cells
+KEPT = ("version ", 'version="', "was ")  # numbers that name things, not measurements
+
+
+def _shape(line: str) -> str:
+    """A printed line without what changes from run to run: measured numbers (#), colours, a table's borders and
+    padding; its cells stay apart and version numbers stay."""
+    line = re.sub(r"\x1b\[[0-9;]*m", "", line)
+    line = BOX.sub(lambda m: " | " if m.group() in "│┃║" else " ", line)
+
+    def mask(m):
+        return m.group() if line[:m.start()].endswith(KEPT) else "#"
+
+    return " ".join(re.sub(r"(?<![\w.])\d+(\.\d+)?(e-?\d+)?", mask, line).split())
+
+
+def assert_printed(shown: str, stdout: str, stderr: str = "", commands: str = "") -> None:
+    """The shown output of a block is what it printed, numbers aside: each line (but the commands, "$ ...") is a
+    line of its stdout or stderr, in the order that stream printed them; each "$ " line is one of ``commands``."""
+    streams = [[_shape(line) for line in text.splitlines()] for text in (stdout, stderr)]
+    at, checked, missing = [0, 0], 0, []
+    for line in shown.splitlines():
+        if line.startswith("$ "):
+            command = line[2:].split("  #")[0].strip()
+            ran = {c.strip().replace("$M ", "modelship ") for c in commands.splitlines()}
+            assert not commands or command in ran, f"shown command not in the block: {command}"
+            continue
+        if not _shape(line):
+            continue
+        checked += 1
+        found = [(k, stream.index(_shape(line), at[k])) for k, stream in enumerate(streams)
+                 if _shape(line) in stream[at[k]:]]
+        if not found:
+            missing.append(line)
+            continue
+        k, n = found[0]
+        at[k] = n + 1
+    assert checked >= 3, f"only {checked} lines shown: nothing to compare"
+    assert not missing, "shown in the docs but not printed by the block, in this order:\n" + "\n".join(missing)
 
 
 def quick_start() -> str:
@@ -142,6 +190,7 @@ def test_parity_in_production_block_runs_as_written(tmp_path, cnn, cnn_onnx, cnn
     assert "version 2.0 PROMOTED" in p.stdout and "version 2.0 is the default (was 1.0)" in p.stdout
     assert 'modelship_shadow_checked_total{model="digits",version="2.0"}' in p.stdout  # each version counts
     assert "version 1.0 is the default (was 2.0)" in p.stdout and "stopped" in p.stdout
+    assert_printed(output_block("production"), p.stdout, p.stderr, block)  # the output shown is this block's
 
 
 def _pt2_and_npz(folder: Path, cnn) -> dict:
@@ -179,6 +228,8 @@ def test_every_block_runs_or_says_why():
     unmarked, unknown = [], []
     for page in pages():
         for how, what, lang, code in blocks(page):
+            if how == "output of" and (f'output_block("{what}")' not in here or lang not in QUIET):
+                unknown.append(f"{page.relative_to(ROOT)}: output of {what} ({lang}): not checked by a test here")
             if lang in QUIET:
                 continue
             where = f"{page.relative_to(ROOT)}: ```{lang} {code.splitlines()[0][:60] if code.strip() else '(empty)'}"
@@ -189,7 +240,33 @@ def test_every_block_runs_or_says_why():
                 if f'marked_block("{what}")' not in runner:
                     unknown.append(f"{where} (run: {what})")
     assert not unmarked, "blocks neither run nor saying why not:\n" + "\n".join(unmarked)
-    assert not unknown, "blocks marked run that no test selects:\n" + "\n".join(unknown)
+    assert not unknown, "blocks marked run (or output of) that no test selects:\n" + "\n".join(unknown)
+
+
+def test_a_shown_output_must_be_what_the_block_prints():
+    """assert_printed ignores measured numbers and border widths, nothing else: a line the run did not print, a
+    value in another column, another version, lines out of order or a command the block does not run fail it."""
+    out = ("        promote digits: version 2.0 PROMOTED      \n┃ p95 ms    │ 15.5   │ 15.6 (SLO 50) ┃\n"
+           "│ answered in a burst │    │ 32 │\ndigits: version 2.0 is the default (was 1.0)\n")
+    err = "registering digits.mar as version 2.0 of digits\n"
+    block = "M=.venv/bin/modelship\n$M promote next.mar --samples 300\n"
+    good = ("$ modelship promote next.mar --samples 300   # the promote\nregistering digits.mar as version 2.0 of "
+            "digits\npromote digits: version 2.0 PROMOTED\n│ p95 ms │ 9.1 │ 12 (SLO 2000) │\n"
+            "│ answered in a burst │ │ 64 │\ndigits: version 2.0 is the default (was 1.0)\n")
+    assert_printed(good, out, err, block)
+    wrong = {"promote digits: version 2.0 PROMOTED": "promote digits: version 2.0 REFUSED",
+             "│ p95 ms │ 9.1": "│ p99 ms │ 9.1",  # another row
+             "│ answered in a burst │ │ 64 │": "│ answered in a burst │ 64 │ │",  # another column
+             "(was 1.0)": "(was 3.0)",  # another version
+             "--samples 300   #": "--samples 30 --force   #"}  # a command the block does not run
+    for this, that in wrong.items():
+        with pytest.raises(AssertionError):
+            assert_printed(good.replace(this, that), out, err, block)
+    swapped = good.replace("│ answered in a burst │ │ 64 │\n", "").replace("promote digits:", "│ answered in a burst │ │ 64 │\npromote digits:")
+    with pytest.raises(AssertionError, match="in this order"):
+        assert_printed(swapped, out, err, block)
+    with pytest.raises(AssertionError, match="nothing to compare"):
+        assert_printed("$ modelship promote next.mar --samples 300\n", out, err, block)
 
 
 def test_block_parser_sees_every_fence(tmp_path):

@@ -217,7 +217,10 @@ def train(spec: dict, max_length: int, seed: int = 0, log=print) -> tuple[MeanPo
         t0 = time.perf_counter()
         fine_tune(model, tokens(tok, max_length), texts, torch.from_numpy(y), nn.functional.cross_entropy, seed,
                   log=log, **settings)
-        return model, {"train_samples": len(texts), "fine_tune_seconds": round(time.perf_counter() - t0, 1)}
+        from ..machine import cores, kernel_facts
+
+        return model, {"train_samples": len(texts), "fine_tune_seconds": round(time.perf_counter() - t0, 1),
+                       "built_on": {"cpu": kernel_facts()["cpu"], "cores": cores()}}
 
     model = build(encoder=encoder_config())
     state, info, hit = cached("text", _cache_key(spec, seed, settings), make, log)

@@ -53,9 +53,9 @@ def build_text(**config) -> nn.Module:
 TEXT_LABELS = ["negative", "positive"]
 # the text model's INT8 recipe (benchmarks/variants.py measures the others): activations quantized per row and block
 # of 64 (MatMulNBits, 8-bit weights), so a review's answer is the same alone and inside any batch; per-tensor dynamic
-# INT8 (one activation scale per batch) moves a review's logits by up to 0.3 with what it is batched with
+# INT8 (one activation scale per batch) moves a review's logits with what it is batched with (benchmarks/variants.py)
 TEXT_INT8 = {"mode": "dynamic", "activations": "per-row", "block_size": 64}
-TEXT_PREPROCESS = {"kind": "text", "max_length": 64}  # MiniLM's own tokenizer (models/text.py); 99 % of the reviews fit
+TEXT_PREPROCESS = {"kind": "text", "max_length": 64}  # MiniLM's own tokenizer (models/text.py); nearly every review fits
 
 
 @dataclass(frozen=True)
