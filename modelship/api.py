@@ -203,7 +203,7 @@ class Server:
 
     def __init__(self, info, temporary: Path | None, signals: contextlib.ExitStack):
         self.info, self._temporary, self._signals = info, temporary, signals  # info: serving.state.ServerState
-        self.stopped = False
+        self.stopped = self.detached = False
         atexit.register(self.stop)
 
     @property
@@ -268,12 +268,9 @@ class Server:
 
     def detach(self) -> None:
         """Leave it running after this process ends (``modelship serve --stop --state DIR`` stops it then)."""
-        from .signals import deferred
-
-        with deferred():  # a signal before this returns stops the server; after, it leaves it running
-            self._signals.close()
-            self.stopped = True
-            atexit.unregister(self.stop)
+        self._signals.close()  # a signal before the next line can still stop it (stop() does, until it is detached)
+        self.stopped = self.detached = True
+        atexit.unregister(self.stop)
 
     def stop(self) -> None:
         """Stop TorchServe and its workers; remove the state folder if ``serve`` made it. Safe to call twice."""
@@ -282,15 +279,17 @@ class Server:
         from .serving import lifecycle
         from .signals import deferred
 
-        with deferred():  # a signal meanwhile waits until TorchServe is stopped and serve.json says so
-            self.stopped = True
-            try:
-                lifecycle.stop(self.state)
-            finally:
-                if self._temporary is not None:
-                    shutil.rmtree(self._temporary, ignore_errors=True)
-                self._signals.close()
-                atexit.unregister(self.stop)
+        self.stopped = True
+        try:
+            with deferred():  # a signal meanwhile waits until TorchServe is stopped and serve.json says so
+                try:
+                    lifecycle.stop(self.state, pid=self.info.pid)
+                finally:
+                    if self._temporary is not None:
+                        shutil.rmtree(self._temporary, ignore_errors=True)
+        finally:  # after the deferred block: a held signal still meets this server's handler, not the one before
+            atexit.unregister(self.stop)
+            self._signals.close()
 
     def __enter__(self) -> "Server":
         return self
@@ -327,9 +326,11 @@ def serve(store, state=None, *, port: int | None = None, max_request_bytes: int 
             insecure_public=insecure_public))
         return Server(info, temporary, signals)
     except BaseException:  # a failed start stopped itself; a signal once it had started stops the server here
-        with deferred():
-            if info is not None:
-                lifecycle.stop(info.state)
+        try:
+            with deferred():
+                if info is not None:
+                    lifecycle.stop(info.state, pid=info.pid)
+        finally:
             signals.close()
             if temporary is not None:
                 shutil.rmtree(temporary, ignore_errors=True)

@@ -285,10 +285,16 @@ def serve(store: Optional[Path] = typer.Argument(None, help="Model store with .m
         if _announce(running, state, json_path, detach):
             return
     except BaseException as e:  # a signal once it was ready (before or in wait()) stops it too; anything else fails
+        signalled = isinstance(e, KeyboardInterrupt)  # modelship.signals.Stopped is one
         if running is None:
             raise
-        running.stop()  # nothing if it was stopped or detached already
-        if detach or not isinstance(e, KeyboardInterrupt):  # modelship.signals.Stopped is a KeyboardInterrupt
+        if running.detached and signalled:
+            return  # it had detached, as asked: the server runs on
+        try:
+            running.stop()  # nothing if it was stopped already
+        except KeyboardInterrupt:
+            pass  # a signal while it stopped: it is stopped, and the first cause stands
+        if detach or not signalled:
             raise  # a --detach interrupted before it detached did not do what it was asked: exit 128 + signal
     console.print("stopped")  # a foreground serve stopped by Ctrl-C, SIGTERM or SIGHUP: exit status 0
 

@@ -49,8 +49,11 @@ def stopping():
         return
 
     def handler(signum, frame):
-        for s in SIGNALS:  # the shutdown that follows runs to its end
-            signal.signal(s, signal.SIG_IGN)
+        if _HELD:  # a shutdown is running: it is delivered when that ends
+            _HELD[-1].append(signum)
+            return
+        for s in SIGNALS:  # the shutdown that follows runs to its end (a Python no-op, not SIG_IGN: a second
+            signal.signal(s, _ignore)  # signal already noted by the interpreter must find a handler)
         for r, _ in _OPEN:  # every enclosing block learns it too (a command that serves nests two)
             r.signum = signum
         raise Stopped(signum)
@@ -63,18 +66,27 @@ def stopping():
         _close(entry)
 
 
+def _ignore(signum, frame) -> None:
+    """What a signal does while the shutdown that the first one started runs."""
+
+
 @contextlib.contextmanager
 def deferred():
-    """SIGTERM, SIGHUP and SIGINT held back in this block (a shutdown that must not be cut in two) and delivered
-    when it ends; outside the main thread, or where signals cannot be blocked, it does nothing."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+    """A shutdown that must not be cut in two: a signal that a ``stopping()`` block takes meanwhile (from any
+    thread's delivery: Python runs handlers in the main thread) is held and raised again when the block ends,
+    by what handles it then. Use it inside the ``stopping()`` block it protects. Off the main thread: nothing."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    _HELD.append([])
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        held = _HELD.pop()
+        if held and _HELD:  # an enclosing deferred block delivers it
+            _HELD[-1].extend(held)
+        elif held:
+            signal.raise_signal(held[0])
 
 
 def _close(entry: list) -> None:
@@ -91,4 +103,5 @@ def _close(entry: list) -> None:
 
 
 _OPEN: list = []  # [Received, the handlers it replaced] of every stopping() block now open, oldest first
+_HELD: list = []  # the signals held by each deferred() block now open
 

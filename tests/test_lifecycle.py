@@ -176,6 +176,22 @@ def test_a_signal_between_ready_and_waiting_stops_serve_and_everything_it_starte
         cmd.close()
 
 
+def test_a_server_object_stops_only_the_server_it_started(tmp_path):
+    """Server.stop (also at interpreter exit) passes its pid: a server started in the same state folder since, or a
+    folder already removed, is left alone. Without the pid the same call refuses the stranger and marks it stopped."""
+    from modelship.serving import lifecycle
+
+    state = tmp_path / "state"
+    state.mkdir()
+    ServerState(str(state), pid=os.getpid(), pid_started=psutil.Process().create_time(), token="t").save()
+    assert lifecycle.stop(state, pid=os.getpid() + 100000) is False
+    assert _state(state)["status"] == "ready" and _state(state)["token"] == "t"  # untouched
+    assert lifecycle.stop(tmp_path / "gone", pid=1) is False
+    with pytest.raises(Exception, match="not the TorchServe this state started"):  # this process is not TorchServe
+        lifecycle.stop(state)
+    assert _state(state)["status"] == "stopped"
+
+
 def test_sigterm_while_torchserve_is_still_starting(tmp_path, store):
     """The measured gap: SIGTERM during start-up left TorchServe running with no serve.json. Now serve.json exists
     from the first moment, the start-up is abandoned, and everything it started stops."""

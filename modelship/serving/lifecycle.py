@@ -193,10 +193,16 @@ def _front_up(info: ServerState) -> bool:
         return False
 
 
-def stop(state: str | Path) -> bool:
+def stop(state: str | Path, pid: int | None = None) -> bool:
     """Stop the server recorded in STATE/serve.json (TorchServe and its workers); False if none was running.
-    Refuses to signal a process that is not the TorchServe this state started (a stale serve.json)."""
+    Refuses to signal a process that is not the TorchServe this state started (a stale serve.json). With ``pid``:
+    only the server of that pid (what a ``Server`` object started; another one started there since is left
+    alone, and so is a state folder already gone)."""
+    if pid is not None and not (Path(state) / STATE_FILE).is_file():
+        return False
     info = ServerState.load(state, running=False)
+    if pid is not None and info.pid not in (None, pid):
+        return False
     pid = info.pid
     if info.status == "stopped" and not processes.group_alive(pid):
         return False
