@@ -91,18 +91,18 @@ def assert_printed(shown: str, stdout: str, stderr: str = "", commands: str = ""
     """The shown output of a block is what it printed, numbers aside: each line (but the commands, "$ ...") is a
     line of its stdout or stderr, in the order that stream printed them; each "$ " line is one of ``commands``."""
     streams = [[_shape(line) for line in text.splitlines()] for text in (stdout, stderr)]
+    ran = {c.strip().replace("$M ", "modelship ") for c in commands.splitlines()}
     at, checked, missing = [0, 0], 0, []
     for line in shown.splitlines():
         if line.startswith("$ "):
             command = line[2:].split("  #")[0].strip()
-            ran = {c.strip().replace("$M ", "modelship ") for c in commands.splitlines()}
             assert not commands or command in ran, f"shown command not in the block: {command}"
             continue
-        if not _shape(line):
+        shape = _shape(line)
+        if not shape:
             continue
         checked += 1
-        found = [(k, stream.index(_shape(line), at[k])) for k, stream in enumerate(streams)
-                 if _shape(line) in stream[at[k]:]]
+        found = [(k, stream.index(shape, at[k])) for k, stream in enumerate(streams) if shape in stream[at[k]:]]
         if not found:
             missing.append(line)
             continue
